@@ -1,0 +1,185 @@
+//! Who is calling: API keys (configured as SHA-256 hashes) and the caller's network address.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::domain::{GroupName, Principal};
+
+/// What a caller may do in general; per-policy lists narrow it further.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Manages policies, sees everything.
+    Admin,
+    /// Decides requests under policies that list them.
+    Approver,
+    /// Asks for access under policies that admit them.
+    Requester,
+    /// Reads requests and the audit trail.
+    Auditor,
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// Who they are.
+    pub principal: Principal,
+    /// Their groups.
+    pub groups: Vec<GroupName>,
+    /// Their roles.
+    pub roles: Vec<Role>,
+}
+
+impl Caller {
+    /// Whether the caller holds a role.
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+}
+
+/// Why authentication failed; deliberately says little to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization: Bearer ...` header.
+    #[error("missing bearer credentials: send 'Authorization: Bearer <API key>'")]
+    Missing,
+    /// A key that matches no configured hash.
+    #[error("unknown or revoked credentials")]
+    Unknown,
+}
+
+/// The configured API keys: SHA-256 hashes of the keys, each with its caller.
+#[derive(Clone, Debug, Default)]
+pub struct ApiKeys(Vec<([u8; 32], Caller)>);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    sha256: String,
+    principal: Principal,
+    #[serde(default)]
+    groups: Vec<GroupName>,
+    roles: Vec<Role>,
+}
+
+impl ApiKeys {
+    /// Parses the `api_keys` variable: a JSON list of
+    /// `{"sha256": "<hex>", "principal": "alice", "groups": ["devs"], "roles": ["requester"]}`.
+    pub fn parse(json: &str) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let raw: Vec<RawKey> = serde_json::from_str(json).context("api_keys is not a JSON list of keys")?;
+        let mut keys = Vec::with_capacity(raw.len());
+        for key in raw {
+            let hash: [u8; 32] = hex::decode(&key.sha256)
+                .ok()
+                .and_then(|bytes| bytes.try_into().ok())
+                .with_context(|| format!("api_keys entry for '{}': sha256 must be 64 hex digits", key.principal))?;
+            keys.push((hash, Caller { principal: key.principal, groups: key.groups, roles: key.roles }));
+        }
+        Ok(Self(keys))
+    }
+
+    /// Finds the caller for an `Authorization` header value. Every configured hash is compared
+    /// in constant time, and all of them are always compared, so timing reveals nothing.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
+        let key = authorization
+            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|key| !key.is_empty())
+            .ok_or(AuthError::Missing)?;
+        let presented: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let mut found = None;
+        for (hash, caller) in &self.0 {
+            if bool::from(hash.ct_eq(&presented)) {
+                found = Some(caller);
+            }
+        }
+        found.cloned().ok_or(AuthError::Unknown)
+    }
+}
+
+/// The SHA-256 of an API key as hex, the form `api_keys` stores.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// The caller's address: the connection's peer (`spin-client-addr`), or the last hop of
+/// `X-Forwarded-For` when, and only when, the peer is a configured trusted proxy.
+pub fn client_ip(peer: Option<&str>, forwarded_for: Option<&str>, trusted_proxies: &[IpNet]) -> Option<IpAddr> {
+    let peer = peer.and_then(|p| p.parse::<SocketAddr>().map(|s| s.ip()).ok().or_else(|| p.parse::<IpAddr>().ok()))?;
+    let peer = canonical(peer);
+    if !trusted_proxies.iter().any(|proxy| proxy.contains(&peer)) {
+        return Some(peer);
+    }
+    // Walk from the right: the nearest untrusted hop is the client.
+    let hops = forwarded_for.unwrap_or_default().split(',').map(str::trim).filter(|h| !h.is_empty());
+    for hop in hops.rev() {
+        match hop.parse::<IpAddr>().map(canonical) {
+            Ok(ip) if trusted_proxies.iter().any(|proxy| proxy.contains(&ip)) => continue,
+            Ok(ip) => return Some(ip),
+            Err(_) => return None,
+        }
+    }
+    Some(peer)
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) are IPv4 callers.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> ApiKeys {
+        ApiKeys::parse(&format!(
+            r#"[{{"sha256":"{}","principal":"alice","groups":["devs"],"roles":["requester"]}},
+               {{"sha256":"{}","principal":"bob","roles":["approver"]}}]"#,
+            hash_key("alice-key"),
+            hash_key("bob-key")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn known_keys_map_to_their_caller() {
+        let alice = keys().authenticate(Some("Bearer alice-key")).unwrap();
+        assert_eq!(alice.principal.as_str(), "alice");
+        assert!(alice.has(Role::Requester) && !alice.has(Role::Approver));
+        assert_eq!(keys().authenticate(Some("Bearer bob-key")).unwrap().principal.as_str(), "bob");
+    }
+
+    #[test]
+    fn missing_malformed_and_unknown_keys_are_refused() {
+        assert_eq!(keys().authenticate(None), Err(AuthError::Missing));
+        assert_eq!(keys().authenticate(Some("Basic YWxpY2U6eA==")), Err(AuthError::Missing));
+        assert_eq!(keys().authenticate(Some("Bearer ")), Err(AuthError::Missing));
+        assert_eq!(keys().authenticate(Some("Bearer alice-key2")), Err(AuthError::Unknown));
+    }
+
+    #[test]
+    fn bad_configuration_is_an_error_not_an_empty_key_set() {
+        assert!(ApiKeys::parse("{}").is_err());
+        assert!(ApiKeys::parse(r#"[{"sha256":"abc","principal":"x","roles":[]}]"#).is_err());
+    }
+
+    #[test]
+    fn forwarded_for_counts_only_behind_a_trusted_proxy() {
+        let proxies: Vec<IpNet> = vec!["10.1.0.0/16".parse().unwrap()];
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(Some("198.51.100.9:5000"), Some("203.0.113.7"), &proxies), ip("198.51.100.9"));
+        assert_eq!(client_ip(Some("10.1.2.3:5000"), Some("203.0.113.7, 10.1.0.5"), &proxies), ip("203.0.113.7"));
+        assert_eq!(client_ip(Some("10.1.2.3:5000"), None, &proxies), ip("10.1.2.3"));
+        assert_eq!(client_ip(Some("[2001:db8::1]:443"), None, &[]), ip("2001:db8::1"));
+        assert_eq!(client_ip(Some("[::ffff:203.0.113.7]:443"), None, &[]), ip("203.0.113.7"));
+        assert_eq!(client_ip(None, Some("203.0.113.7"), &proxies), None);
+    }
+}

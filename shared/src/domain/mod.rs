@@ -1,0 +1,17 @@
+//! Domain types and rules: no I/O, no clock, no randomness; time and ids are passed in.
+
+pub mod duration;
+pub mod ids;
+pub mod net;
+pub mod policy;
+pub mod ports;
+pub mod request;
+pub mod state;
+
+pub use duration::AccessDuration;
+pub use ids::{GroupName, Member, PolicyName, Principal, RequestId};
+pub use net::{AllowedSource, SourcePrefix};
+pub use policy::{Approval, NsgId, Policy, PortRule, RawPolicy, VmId};
+pub use ports::{Port, PortSet, Protocol};
+pub use request::{AccessRequest, RawRequest, RequestError};
+pub use state::{CloseReason, Event, State, TransitionError};

@@ -1,0 +1,338 @@
+//! JIT policies: which ports of which VM may be opened, for how long, from where, and how
+//! requests are approved.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::{AccessDuration, AllowedSource, Member, PolicyName, Port, Protocol};
+
+/// Why a policy document was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PolicyError(String);
+
+/// The Azure resource id of a virtual machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct VmId(String);
+
+/// The Azure resource id of a network security group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NsgId(String);
+
+/// Checks `/subscriptions/{s}/resourceGroups/{rg}/providers/{namespace}/{kind}/{name}`
+/// (ARM compares these segments case-insensitively).
+fn check_arm_id(input: &str, namespace: &str, kind: &str, example: &str) -> Result<(), PolicyError> {
+    let parts: Vec<&str> = input.split('/').collect();
+    let ok = parts.len() == 9
+        && parts[0].is_empty()
+        && parts[1].eq_ignore_ascii_case("subscriptions")
+        && parts[3].eq_ignore_ascii_case("resourceGroups")
+        && parts[5].eq_ignore_ascii_case("providers")
+        && parts[6].eq_ignore_ascii_case(namespace)
+        && parts[7].eq_ignore_ascii_case(kind)
+        && [parts[2], parts[4], parts[8]].iter().all(|segment| {
+            !segment.is_empty()
+                && segment.len() <= 90
+                && segment.chars().all(|c| c.is_ascii_alphanumeric() || "-_.()".contains(c))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(PolicyError(format!("'{}' is not an ARM {kind} id; expected {example}", input.chars().take(200).collect::<String>())))
+    }
+}
+
+macro_rules! arm_id {
+    ($name:ident, $namespace:literal, $kind:literal, $example:literal) => {
+        impl $name {
+            /// Parses and checks the resource id's shape.
+            pub fn parse(input: &str) -> Result<Self, PolicyError> {
+                check_arm_id(input, $namespace, $kind, $example).map(|()| Self(input.to_owned()))
+            }
+
+            /// The id as ARM writes it.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = PolicyError;
+            fn try_from(value: String) -> Result<Self, PolicyError> {
+                Self::parse(&value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.0
+            }
+        }
+    };
+}
+
+arm_id!(VmId, "Microsoft.Compute", "virtualMachines", "/subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachines/<name>");
+arm_id!(NsgId, "Microsoft.Network", "networkSecurityGroups", "/subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.Network/networkSecurityGroups/<name>");
+
+/// One protected port of a policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRule {
+    /// The port number.
+    pub port: Port,
+    /// Its protocol.
+    pub protocol: Protocol,
+    /// The longest a grant for this port may last.
+    pub max_duration: AccessDuration,
+    /// Where requests may come from; never empty.
+    pub allowed_sources: Vec<AllowedSource>,
+}
+
+/// How requests under a policy are approved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Approval {
+    /// Approved at once when the request is valid.
+    Auto,
+    /// Needs `required` distinct approvers from `approvers`, none of them the requester.
+    Manual {
+        /// Who may approve.
+        approvers: Vec<Member>,
+        /// How many distinct approvals open the rule.
+        required: u8,
+        /// How long a request may wait for approvals.
+        pending_timeout: AccessDuration,
+    },
+}
+
+/// A validated policy, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Its name.
+    pub name: PolicyName,
+    /// The protected VM.
+    pub vm: VmId,
+    /// The NSG the rules go on.
+    pub nsg: NsgId,
+    /// The VM's private IP, the destination of every rule.
+    pub private_ip: IpAddr,
+    /// Protected ports; port numbers are distinct.
+    pub ports: Vec<PortRule>,
+    /// How requests are approved.
+    pub approval: Approval,
+    /// Who may request; empty means everyone with the requester role.
+    pub requesters: Vec<Member>,
+    /// A disabled policy refuses new requests.
+    pub enabled: bool,
+}
+
+/// A policy as an admin sends it: plain data, checked by [`Policy::from_raw`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    vm: String,
+    nsg: Option<String>,
+    private_ip: Option<String>,
+    ports: Vec<RawPortRule>,
+    approval: RawApproval,
+    #[serde(default)]
+    requesters: Vec<String>,
+    #[serde(default = "enabled_by_default")]
+    enabled: bool,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPortRule {
+    port: u32,
+    #[serde(default = "tcp")]
+    protocol: Protocol,
+    max_duration: Option<String>,
+    allowed_sources: Vec<String>,
+}
+
+fn tcp() -> Protocol {
+    Protocol::Tcp
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+enum RawApproval {
+    Auto,
+    Manual {
+        approvers: Vec<String>,
+        #[serde(default = "one")]
+        required: u32,
+        pending_timeout: Option<String>,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Limits that come from configuration rather than from the policy itself.
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyLimits {
+    /// The longest `max_duration` any policy may set.
+    pub max_duration: AccessDuration,
+}
+
+/// Default `max_duration` of a port that names none: three hours, as in Azure's JIT.
+const DEFAULT_MAX_DURATION_SECS: u32 = 3 * 3600;
+/// Default wait for approvals.
+const DEFAULT_PENDING_TIMEOUT_MINUTES: u32 = 60;
+
+impl Policy {
+    /// Checks an admin's document and settles its defaults.
+    pub fn from_raw(name: PolicyName, raw: RawPolicy, limits: PolicyLimits) -> Result<Self, PolicyError> {
+        let err = |m: String| PolicyError(m);
+        let vm = VmId::parse(&raw.vm)?;
+        let nsg = NsgId::parse(raw.nsg.as_deref().ok_or_else(|| {
+            err("'nsg' is required: give the ARM id of the NSG on the VM's NIC or subnet".into())
+        })?)?;
+        let private_ip: IpAddr = raw
+            .private_ip
+            .as_deref()
+            .ok_or_else(|| err("'private_ip' is required: give the VM's private IP address".into()))?
+            .parse()
+            .map_err(|_| err(format!("'private_ip' {:?} is not an IP address", raw.private_ip.unwrap_or_default())))?;
+        if raw.ports.is_empty() {
+            return Err(err("'ports' must list at least one port".into()));
+        }
+        let mut ports: Vec<PortRule> = Vec::with_capacity(raw.ports.len());
+        for raw_port in raw.ports {
+            let port = Port::new(raw_port.port).map_err(|e| err(e.to_string()))?;
+            if ports.iter().any(|p| p.port == port) {
+                return Err(err(format!("port {port} is listed twice")));
+            }
+            let max_duration = match raw_port.max_duration {
+                Some(text) => AccessDuration::parse(&text).map_err(|e| err(e.to_string()))?,
+                None => AccessDuration::minutes(DEFAULT_MAX_DURATION_SECS / 60).min(limits.max_duration),
+            };
+            if max_duration > limits.max_duration {
+                return Err(err(format!(
+                    "port {port}: max_duration {max_duration} is above the configured maximum {}",
+                    limits.max_duration
+                )));
+            }
+            if max_duration.as_secs() < 60 {
+                return Err(err(format!("port {port}: max_duration must be at least PT1M")));
+            }
+            if raw_port.allowed_sources.is_empty() {
+                return Err(err(format!(
+                    "port {port}: 'allowed_sources' is empty; list prefixes (e.g. \"203.0.113.0/24\") or \"any\""
+                )));
+            }
+            let allowed_sources = raw_port
+                .allowed_sources
+                .into_iter()
+                .map(|s| AllowedSource::try_from(s).map_err(|e| err(format!("port {port}: {e}"))))
+                .collect::<Result<_, _>>()?;
+            ports.push(PortRule { port, protocol: raw_port.protocol, max_duration, allowed_sources });
+        }
+        let approval = match raw.approval {
+            RawApproval::Auto => Approval::Auto,
+            RawApproval::Manual { approvers, required, pending_timeout } => {
+                let approvers = parse_members("approvers", approvers)?;
+                if approvers.is_empty() {
+                    return Err(err("manual approval needs at least one entry in 'approvers'".into()));
+                }
+                if !(1..=10).contains(&required) {
+                    return Err(err(format!("'required' is {required}; it must be 1 to 10")));
+                }
+                let pending_timeout = match pending_timeout {
+                    Some(text) => AccessDuration::parse(&text).map_err(|e| err(e.to_string()))?,
+                    None => AccessDuration::minutes(DEFAULT_PENDING_TIMEOUT_MINUTES),
+                };
+                Approval::Manual { approvers, required: required as u8, pending_timeout }
+            }
+        };
+        Ok(Self {
+            name,
+            vm,
+            nsg,
+            private_ip,
+            ports,
+            approval,
+            requesters: parse_members("requesters", raw.requesters)?,
+            enabled: raw.enabled,
+        })
+    }
+
+    /// The rule for one port, if the policy protects it.
+    pub fn port(&self, port: Port) -> Option<&PortRule> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+fn parse_members(field: &str, entries: Vec<String>) -> Result<Vec<Member>, PolicyError> {
+    entries
+        .iter()
+        .map(|e| Member::parse(e).map_err(|e| PolicyError(format!("'{field}': {e}"))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{limits, policy_json};
+
+    fn parse(json: serde_json::Value) -> Result<Policy, String> {
+        let raw: RawPolicy = serde_json::from_value(json).map_err(|e| e.to_string())?;
+        Policy::from_raw(PolicyName::parse("p").unwrap(), raw, limits()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_complete_policy_parses_with_defaults_settled() {
+        let mut json = policy_json();
+        json["ports"][0].as_object_mut().unwrap().remove("max_duration");
+        let policy = parse(json).unwrap();
+        assert_eq!(policy.ports[0].max_duration.to_string(), "PT3H");
+        assert_eq!(policy.ports[0].protocol, Protocol::Tcp);
+        assert!(policy.enabled);
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_a_message_naming_them() {
+        let cases: Vec<(&str, fn(&mut serde_json::Value), &str)> = vec![
+            ("bad vm id", |j| j["vm"] = "vm-1".into(), "not an ARM virtualMachines id"),
+            ("nsg id of the wrong type", |j| j["nsg"] = j["vm"].clone(), "networkSecurityGroups"),
+            ("missing private ip", |j| { j.as_object_mut().unwrap().remove("private_ip"); }, "'private_ip' is required"),
+            ("port out of range", |j| j["ports"][0]["port"] = 70000.into(), "invalid port 70000"),
+            ("duration above the maximum", |j| j["ports"][0]["max_duration"] = "PT25H".into(), "above the configured maximum"),
+            ("no sources", |j| j["ports"][0]["allowed_sources"] = serde_json::json!([]), "'allowed_sources' is empty"),
+            ("whole internet as a prefix", |j| j["ports"][0]["allowed_sources"] = serde_json::json!(["0.0.0.0/0"]), "write \"any\""),
+            ("unknown field", |j| j["prots"] = serde_json::json!([]), "unknown field `prots`"),
+            ("manual without approvers", |j| j["approval"] = serde_json::json!({"mode": "manual", "approvers": []}), "at least one entry"),
+            ("required of zero", |j| j["approval"] = serde_json::json!({"mode": "manual", "approvers": ["group:ops"], "required": 0}), "1 to 10"),
+            ("unknown approval mode", |j| j["approval"] = serde_json::json!({"mode": "maybe"}), "unknown variant `maybe`"),
+        ];
+        for (case, mutate, expected) in cases {
+            let mut json = policy_json();
+            mutate(&mut json);
+            let err = parse(json).expect_err(case);
+            assert!(err.contains(expected), "{case}: {err}");
+        }
+    }
+
+    #[test]
+    fn stored_policies_round_trip_through_json() {
+        let policy = parse(policy_json()).unwrap();
+        let back: Policy = serde_json::from_str(&serde_json::to_string(&policy).unwrap()).unwrap();
+        assert_eq!(back, policy);
+    }
+}

@@ -1,0 +1,349 @@
+//! Access requests: what a user asks for, checked against the policy once, at the edge.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{AccessDuration, Approval, Member, NsgId, Policy, PolicyName, Port, PortSet, Principal, Protocol, RequestId, SourcePrefix, State};
+use crate::domain::GroupName;
+
+/// What a client sent to `POST /api/requests`; settled by [`AccessRequest::from_raw`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRequest {
+    /// The policy (VM) asked for.
+    pub policy: String,
+    ports: Vec<u32>,
+    duration: String,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    justification: Option<String>,
+}
+
+/// Why a request was refused, split by the HTTP status it deserves.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The input cannot be read (400).
+    #[error("{message}")]
+    Malformed {
+        /// A stable snake_case code.
+        code: &'static str,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// The input is readable but the policy does not allow it (422, or 403 for `not_a_requester`).
+    #[error("{message}")]
+    Refused {
+        /// A stable snake_case code.
+        code: &'static str,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+fn malformed(code: &'static str, message: impl Into<String>) -> RequestError {
+    RequestError::Malformed { code, message: message.into() }
+}
+
+fn refused(code: &'static str, message: impl Into<String>) -> RequestError {
+    RequestError::Refused { code, message: message.into() }
+}
+
+/// One approval given to a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    /// The approver.
+    pub by: Principal,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Their comment, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+/// A final decision other than approval (deny, cancel), with who and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ending {
+    /// Who ended it (`system` for timeouts and expiry).
+    pub by: String,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Their reason, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The NSG rule that carries a grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRef {
+    /// The NSG the rule is on (kept here so a rule can be closed even if its policy is gone).
+    pub nsg: NsgId,
+    /// The security rule's name (`jit-<id>`).
+    pub name: String,
+    /// Its priority in the JIT band.
+    pub priority: u16,
+}
+
+/// A request for access, from creation to its final state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRequest {
+    /// Its id.
+    pub id: RequestId,
+    /// The policy it is made under.
+    pub policy: PolicyName,
+    /// Who asked.
+    pub requester: Principal,
+    /// The ports asked for.
+    pub ports: PortSet,
+    /// Their common protocol.
+    pub protocol: Protocol,
+    /// Where the access is from.
+    pub source: SourcePrefix,
+    /// How long the access lasts once open.
+    pub duration: AccessDuration,
+    /// Why it is needed.
+    pub justification: String,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+    /// Where it is in its life.
+    #[serde(flatten)]
+    pub state: State,
+    /// Whether the policy approved it without an approver.
+    #[serde(default)]
+    pub auto_approved: bool,
+    /// Approvals given so far.
+    #[serde(default)]
+    pub approvals: Vec<ApprovalRecord>,
+    /// Who ended it early, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<Ending>,
+    /// Until when pending approvals are awaited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_until: Option<DateTime<Utc>>,
+    /// When it was approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_at: Option<DateTime<Utc>>,
+    /// When the rule was confirmed open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated_at: Option<DateTime<Utc>>,
+    /// When access ends (set when the rule opens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_at: Option<DateTime<Utc>>,
+    /// When access actually closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_at: Option<DateTime<Utc>>,
+    /// The NSG rule, once a priority was chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleRef>,
+    /// ARM attempts made for the current step (opening or closing).
+    #[serde(default)]
+    pub arm_attempts: u32,
+    /// The last ARM failure, for operators (never contains secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Longest accepted justification, in characters.
+const MAX_JUSTIFICATION: usize = 500;
+/// Shortest access anyone may ask for.
+const MIN_DURATION_SECS: u32 = 60;
+
+impl AccessRequest {
+    /// Checks a raw request against its policy and settles its defaults: the source is the
+    /// caller's address unless a prefix is given, which must lie inside an allowed one.
+    pub fn from_raw(
+        raw: RawRequest,
+        policy: &Policy,
+        requester: &Principal,
+        requester_groups: &[GroupName],
+        caller_ip: Option<IpAddr>,
+        id: RequestId,
+        now: DateTime<Utc>,
+    ) -> Result<Self, RequestError> {
+        let ports = raw
+            .ports
+            .iter()
+            .map(|p| Port::new(*p).map_err(|e| malformed("invalid_port", e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ports = PortSet::new(ports).map_err(|e| malformed("invalid_ports", e.to_string()))?;
+        let duration = AccessDuration::parse(&raw.duration).map_err(|e| malformed("invalid_duration", e.to_string()))?;
+        let source = match raw.source.as_deref() {
+            Some(text) => SourcePrefix::parse(text).map_err(|e| malformed("invalid_source", e.to_string()))?,
+            None => SourcePrefix::host(caller_ip.ok_or_else(|| {
+                malformed("source_required", "the caller's address is unknown here; give 'source' explicitly")
+            })?),
+        };
+        let justification = raw.justification.unwrap_or_default().trim().to_owned();
+        if justification.is_empty() {
+            return Err(malformed("justification_required", "'justification' is required: say why access is needed (e.g. a ticket id)"));
+        }
+        if justification.chars().count() > MAX_JUSTIFICATION || justification.chars().any(char::is_control) {
+            return Err(malformed("invalid_justification", format!("'justification' must be at most {MAX_JUSTIFICATION} characters without control characters")));
+        }
+
+        if !policy.enabled {
+            return Err(refused("policy_disabled", format!("policy '{}' is disabled", policy.name)));
+        }
+        if !policy.requesters.is_empty() && !policy.requesters.iter().any(|m| m.covers(requester, requester_groups)) {
+            return Err(refused("not_a_requester", format!("'{requester}' may not request access under policy '{}'", policy.name)));
+        }
+        if duration.as_secs() < MIN_DURATION_SECS {
+            return Err(refused("duration_too_short", format!("duration {duration} is below the minimum PT1M")));
+        }
+        let mut protocol = None;
+        for port in ports.iter() {
+            let rule = policy.port(port).ok_or_else(|| {
+                let offered: Vec<String> = policy.ports.iter().map(|p| p.port.to_string()).collect();
+                refused("port_not_in_policy", format!("port {port} is not in policy '{}' (it offers {})", policy.name, offered.join(", ")))
+            })?;
+            if duration > rule.max_duration {
+                return Err(refused("duration_too_long", format!("duration {duration} is above port {port}'s maximum {}", rule.max_duration)));
+            }
+            if !rule.allowed_sources.iter().any(|allowed| allowed.admits(&source)) {
+                let allowed: Vec<String> = rule.allowed_sources.iter().map(|a| String::from(*a)).collect();
+                return Err(refused("source_not_allowed", format!("source {source} is not inside the prefixes allowed for port {port} ({})", allowed.join(", "))));
+            }
+            match protocol {
+                None => protocol = Some(rule.protocol),
+                Some(p) if p == rule.protocol => {}
+                Some(_) => return Err(refused("mixed_protocols", "the requested ports have different protocols; request them separately")),
+            }
+        }
+        let pending_until = match &policy.approval {
+            Approval::Auto => None,
+            Approval::Manual { pending_timeout, .. } => Some(now + pending_timeout.as_delta()),
+        };
+        Ok(Self {
+            id,
+            policy: policy.name.clone(),
+            requester: requester.clone(),
+            ports,
+            protocol: protocol.expect("a port set is never empty"),
+            source,
+            duration,
+            justification,
+            created_at: now,
+            state: State::Pending,
+            auto_approved: false,
+            approvals: Vec::new(),
+            ended: None,
+            pending_until,
+            approved_at: None,
+            activated_at: None,
+            ends_at: None,
+            closed_at: None,
+            rule: None,
+            arm_attempts: 0,
+            last_error: None,
+        })
+    }
+
+    /// The NSG rule name for this request: `jit-<id>`, within ARM's 80 characters.
+    pub fn rule_name(&self) -> String {
+        format!("jit-{}", self.id)
+    }
+}
+
+/// Whether `approver` may approve a request: listed among the policy's approvers and not the
+/// requester. Self-approval is refused whatever else the approver is.
+pub fn may_approve(request: &AccessRequest, policy: &Policy, approver: &Principal, groups: &[GroupName]) -> Result<(), &'static str> {
+    if *approver == request.requester {
+        return Err("requesters can never approve their own request");
+    }
+    match &policy.approval {
+        Approval::Auto => Err("this policy approves automatically; there is nothing to approve"),
+        Approval::Manual { approvers, .. } if approvers.iter().any(|m: &Member| m.covers(approver, groups)) => Ok(()),
+        Approval::Manual { .. } => Err("not an approver of this policy"),
+    }
+}
+
+/// How many more distinct approvals are needed before the rule opens.
+pub fn approvals_missing(request: &AccessRequest, policy: &Policy) -> usize {
+    let required = match &policy.approval {
+        Approval::Auto => 0,
+        Approval::Manual { required, .. } => usize::from(*required),
+    };
+    let mut distinct: Vec<&Principal> = request.approvals.iter().map(|a| &a.by).filter(|p| **p != request.requester).collect();
+    distinct.sort();
+    distinct.dedup();
+    required.saturating_sub(distinct.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{at, policy, raw_request};
+
+    fn build(json: serde_json::Value) -> Result<AccessRequest, RequestError> {
+        let raw: RawRequest = serde_json::from_value(json).unwrap();
+        let alice = Principal::parse("alice").unwrap();
+        AccessRequest::from_raw(raw, &policy(), &alice, &[GroupName::parse("devs").unwrap()], Some("203.0.113.7".parse().unwrap()), RequestId::parse("r1").unwrap(), at(0))
+    }
+
+    fn code(result: Result<AccessRequest, RequestError>) -> &'static str {
+        match result.unwrap_err() {
+            RequestError::Malformed { code, .. } | RequestError::Refused { code, .. } => code,
+        }
+    }
+
+    #[test]
+    fn the_source_defaults_to_the_callers_address() {
+        let mut json = raw_request();
+        json.as_object_mut().unwrap().remove("source");
+        assert_eq!(build(json).unwrap().source.to_string(), "203.0.113.7/32");
+    }
+
+    #[test]
+    fn a_narrower_prefix_inside_an_allowed_one_is_accepted() {
+        let mut json = raw_request();
+        json["source"] = "203.0.113.16/28".into();
+        assert_eq!(build(json).unwrap().source.to_string(), "203.0.113.16/28");
+    }
+
+    #[test]
+    fn each_kind_of_mistake_gets_its_own_code() {
+        let cases: Vec<(&str, serde_json::Value)> = vec![
+            ("invalid_port", serde_json::json!({"ports": [0]})),
+            ("invalid_ports", serde_json::json!({"ports": []})),
+            ("invalid_duration", serde_json::json!({"duration": "1 hour"})),
+            ("invalid_source", serde_json::json!({"source": "203.0.113.7/24"})),
+            ("justification_required", serde_json::json!({"justification": "  "})),
+            ("port_not_in_policy", serde_json::json!({"ports": [80]})),
+            ("duration_too_long", serde_json::json!({"duration": "PT3H1M"})),
+            ("duration_too_short", serde_json::json!({"duration": "PT30S"})),
+            ("source_not_allowed", serde_json::json!({"source": "198.51.100.1"})),
+            ("source_not_allowed", serde_json::json!({"source": "203.0.112.0/23"})),
+        ];
+        for (expected, patch) in cases {
+            let mut json = raw_request();
+            for (k, v) in patch.as_object().unwrap() {
+                json[k] = v.clone();
+            }
+            assert_eq!(code(build(json)), expected, "{patch}");
+        }
+    }
+
+    #[test]
+    fn approvals_count_distinct_approvers_and_never_the_requester() {
+        let mut request = build(raw_request()).unwrap();
+        let mut policy = policy();
+        policy.approval = Approval::Manual { approvers: vec![Member::parse("group:ops").unwrap()], required: 2, pending_timeout: AccessDuration::minutes(60) };
+        let approve = |by: &str| ApprovalRecord { by: Principal::parse(by).unwrap(), at: at(1), comment: None };
+        assert_eq!(approvals_missing(&request, &policy), 2);
+        request.approvals = vec![approve("bob"), approve("bob"), approve("alice")];
+        assert_eq!(approvals_missing(&request, &policy), 1);
+        request.approvals.push(approve("carol"));
+        assert_eq!(approvals_missing(&request, &policy), 0);
+    }
+
+    #[test]
+    fn self_approval_is_refused_even_for_listed_approvers() {
+        let request = build(raw_request()).unwrap();
+        let mut policy = policy();
+        policy.approval = Approval::Manual { approvers: vec![Member::parse("alice").unwrap()], required: 1, pending_timeout: AccessDuration::minutes(60) };
+        assert!(may_approve(&request, &policy, &request.requester, &[]).is_err());
+        assert!(may_approve(&request, &policy, &Principal::parse("mallory").unwrap(), &[]).is_err());
+    }
+}

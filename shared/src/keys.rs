@@ -1,0 +1,48 @@
+//! The key layout of the key-value store: the only place a key is spelled.
+//!
+//! | key | value |
+//! |---|---|
+//! | `policy/<name>` | a policy |
+//! | `req/<id>` | an access request |
+//! | `idx/policies` | names of all policies |
+//! | `idx/recent` | ids of the most recent requests |
+//! | `idx/by/<principal>` | ids of a requester's recent requests |
+//! | `due/<yyyymmddhhmm>` | ids of requests whose access ends in that minute (UTC) |
+//! | `work/arm` | ids of requests with unfinished ARM work (open or close) |
+//! | `sweep/cursor` | the last minute the sweep fully processed |
+//! | `cache/arm-token` | the cached ARM access token |
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::{PolicyName, Principal, RequestId};
+
+/// A policy document.
+pub fn policy(name: &PolicyName) -> String {
+    format!("policy/{name}")
+}
+
+/// An access request document.
+pub fn request(id: &RequestId) -> String {
+    format!("req/{id}")
+}
+
+/// All policy names.
+pub const POLICIES: &str = "idx/policies";
+/// The most recent requests, newest last.
+pub const RECENT_REQUESTS: &str = "idx/recent";
+/// Requests with ARM work outstanding.
+pub const ARM_WORK: &str = "work/arm";
+/// The sweep's progress through the due index.
+pub const SWEEP_CURSOR: &str = "sweep/cursor";
+/// The cached ARM token.
+pub const ARM_TOKEN: &str = "cache/arm-token";
+
+/// One requester's recent requests.
+pub fn requests_by(principal: &Principal) -> String {
+    format!("idx/by/{principal}")
+}
+
+/// The requests whose access ends in the minute of `at`.
+pub fn due(at: DateTime<Utc>) -> String {
+    format!("due/{}", at.format("%Y%m%d%H%M"))
+}

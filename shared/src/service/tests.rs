@@ -1,0 +1,202 @@
+//! The service loop over in-memory fakes: request, approve, open, sweep, close.
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use super::{Env, decisions, policies, requests, sweep};
+use crate::api::{ApiError, Reply};
+use crate::arm::ArmError;
+use crate::auth::{ApiKeys, Caller, Role};
+use crate::config::{Config, PriorityBand};
+use crate::domain::{GroupName, Principal, RequestId};
+use crate::keys;
+use crate::store::MemStore;
+use crate::testing::{FakeArm, arm_settings, at, limits, policy_json, raw_request};
+
+struct World {
+    kv: MemStore,
+    arm: FakeArm,
+    config: Config,
+}
+
+fn caller(name: &str, roles: &[Role], groups: &[&str]) -> Caller {
+    Caller {
+        principal: Principal::parse(name).unwrap(),
+        groups: groups.iter().map(|g| GroupName::parse(g).unwrap()).collect(),
+        roles: roles.to_vec(),
+    }
+}
+
+fn admin() -> Caller {
+    caller("root", &[Role::Admin], &[])
+}
+fn alice() -> Caller {
+    caller("alice", &[Role::Requester, Role::Approver], &["devs", "ops"])
+}
+fn bob() -> Caller {
+    caller("bob", &[Role::Approver], &["ops"])
+}
+
+impl World {
+    fn new(policy: serde_json::Value) -> Self {
+        let world = Self {
+            kv: MemStore::default(),
+            arm: FakeArm::default(),
+            config: Config {
+                arm: arm_settings(),
+                api_keys: ApiKeys::default(),
+                sweep_secret: None,
+                priorities: PriorityBand { min: 100, max: 199 },
+                limits: limits(),
+                trusted_proxies: vec![],
+            },
+        };
+        world.at(at(0), |env| policies::put(env, &admin(), "demo-vm", policy.to_string().as_bytes())).unwrap();
+        world
+    }
+
+    fn at<T>(&self, now: DateTime<Utc>, f: impl FnOnce(&Env) -> T) -> T {
+        f(&Env { kv: &self.kv, arm: &self.arm, config: &self.config, now })
+    }
+
+    fn create(&self, id: &str, body: serde_json::Value) -> Result<Reply, ApiError> {
+        self.at(at(0), |env| requests::create(env, &alice(), None, RequestId::parse(id).unwrap(), body.to_string().as_bytes()))
+    }
+
+    fn state(&self, id: &str) -> String {
+        self.at(at(0), |env| env.request(id).unwrap().value.state.name().to_owned())
+    }
+}
+
+fn manual(required: u8) -> serde_json::Value {
+    let mut policy = policy_json();
+    policy["approval"] = json!({"mode": "manual", "approvers": ["group:ops"], "required": required});
+    policy
+}
+
+#[test]
+fn auto_approval_opens_the_rule_and_the_sweep_closes_it_after_ends_at() {
+    let world = World::new(policy_json());
+    let reply = world.create("r1", raw_request()).unwrap();
+    assert_eq!((reply.status, reply.body["state"].as_str()), (201, Some("active")));
+    assert_eq!(world.arm.rules.borrow().len(), 1);
+
+    let early = world.at(at(59), sweep::sweep).unwrap();
+    assert_eq!(early.closed, 0);
+    assert_eq!(world.arm.rules.borrow().len(), 1);
+
+    let report = world.at(at(61), sweep::sweep).unwrap();
+    assert_eq!(report.closed, 1);
+    assert!(world.arm.rules.borrow().is_empty());
+    assert_eq!(world.state("r1"), "expired");
+    assert!(!world.kv.keys().iter().any(|k| k.starts_with("due/") || k == keys::ARM_WORK), "{:?}", world.kv.keys());
+}
+
+#[test]
+fn a_missed_hour_of_sweeps_is_caught_up() {
+    let world = World::new(policy_json());
+    world.create("r1", raw_request()).unwrap();
+    let report = world.at(at(180), sweep::sweep).unwrap();
+    assert_eq!(report.closed, 1);
+    assert!(report.minutes_scanned >= 180);
+    assert_eq!(world.at(at(181), sweep::sweep).unwrap().minutes_scanned, 2);
+}
+
+#[test]
+fn a_failed_delete_stays_revoking_and_the_next_sweep_closes_it() {
+    let world = World::new(policy_json());
+    world.create("r1", raw_request()).unwrap();
+    world.arm.outcomes.borrow_mut().push_back(Err(ArmError::Transient("503".into())));
+    let report = world.at(at(61), sweep::sweep).unwrap();
+    assert_eq!((report.closed, report.retrying), (0, 1));
+    assert_eq!(world.state("r1"), "revoking");
+    assert_eq!(world.arm.rules.borrow().len(), 1);
+
+    let report = world.at(at(62), sweep::sweep).unwrap();
+    assert_eq!(report.closed, 1);
+    assert_eq!(world.state("r1"), "expired");
+    assert!(world.arm.rules.borrow().is_empty());
+}
+
+#[test]
+fn a_transient_open_failure_is_finished_by_the_sweep() {
+    let world = World::new(policy_json());
+    world.arm.outcomes.borrow_mut().push_back(Err(ArmError::Transient("429".into())));
+    let reply = world.create("r1", raw_request()).unwrap();
+    assert_eq!(reply.body["state"], "approved");
+    assert!(reply.body["last_error"].as_str().unwrap().contains("429"));
+    assert_eq!(world.at(at(1), sweep::sweep).unwrap().opened, 1);
+    assert_eq!(world.state("r1"), "active");
+}
+
+#[test]
+fn an_open_that_keeps_failing_is_abandoned_and_its_rule_removed() {
+    let world = World::new(policy_json());
+    world.arm.outcomes.borrow_mut().extend((0..3).map(|_| Err(ArmError::Transient("503".into()))));
+    world.create("r1", raw_request()).unwrap();
+    world.at(at(1), sweep::sweep).unwrap();
+    assert_eq!(world.state("r1"), "approved");
+    let report = world.at(at(90), sweep::sweep).unwrap();
+    assert_eq!(report.failed, 1);
+    assert_eq!(world.state("r1"), "failed");
+    // Abandoning deletes whatever a timed-out PUT may have left: 3 failed PUTs, then a DELETE.
+    assert_eq!(world.arm.calls.get(), 4);
+}
+
+#[test]
+fn a_priority_conflict_moves_to_the_next_priority() {
+    let world = World::new(policy_json());
+    world.arm.outcomes.borrow_mut().push_back(Err(ArmError::PriorityConflict));
+    world.create("r1", raw_request()).unwrap();
+    let stored = world.at(at(0), |env| env.request("r1").unwrap().value);
+    let opened = &world.arm.rules.borrow()[0];
+    assert_eq!(opened.priority, stored.rule.unwrap().priority);
+    assert_eq!(world.arm.calls.get(), 2);
+}
+
+#[test]
+fn a_refused_rule_fails_the_request_and_leaves_nothing_queued() {
+    let world = World::new(policy_json());
+    world.arm.outcomes.borrow_mut().push_back(Err(ArmError::Refused { status: 400, code: "SecurityRuleInvalidPortRange".into(), message: "no".into() }));
+    let reply = world.create("r1", raw_request()).unwrap();
+    assert_eq!(reply.body["state"], "failed");
+    assert!(!world.kv.keys().contains(&keys::ARM_WORK.to_owned()));
+}
+
+#[test]
+fn manual_requests_need_distinct_approvers_other_than_the_requester() {
+    let world = World::new(manual(2));
+    assert_eq!(world.create("r1", raw_request()).unwrap().body["state"], "pending");
+    let approve = |who: &Caller| world.at(at(1), |env| decisions::approve(env, who, "r1", b""));
+    assert_eq!(approve(&alice()).unwrap_err().code, "self_approval");
+    assert_eq!(approve(&bob()).unwrap().body["state"], "pending");
+    assert_eq!(approve(&bob()).unwrap_err().code, "already_approved");
+    let carol = caller("carol", &[Role::Approver], &["ops"]);
+    assert_eq!(approve(&carol).unwrap().body["state"], "active");
+    assert_eq!(world.arm.rules.borrow().len(), 1);
+}
+
+#[test]
+fn a_denied_request_opens_nothing_and_cannot_be_approved_later() {
+    let world = World::new(manual(1));
+    world.create("r1", raw_request()).unwrap();
+    let reply = world.at(at(1), |env| decisions::deny(env, &bob(), "r1", br#"{"reason":"not now"}"#)).unwrap();
+    assert_eq!(reply.body["state"], "denied");
+    assert_eq!(reply.body["ended"]["reason"], "not now");
+    assert_eq!(world.at(at(2), |env| decisions::approve(env, &bob(), "r1", b"")).unwrap_err().code, "invalid_state");
+    assert_eq!(world.arm.calls.get(), 0);
+}
+
+#[test]
+fn invalid_requests_store_nothing_and_call_no_arm() {
+    let world = World::new(policy_json());
+    let before = world.kv.keys();
+    for (body, status) in [(json!({"policy": "demo-vm"}), 400), (json!({"policy": "nope", "ports": [22], "duration": "PT1H", "justification": "x"}), 404)] {
+        assert_eq!(world.create("r1", body).unwrap_err().status, status);
+    }
+    let mut wide = raw_request();
+    wide["source"] = "198.51.100.0/24".into();
+    assert_eq!(world.create("r1", wide).unwrap_err().status, 422);
+    assert_eq!(world.kv.keys(), before);
+    assert_eq!(world.arm.calls.get(), 0);
+}

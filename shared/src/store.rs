@@ -1,0 +1,215 @@
+//! The key-value port: raw get/set/delete, and versioned JSON documents on top of it.
+//!
+//! Spin's `key-value@2.0.0` has no transactions; documents carry a `version` that a writer
+//! checks before it writes, so a lost race shows up as [`StoreError::Conflict`] instead of a
+//! silent overwrite. (The check and the write are two calls: a true compare-and-swap needs
+//! `wasi:keyvalue/atomics`, which this port can adopt without changing its callers.)
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The raw store.
+pub trait KvStore {
+    /// The value at `key`, if any.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Writes `value` at `key`.
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Removes `key`; absent keys are fine.
+    fn delete(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// A store failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Someone else wrote the document since it was read.
+    #[error("'{key}' was changed by someone else")]
+    Conflict {
+        /// The contested key.
+        key: String,
+    },
+    /// A stored value is not what it should be.
+    #[error("'{key}' holds an unreadable document: {reason}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The backend failed.
+    #[error("key-value store failed: {0}")]
+    Backend(String),
+}
+
+/// A document with the version it was read at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned<T> {
+    /// The document.
+    pub value: T,
+    /// Its version; pass it back to [`save`].
+    pub version: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    version: u64,
+    doc: T,
+}
+
+/// Reads a versioned document.
+pub fn load<T: DeserializeOwned>(kv: &dyn KvStore, key: &str) -> Result<Option<Versioned<T>>, StoreError> {
+    let Some(bytes) = kv.get(key)? else { return Ok(None) };
+    let envelope: Envelope<T> = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt { key: key.to_owned(), reason: e.to_string() })?;
+    Ok(Some(Versioned { value: envelope.doc, version: envelope.version }))
+}
+
+/// Writes a document if it is still at `expected` (`None`: it must not exist yet) and returns
+/// the new version.
+pub fn save<T: Serialize>(kv: &dyn KvStore, key: &str, value: &T, expected: Option<u64>) -> Result<u64, StoreError> {
+    let current = match kv.get(key)? {
+        None => None,
+        Some(bytes) => {
+            let envelope: Envelope<serde_json::Value> =
+                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt { key: key.to_owned(), reason: e.to_string() })?;
+            Some(envelope.version)
+        }
+    };
+    if current != expected {
+        return Err(StoreError::Conflict { key: key.to_owned() });
+    }
+    let version = expected.map_or(1, |v| v + 1);
+    let bytes = serde_json::to_vec(&Envelope { version, doc: value }).map_err(|e| StoreError::Backend(e.to_string()))?;
+    kv.set(key, &bytes)?;
+    Ok(version)
+}
+
+/// Attempts at a read-modify-write before a conflict is reported.
+const UPDATE_ATTEMPTS: usize = 8;
+
+/// Reads, changes and writes a document, retrying when another writer got there first.
+/// `change` sees `None` when the document does not exist; returning `None` writes nothing.
+pub fn update<T, F>(kv: &dyn KvStore, key: &str, mut change: F) -> Result<Option<T>, StoreError>
+where
+    T: Serialize + DeserializeOwned,
+    F: FnMut(Option<T>) -> Option<T>,
+{
+    for _ in 0..UPDATE_ATTEMPTS {
+        let current = load::<T>(kv, key)?;
+        let version = current.as_ref().map(|c| c.version);
+        let Some(next) = change(current.map(|c| c.value)) else { return Ok(None) };
+        match save(kv, key, &next, version) {
+            Ok(_) => return Ok(Some(next)),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(other) => return Err(other),
+        }
+    }
+    Err(StoreError::Conflict { key: key.to_owned() })
+}
+
+/// Adds an id to an index list (once), keeping at most `cap` of the newest.
+pub fn add_to_list(kv: &dyn KvStore, key: &str, id: &str, cap: usize) -> Result<(), StoreError> {
+    update::<Vec<String>, _>(kv, key, |list| {
+        let mut list = list.unwrap_or_default();
+        if list.iter().any(|x| x == id) {
+            return None;
+        }
+        list.push(id.to_owned());
+        if list.len() > cap {
+            list.drain(..list.len() - cap);
+        }
+        Some(list)
+    })
+    .map(drop)
+}
+
+/// Removes an id from an index list; deletes the list when it becomes empty.
+pub fn remove_from_list(kv: &dyn KvStore, key: &str, id: &str) -> Result<(), StoreError> {
+    let remaining = update::<Vec<String>, _>(kv, key, |list| {
+        let mut list = list?;
+        let before = list.len();
+        list.retain(|x| x != id);
+        (list.len() != before).then_some(list)
+    })?;
+    if remaining.is_some_and(|list| list.is_empty()) {
+        kv.delete(key)?;
+    }
+    Ok(())
+}
+
+/// Reads an index list (empty when absent).
+pub fn read_list(kv: &dyn KvStore, key: &str) -> Result<Vec<String>, StoreError> {
+    Ok(load::<Vec<String>>(kv, key)?.map(|v| v.value).unwrap_or_default())
+}
+
+/// An in-memory store, for tests and tools; `fail_writes` makes every write fail.
+#[derive(Default)]
+pub struct MemStore {
+    map: RefCell<BTreeMap<String, Vec<u8>>>,
+    /// When set, `set` and `delete` fail with a backend error.
+    pub fail_writes: std::cell::Cell<bool>,
+}
+
+impl MemStore {
+    /// All keys, for assertions.
+    pub fn keys(&self) -> Vec<String> {
+        self.map.borrow().keys().cloned().collect()
+    }
+}
+
+impl KvStore for MemStore {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.map.borrow().get(key).cloned())
+    }
+
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        if self.fail_writes.get() {
+            return Err(StoreError::Backend("injected write failure".into()));
+        }
+        self.map.borrow_mut().insert(key.to_owned(), value.to_vec());
+        Ok(())
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        if self.fail_writes.get() {
+            return Err(StoreError::Backend("injected write failure".into()));
+        }
+        self.map.borrow_mut().remove(key);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_version_is_a_conflict_and_writes_nothing() {
+        let kv = MemStore::default();
+        assert_eq!(save(&kv, "k", &"a", None), Ok(1));
+        assert_eq!(save(&kv, "k", &"b", None), Err(StoreError::Conflict { key: "k".into() }));
+        assert_eq!(save(&kv, "k", &"c", Some(1)), Ok(2));
+        assert_eq!(save(&kv, "k", &"d", Some(1)), Err(StoreError::Conflict { key: "k".into() }));
+        assert_eq!(load::<String>(&kv, "k").unwrap().unwrap(), Versioned { value: "c".into(), version: 2 });
+    }
+
+    #[test]
+    fn lists_add_once_cap_and_disappear_when_emptied() {
+        let kv = MemStore::default();
+        for id in ["a", "b", "a", "c"] {
+            add_to_list(&kv, "l", id, 2).unwrap();
+        }
+        assert_eq!(read_list(&kv, "l").unwrap(), ["b", "c"]);
+        remove_from_list(&kv, "l", "b").unwrap();
+        remove_from_list(&kv, "l", "c").unwrap();
+        assert!(kv.keys().is_empty());
+    }
+
+    #[test]
+    fn corrupt_documents_are_reported_with_their_key() {
+        let kv = MemStore::default();
+        kv.set("req/x", b"{not json").unwrap();
+        assert!(matches!(load::<String>(&kv, "req/x"), Err(StoreError::Corrupt { key, .. }) if key == "req/x"));
+    }
+}

@@ -1,0 +1,146 @@
+//! Tiny constructors and fakes for unit tests, so cases read like data.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use serde_json::json;
+
+use crate::arm::{AllowRule, Arm, ArmError};
+use crate::config::{ArmSettings, Secret};
+use crate::domain::policy::{PolicyLimits, RawPolicy};
+use crate::domain::{AccessDuration, NsgId, Policy, PolicyName, Port, PortSet, Protocol, SourcePrefix};
+use crate::http::{Clock, HttpClient, HttpError, HttpRequest, HttpResponse};
+
+pub const VM: &str = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/demo-rg/providers/Microsoft.Compute/virtualMachines/demo-vm";
+pub const NSG: &str = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/demo-rg/providers/Microsoft.Network/networkSecurityGroups/demo-nsg";
+
+/// `minutes` after a fixed instant.
+pub fn at(minutes: i64) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap() + TimeDelta::minutes(minutes)
+}
+
+pub fn limits() -> PolicyLimits {
+    PolicyLimits { max_duration: AccessDuration::parse("PT24H").unwrap() }
+}
+
+pub fn policy_json() -> serde_json::Value {
+    json!({
+        "vm": VM, "nsg": NSG, "private_ip": "10.0.0.4",
+        "ports": [{"port": 22, "protocol": "tcp", "max_duration": "PT3H", "allowed_sources": ["203.0.113.0/24"]},
+                  {"port": 3389, "protocol": "tcp", "max_duration": "PT1H", "allowed_sources": ["203.0.113.0/24"]}],
+        "approval": {"mode": "auto"},
+    })
+}
+
+pub fn policy() -> Policy {
+    let raw: RawPolicy = serde_json::from_value(policy_json()).unwrap();
+    Policy::from_raw(PolicyName::parse("demo-vm").unwrap(), raw, limits()).unwrap()
+}
+
+pub fn raw_request() -> serde_json::Value {
+    json!({"policy": "demo-vm", "ports": [22], "duration": "PT1H", "source": "203.0.113.7", "justification": "INC-1234"})
+}
+
+pub fn arm_settings() -> ArmSettings {
+    ArmSettings {
+        arm_base_url: "https://arm".into(),
+        login_base_url: "https://login".into(),
+        tenant_id: "t".into(),
+        client_id: "c".into(),
+        client_secret: Secret::new("s".into()),
+    }
+}
+
+pub fn nsg() -> NsgId {
+    NsgId::parse(NSG).unwrap()
+}
+
+pub fn rule() -> AllowRule {
+    AllowRule {
+        name: "jit-r1".into(),
+        priority: 100,
+        description: "test".into(),
+        protocol: Protocol::Tcp,
+        source: SourcePrefix::parse("203.0.113.7").unwrap(),
+        destination: "10.0.0.4".parse().unwrap(),
+        ports: PortSet::new([Port::new(22).unwrap()]).unwrap(),
+    }
+}
+
+/// A clock whose sleeps only add up.
+#[derive(Default)]
+pub struct FakeClock {
+    slept: Cell<Duration>,
+}
+
+impl FakeClock {
+    pub fn slept(&self) -> Duration {
+        self.slept.get()
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> DateTime<Utc> {
+        at(0) + TimeDelta::from_std(self.slept.get()).unwrap()
+    }
+
+    fn sleep(&self, duration: Duration) {
+        self.slept.set(self.slept.get() + duration);
+    }
+}
+
+/// Answers requests from a script, in order, and remembers their URLs.
+pub struct ScriptedHttp {
+    script: RefCell<VecDeque<HttpResponse>>,
+    urls: RefCell<Vec<String>>,
+}
+
+impl ScriptedHttp {
+    pub fn new(script: Vec<HttpResponse>) -> Self {
+        Self { script: RefCell::new(script.into()), urls: RefCell::default() }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.urls.borrow().clone()
+    }
+}
+
+impl HttpClient for ScriptedHttp {
+    fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        self.urls.borrow_mut().push(request.url);
+        self.script.borrow_mut().pop_front().ok_or_else(|| HttpError::Connection("script exhausted".into()))
+    }
+}
+
+/// An NSG in memory; `outcomes` scripts failures for the next calls.
+#[derive(Default)]
+pub struct FakeArm {
+    pub rules: RefCell<Vec<AllowRule>>,
+    pub outcomes: RefCell<VecDeque<Result<(), ArmError>>>,
+    pub calls: Cell<usize>,
+}
+
+impl FakeArm {
+    fn scripted(&self) -> Result<(), ArmError> {
+        self.calls.set(self.calls.get() + 1);
+        self.outcomes.borrow_mut().pop_front().unwrap_or(Ok(()))
+    }
+}
+
+impl Arm for FakeArm {
+    fn put_rule(&self, _nsg: &NsgId, rule: &AllowRule) -> Result<(), ArmError> {
+        self.scripted()?;
+        let mut rules = self.rules.borrow_mut();
+        rules.retain(|r| r.name != rule.name);
+        rules.push(rule.clone());
+        Ok(())
+    }
+
+    fn delete_rule(&self, _nsg: &NsgId, name: &str) -> Result<(), ArmError> {
+        self.scripted()?;
+        self.rules.borrow_mut().retain(|r| r.name != name);
+        Ok(())
+    }
+}
