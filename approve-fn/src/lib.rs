@@ -1,0 +1,24 @@
+//! approve-fn: approvers' decisions on pending requests; an approval that completes the
+//! required count opens the NSG rule. Routes: `/api/requests/:id/{approve,deny}`.
+
+use shared::api::{ApiError, Reply};
+use shared::service::decisions;
+use shared::spin::{Ctx, respond, segments};
+use spin_sdk::http::{Method, Request, Response};
+use spin_sdk::http_component;
+
+#[http_component]
+fn handle(request: Request) -> Response {
+    respond(route(&request))
+}
+
+fn route(request: &Request) -> Result<Reply, ApiError> {
+    let ctx = Ctx::load()?;
+    let caller = ctx.authenticate(request)?;
+    ctx.run(|env| match (request.method(), segments(request, "/api").as_slice()) {
+        (Method::Post, ["requests", id, "approve"]) => decisions::approve(env, &caller, id, request.body()),
+        (Method::Post, ["requests", id, "deny"]) => decisions::deny(env, &caller, id, request.body()),
+        (_, ["requests", _, "approve" | "deny"]) => Err(ApiError::method_not_allowed("decisions are POSTed")),
+        _ => Err(ApiError::not_found("no_such_route", format!("no API at {}", request.path()))),
+    })
+}

@@ -1,0 +1,33 @@
+//! request-fn: policies (admin) and access requests (create, read, list, cancel).
+//! Routes: `/api/...` except what approve-fn owns. The rules live in `shared::service`.
+
+use shared::api::{ApiError, Reply, query_param};
+use shared::service::{policies, requests};
+use shared::spin::{Ctx, new_request_id, respond, segments};
+use spin_sdk::http::{Method, Request, Response};
+use spin_sdk::http_component;
+
+#[http_component]
+fn handle(request: Request) -> Response {
+    respond(route(&request))
+}
+
+fn route(request: &Request) -> Result<Reply, ApiError> {
+    let ctx = Ctx::load()?;
+    let caller = ctx.authenticate(request)?;
+    let query = request.query();
+    ctx.run(|env| match (request.method(), segments(request, "/api").as_slice()) {
+        (Method::Get, ["policies"]) => policies::list(env, &caller),
+        (Method::Put, ["policies", name]) => policies::put(env, &caller, name, request.body()),
+        (Method::Get, ["policies", name]) => policies::get(env, &caller, name),
+        (Method::Delete, ["policies", name]) => policies::delete(env, &caller, name),
+        (Method::Post, ["requests"]) => requests::create(env, &caller, ctx.client_ip(request), new_request_id(), request.body()),
+        (Method::Get, ["requests"]) => requests::list(env, &caller, query_param(query, "state"), query_param(query, "mine") == Some("true")),
+        (Method::Get, ["requests", id]) => requests::get(env, &caller, id),
+        (Method::Post, ["requests", id, "cancel"]) => requests::cancel(env, &caller, id),
+        (_, ["policies"] | ["policies", _] | ["requests"] | ["requests", _] | ["requests", _, "cancel"]) => {
+            Err(ApiError::method_not_allowed(format!("{} is not supported on {}", request.method(), request.path())))
+        }
+        _ => Err(ApiError::not_found("no_such_route", format!("no API at {}", request.path()))),
+    })
+}

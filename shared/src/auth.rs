@@ -102,6 +102,15 @@ impl ApiKeys {
     }
 }
 
+/// Checks `Authorization: Bearer <secret>` against a shared secret (the sweep's), comparing
+/// SHA-256 digests in constant time so neither content nor length leaks.
+pub fn check_shared_secret(authorization: Option<&str>, secret: &str) -> Result<(), AuthError> {
+    let presented = authorization.and_then(|v| v.strip_prefix("Bearer ")).ok_or(AuthError::Missing)?;
+    let presented: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
+    let expected: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+    if bool::from(presented.ct_eq(&expected)) { Ok(()) } else { Err(AuthError::Unknown) }
+}
+
 /// The SHA-256 of an API key as hex, the form `api_keys` stores.
 pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
@@ -169,6 +178,13 @@ mod tests {
     fn bad_configuration_is_an_error_not_an_empty_key_set() {
         assert!(ApiKeys::parse("{}").is_err());
         assert!(ApiKeys::parse(r#"[{"sha256":"abc","principal":"x","roles":[]}]"#).is_err());
+    }
+
+    #[test]
+    fn the_shared_secret_must_match_exactly() {
+        assert_eq!(check_shared_secret(Some("Bearer s3cret"), "s3cret"), Ok(()));
+        assert_eq!(check_shared_secret(Some("Bearer s3cre"), "s3cret"), Err(AuthError::Unknown));
+        assert_eq!(check_shared_secret(None, "s3cret"), Err(AuthError::Missing));
     }
 
     #[test]

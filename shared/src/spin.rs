@@ -1,0 +1,177 @@
+//! Spin adapters for the ports, and the request/response plumbing the three components share.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use spin_sdk::http::{Request, Response};
+use spin_sdk::key_value::Store;
+use spin_sdk::wit::wasi::http0_2_0::{outgoing_handler, types as wasi_http};
+
+use crate::api::{ApiError, Reply};
+use crate::arm::ArmClient;
+use crate::auth::{self, Caller};
+use crate::config::{Config, Variables};
+use crate::domain::RequestId;
+use crate::http::{Clock, HttpClient, HttpError, HttpRequest, HttpResponse, Method, SystemClock};
+use crate::service::Env;
+use crate::store::{KvStore, StoreError};
+
+/// How long one invocation may spend waiting on ARM (backoff and polling) before it leaves
+/// the rest to the sweep.
+const ARM_WAIT_BUDGET: Duration = Duration::from_secs(15);
+
+/// The Spin key-value store.
+pub struct SpinStore(Store);
+
+impl KvStore for SpinStore {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.get(key).map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.0.set(key, value).map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.0.delete(key).map_err(|e| StoreError::Backend(e.to_string()))
+    }
+}
+
+/// The component's Spin variables.
+pub struct SpinVariables;
+
+impl Variables for SpinVariables {
+    fn get(&self, name: &str) -> Option<String> {
+        spin_sdk::variables::get(name).ok()
+    }
+}
+
+/// Outbound HTTP through `wasi:http/outgoing-handler`, blocking, with timeouts on every call.
+pub struct SpinHttp;
+
+impl HttpClient for SpinHttp {
+    fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let (scheme, rest) = request.url.split_once("://").ok_or_else(|| HttpError::Refused(format!("not an absolute URL: {}", request.url)))?;
+        let (authority, path) = rest.find('/').map_or((rest, "/"), |i| (&rest[..i], &rest[i..]));
+        let entries: Vec<(String, Vec<u8>)> = request.headers.iter().map(|(k, v)| (k.clone(), v.as_bytes().to_vec())).collect();
+        let headers = wasi_http::Fields::from_list(&entries).map_err(|e| HttpError::Refused(format!("bad header: {e:?}")))?;
+        let outgoing = wasi_http::OutgoingRequest::new(headers);
+        let method = match request.method {
+            Method::Get => wasi_http::Method::Get,
+            Method::Put => wasi_http::Method::Put,
+            Method::Post => wasi_http::Method::Post,
+            Method::Delete => wasi_http::Method::Delete,
+        };
+        let scheme = if scheme == "http" { wasi_http::Scheme::Http } else { wasi_http::Scheme::Https };
+        let set = outgoing.set_method(&method).and(outgoing.set_scheme(Some(&scheme))).and(outgoing.set_authority(Some(authority))).and(outgoing.set_path_with_query(Some(path)));
+        set.map_err(|()| HttpError::Refused(format!("invalid URL: {}", request.url)))?;
+        let body = outgoing.body().map_err(|()| HttpError::Refused("body already taken".into()))?;
+        {
+            let stream = body.write().map_err(|()| HttpError::Refused("body not writable".into()))?;
+            for chunk in request.body.chunks(4096) {
+                stream.blocking_write_and_flush(chunk).map_err(|e| HttpError::Connection(format!("writing body: {e:?}")))?;
+            }
+        }
+        wasi_http::OutgoingBody::finish(body, None).map_err(|e| HttpError::Connection(format!("{e:?}")))?;
+
+        let nanos = u64::try_from(request.timeout.as_nanos()).unwrap_or(u64::MAX);
+        let options = wasi_http::RequestOptions::new();
+        // Hosts may not support every timeout; an unsupported one is not an error.
+        let _ = options.set_connect_timeout(Some(nanos));
+        let _ = options.set_first_byte_timeout(Some(nanos));
+        let _ = options.set_between_bytes_timeout(Some(nanos));
+        let future = outgoing_handler::handle(outgoing, Some(options)).map_err(map_error_code)?;
+        future.subscribe().block();
+        let response = match future.get() {
+            Some(Ok(Ok(response))) => response,
+            Some(Ok(Err(code))) => return Err(map_error_code(code)),
+            Some(Err(())) | None => return Err(HttpError::Connection("response already taken".into())),
+        };
+        let status = response.status();
+        let headers = response.headers().entries().into_iter().map(|(k, v)| (k.to_ascii_lowercase(), String::from_utf8_lossy(&v).into_owned())).collect();
+        let incoming = response.consume().map_err(|()| HttpError::Connection("response body already taken".into()))?;
+        let stream = incoming.stream().map_err(|()| HttpError::Connection("response body not readable".into()))?;
+        let mut body = Vec::new();
+        loop {
+            match stream.blocking_read(64 * 1024) {
+                Ok(chunk) => body.extend_from_slice(&chunk),
+                Err(wasi::io::streams::StreamError::Closed) => break,
+                Err(e) => return Err(HttpError::Connection(format!("reading body: {e:?}"))),
+            }
+        }
+        Ok(HttpResponse { status, headers, body })
+    }
+}
+
+fn map_error_code(code: wasi_http::ErrorCode) -> HttpError {
+    match code {
+        wasi_http::ErrorCode::ConnectionTimeout | wasi_http::ErrorCode::ConnectionReadTimeout | wasi_http::ErrorCode::ConnectionWriteTimeout => HttpError::Timeout,
+        wasi_http::ErrorCode::HttpRequestDenied => HttpError::Refused("the host does not allow this destination (allowed_outbound_hosts)".into()),
+        other => HttpError::Connection(format!("{other:?}")),
+    }
+}
+
+/// Everything one invocation works with, built from Spin's variables and store.
+pub struct Ctx {
+    kv: SpinStore,
+    http: SpinHttp,
+    clock: SystemClock,
+    /// Configuration, read once.
+    pub config: Config,
+}
+
+impl Ctx {
+    /// Reads configuration and opens the default store; failures are logged, not shown.
+    pub fn load() -> Result<Self, ApiError> {
+        let config = Config::load(&SpinVariables).map_err(|e| ApiError::internal(format!("configuration: {e:#}")))?;
+        let store = Store::open_default().map_err(|e| ApiError::internal(format!("opening the key-value store: {e}")))?;
+        Ok(Self { kv: SpinStore(store), http: SpinHttp, clock: SystemClock, config })
+    }
+
+    /// The caller behind the request's API key.
+    pub fn authenticate(&self, request: &Request) -> Result<Caller, ApiError> {
+        let header = request.header("authorization").and_then(|v| v.as_str());
+        Ok(self.config.api_keys.authenticate(header)?)
+    }
+
+    /// The caller's IP address (see [`auth::client_ip`]).
+    pub fn client_ip(&self, request: &Request) -> Option<IpAddr> {
+        let peer = request.header("spin-client-addr").and_then(|v| v.as_str());
+        let forwarded = request.header("x-forwarded-for").and_then(|v| v.as_str());
+        auth::client_ip(peer, forwarded, &self.config.trusted_proxies)
+    }
+
+    /// Runs an operation with the ports wired up and the time read once.
+    pub fn run<T>(&self, operation: impl FnOnce(&Env) -> T) -> T {
+        let arm = ArmClient::new(&self.http, &self.kv, &self.clock, &self.config.arm, ARM_WAIT_BUDGET);
+        operation(&Env { kv: &self.kv, arm: &arm, config: &self.config, now: self.clock.now() })
+    }
+}
+
+/// The path below `prefix` as segments (`/api/requests/x/approve` -> `["requests", "x", "approve"]`).
+pub fn segments<'a>(request: &'a Request, prefix: &str) -> Vec<&'a str> {
+    let path = request.path();
+    let path = path.strip_prefix(prefix).unwrap_or(path);
+    path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect()
+}
+
+/// A fresh request id: 96 random bits as hex.
+pub fn new_request_id() -> RequestId {
+    let bytes = wasi::random::random::get_random_bytes(12);
+    RequestId::parse(&hex::encode(bytes)).expect("hex is a valid id")
+}
+
+/// Renders an operation's outcome; a 5xx's cause goes to stderr (the host's log), never to
+/// the client.
+pub fn respond(result: Result<Reply, ApiError>) -> Response {
+    let (status, body) = match result {
+        Ok(reply) => (reply.status, reply.body),
+        Err(error) => {
+            if let Some(cause) = &error.internal {
+                eprintln!("error {}: {cause}", error.code);
+            }
+            (error.status, error.body())
+        }
+    };
+    Response::builder().status(status).header("content-type", "application/json").body(body.to_string()).build()
+}
