@@ -1,0 +1,98 @@
+//! The whole service on one machine: the host running the components, with the ARM
+//! emulator in the same process and demo credentials. The README's first command.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use sha2::{Digest, Sha256};
+
+use crate::emulator::{self, Emulator};
+use crate::host::{Host, HostOptions};
+
+/// A demo API key and who it stands for.
+pub struct DemoKey {
+    /// The key itself.
+    pub key: &'static str,
+    /// The principal.
+    pub principal: &'static str,
+    /// Its groups.
+    pub groups: &'static [&'static str],
+    /// Its roles.
+    pub roles: &'static [&'static str],
+}
+
+/// The demo keys printed at start-up.
+pub const DEMO_KEYS: [DemoKey; 3] = [
+    DemoKey { key: "demo-admin", principal: "admin", groups: &[], roles: &["admin", "auditor"] },
+    DemoKey { key: "demo-alice", principal: "alice", groups: &["devs"], roles: &["requester"] },
+    DemoKey { key: "demo-bob", principal: "bob", groups: &["ops"], roles: &["approver"] },
+];
+
+/// The demo sweep secret.
+pub const DEMO_SWEEP_SECRET: &str = "demo-sweep-secret";
+
+/// The `api_keys` variable for a set of keys (hashes only, as in production).
+pub fn api_keys_json(keys: &[DemoKey]) -> String {
+    let entries: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|k| serde_json::json!({"sha256": hex::encode(Sha256::digest(k.key.as_bytes())), "principal": k.principal, "groups": k.groups, "roles": k.roles}))
+        .collect();
+    serde_json::Value::Array(entries).to_string()
+}
+
+/// How to start the local service.
+pub struct LocalOptions {
+    /// Where the API listens.
+    pub listen: SocketAddr,
+    /// Where the ARM emulator listens.
+    pub emulator_listen: SocketAddr,
+    /// Where the key-value store's SQLite file goes.
+    pub state_dir: PathBuf,
+    /// Whether the cron schedule runs by itself.
+    pub run_cron: bool,
+    /// Print guest output as it comes.
+    pub echo_guest_logs: bool,
+    /// Emulator: polls before an operation completes.
+    pub polls: u32,
+    /// Emulator: advertised `Retry-After` seconds.
+    pub retry_after: u64,
+    /// Extra or overriding application variables.
+    pub variables: HashMap<String, String>,
+}
+
+/// The running service.
+pub struct Local {
+    /// The ARM emulator.
+    pub emulator: Emulator,
+    /// The Spin host.
+    pub host: Host,
+}
+
+/// Starts the emulator, then the host pointed at it.
+pub async fn start(options: LocalOptions) -> Result<Local> {
+    std::fs::create_dir_all(&options.state_dir)?;
+    let emulator = Emulator::start(options.emulator_listen, options.polls, options.retry_after).await?;
+    let mut variables = HashMap::from([
+        ("arm_base_url".to_owned(), emulator.url()),
+        ("login_base_url".to_owned(), emulator.url()),
+        ("arm_tenant_id".to_owned(), emulator::TENANT.to_owned()),
+        ("arm_client_id".to_owned(), emulator::CLIENT_ID.to_owned()),
+        ("arm_client_secret".to_owned(), emulator::CLIENT_SECRET.to_owned()),
+        ("api_keys".to_owned(), api_keys_json(&DEMO_KEYS)),
+        ("sweep_secret".to_owned(), DEMO_SWEEP_SECRET.to_owned()),
+    ]);
+    variables.extend(options.variables);
+    let host = Host::start(HostOptions {
+        manifest: crate::manifest_path(),
+        guest_dir: Some(PathBuf::from(crate::GUEST_DIR)),
+        kv_path: options.state_dir.join("kv.sqlite"),
+        variables,
+        listen: options.listen,
+        run_cron: options.run_cron,
+        echo_guest_logs: options.echo_guest_logs,
+    })
+    .await?;
+    Ok(Local { emulator, host })
+}
