@@ -86,15 +86,9 @@ impl AccessDuration {
 
 impl fmt::Display for AccessDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (days, rest) = (self.0 / 86_400, self.0 % 86_400);
-        let (hours, minutes, seconds) = (rest / 3600, rest % 3600 / 60, rest % 60);
-        f.write_str("P")?;
-        if days > 0 {
-            write!(f, "{days}D")?;
-        }
-        if rest > 0 {
-            f.write_str("T")?;
-        }
+        // Hours rather than days: people write PT24H, and PT36H reads better than P1DT12H.
+        let (hours, minutes, seconds) = (self.0 / 3600, self.0 % 3600 / 60, self.0 % 60);
+        f.write_str("PT")?;
         for (amount, unit) in [(hours, 'H'), (minutes, 'M'), (seconds, 'S')] {
             if amount > 0 {
                 write!(f, "{amount}{unit}")?;
@@ -130,10 +124,11 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for text in ["PT1M", "PT1H30M", "P1D", "P1DT1H", "PT45S"] {
+        for text in ["PT1M", "PT1H30M", "PT24H", "PT25H", "PT45S"] {
             assert_eq!(AccessDuration::parse(text).unwrap().to_string(), text);
         }
         assert_eq!(AccessDuration::parse("PT60M").unwrap().to_string(), "PT1H");
+        assert_eq!(AccessDuration::parse("P1DT1H").unwrap().to_string(), "PT25H");
     }
 
     #[test]

@@ -89,6 +89,11 @@ impl Emulator {
         self.state.lock().unwrap().faults.push(fault);
     }
 
+    /// Drops every pending fault: ARM has recovered.
+    pub fn clear_faults(&self) {
+        self.state.lock().unwrap().faults.clear();
+    }
+
     /// Every call so far.
     pub fn calls(&self) -> Vec<Call> {
         self.state.lock().unwrap().calls.clone()

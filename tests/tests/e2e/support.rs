@@ -1,0 +1,167 @@
+//! The test harness: one host and one emulator per test, typed helpers, and a report of
+//! guest logs, ARM calls and store contents when a test fails.
+
+use std::collections::HashMap;
+
+use chrono::TimeDelta;
+use portcullis_host::emulator::{DEMO_NSG, DEMO_VM, Fault};
+use portcullis_host::local::{self, DemoKey, Local, LocalOptions};
+use serde_json::{Value, json};
+
+pub const ADMIN: &str = "demo-admin";
+pub const ALICE: &str = "demo-alice";
+pub const BOB: &str = "demo-bob";
+/// Both a requester and an approver, in `devs` and `ops`.
+pub const CAROL: &str = "carol-key";
+/// An approver in `ops`.
+pub const DAVE: &str = "dave-key";
+
+const KEYS: [DemoKey; 5] = [
+    DemoKey { key: ADMIN, principal: "admin", groups: &[], roles: &["admin", "auditor"] },
+    DemoKey { key: ALICE, principal: "alice", groups: &["devs"], roles: &["requester"] },
+    DemoKey { key: BOB, principal: "bob", groups: &["ops"], roles: &["approver"] },
+    DemoKey { key: CAROL, principal: "carol", groups: &["devs", "ops"], roles: &["requester", "approver"] },
+    DemoKey { key: DAVE, principal: "dave", groups: &["ops"], roles: &["approver"] },
+];
+
+pub struct World {
+    pub local: Local,
+    client: reqwest::Client,
+    _state: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn start() -> Self {
+        Self::with_variables(&[]).await
+    }
+
+    pub async fn with_variables(variables: &[(&str, &str)]) -> Self {
+        let state = tempfile::tempdir().unwrap();
+        let mut overrides: HashMap<String, String> = variables.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        overrides.entry("api_keys".into()).or_insert_with(|| local::api_keys_json(&KEYS));
+        let local = local::start(LocalOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            emulator_listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: state.path().to_owned(),
+            run_cron: false,
+            echo_guest_logs: false,
+            polls: 1,
+            retry_after: 0,
+            variables: overrides,
+        })
+        .await
+        .expect("starting the host and emulator");
+        Self { local, client: reqwest::Client::new(), _state: state }
+    }
+
+    /// One API call; answers the status and the JSON body (`Null` when empty).
+    pub async fn call(&self, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> (u16, Value) {
+        let url = format!("{}{path}", self.local.host.url());
+        let mut request = self.client.request(method.parse().unwrap(), url);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body.to_owned());
+        }
+        let response = request.send().await.expect("the host answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON answer: {text}")) })
+    }
+
+    pub async fn put_policy(&self, name: &str, policy: &Value) -> (u16, Value) {
+        self.call("PUT", &format!("/api/policies/{name}"), Some(ADMIN), Some(&policy.to_string())).await
+    }
+
+    pub async fn request(&self, key: &str, body: &Value) -> (u16, Value) {
+        self.call("POST", "/api/requests", Some(key), Some(&body.to_string())).await
+    }
+
+    pub async fn decide(&self, id: &str, decision: &str, key: &str) -> (u16, Value) {
+        self.call("POST", &format!("/api/requests/{id}/{decision}"), Some(key), Some("{}")).await
+    }
+
+    pub async fn get_request(&self, id: &str) -> Value {
+        let (status, body) = self.call("GET", &format!("/api/requests/{id}"), Some(ADMIN), None).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// The demo NSG's rules as ARM returns them.
+    pub fn rules(&self) -> Vec<Value> {
+        self.local.emulator.rules(DEMO_NSG)
+    }
+
+    pub fn jit_rules(&self) -> Vec<Value> {
+        self.rules().into_iter().filter(|r| r["name"].as_str().unwrap().starts_with("jit-")).collect()
+    }
+
+    pub fn advance_minutes(&self, minutes: i64) {
+        self.local.host.clock().advance(TimeDelta::minutes(minutes));
+    }
+
+    /// One cron tick of expire-fn.
+    pub async fn tick(&self) {
+        self.local.host.tick().await.expect("the cron handler succeeds");
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        self.local.emulator.inject(fault);
+    }
+
+    pub fn arm_calls(&self) -> Vec<String> {
+        self.local.emulator.calls().into_iter().map(|c| format!("{} {} -> {}", c.method, c.path, c.status)).collect()
+    }
+
+    pub fn store_keys(&self) -> Vec<String> {
+        self.local.host.dump_store().into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// An auto-approving policy for port 22 (max PT3H) and 3389 (max PT1H) from loopback.
+    pub async fn auto_policy(&self) {
+        let (status, body) = self.put_policy("demo-vm", &policy(json!({"mode": "auto"}))).await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    /// A policy that needs `required` approvals from group `ops`.
+    pub async fn manual_policy(&self, required: u32) {
+        let (status, body) = self.put_policy("demo-vm", &policy(json!({"mode": "manual", "approvers": ["group:ops"], "required": required}))).await;
+        assert_eq!(status, 201, "{body}");
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- guest and host log ----\n{}", self.local.host.guest_logs());
+            eprintln!("---- ARM calls ----\n{}", self.arm_calls().join("\n"));
+            eprintln!("---- key-value store ----");
+            for (key, value) in self.local.host.dump_store() {
+                eprintln!("{key} = {}", value.chars().take(400).collect::<String>());
+            }
+        }
+    }
+}
+
+pub fn policy(approval: Value) -> Value {
+    json!({
+        "vm": DEMO_VM,
+        "nsg": DEMO_NSG,
+        "private_ip": "10.0.0.4",
+        "ports": [
+            {"port": 22, "protocol": "tcp", "max_duration": "PT3H", "allowed_sources": ["127.0.0.0/8", "203.0.113.0/24"]},
+            {"port": 3389, "protocol": "tcp", "max_duration": "PT1H", "allowed_sources": ["127.0.0.0/8"]},
+        ],
+        "approval": approval,
+    })
+}
+
+/// A request for port 22 from the caller's address (loopback in tests).
+pub fn ssh(duration: &str) -> Value {
+    json!({"policy": "demo-vm", "ports": [22], "duration": duration, "justification": "INC-1234"})
+}
+
+pub fn id(body: &Value) -> String {
+    body["id"].as_str().unwrap_or_else(|| panic!("no id in {body}")).to_owned()
+}
