@@ -33,7 +33,11 @@ fn route(request: &Request) -> Result<Reply, ApiError> {
         return Err(ApiError::method_not_allowed("POST /internal/sweep"));
     }
     let ctx = Ctx::load()?;
-    let secret = ctx.config.sweep_secret.as_ref().ok_or_else(|| ApiError::forbidden("sweep_disabled", "no sweep_secret is configured"))?;
+    let secret = ctx
+        .config
+        .sweep_secret
+        .as_ref()
+        .ok_or_else(|| ApiError::forbidden("sweep_disabled", "no sweep_secret is configured"))?;
     let header = request.header("authorization").and_then(|v| v.as_str());
     shared::auth::check_shared_secret(header, secret.expose())?;
     let report = run_sweep()?;

@@ -21,8 +21,12 @@ fn route(request: &Request) -> Result<Reply, ApiError> {
         (Method::Put, ["policies", name]) => policies::put(env, &caller, name, request.body()),
         (Method::Get, ["policies", name]) => policies::get(env, &caller, name),
         (Method::Delete, ["policies", name]) => policies::delete(env, &caller, name),
-        (Method::Post, ["requests"]) => requests::create(env, &caller, ctx.client_ip(request), new_request_id(), request.body()),
-        (Method::Get, ["requests"]) => requests::list(env, &caller, query_param(query, "state"), query_param(query, "mine") == Some("true")),
+        (Method::Post, ["requests"]) => {
+            requests::create(env, &caller, ctx.client_ip(request), new_request_id(), request.body())
+        }
+        (Method::Get, ["requests"]) => {
+            requests::list(env, &caller, query_param(query, "state"), query_param(query, "mine") == Some("true"))
+        }
         (Method::Get, ["requests", id]) => requests::get(env, &caller, id),
         (Method::Post, ["requests", id, "cancel"]) => requests::cancel(env, &caller, id),
         (_, ["policies"] | ["policies", _] | ["requests"] | ["requests", _] | ["requests", _, "cancel"]) => {

@@ -86,7 +86,12 @@ impl ApiError {
 
     /// 500: something broke inside; the cause goes to the logs only.
     pub fn internal(cause: impl fmt::Display) -> Self {
-        Self { status: 500, code: "internal_error", message: "internal error; the cause is in the service logs".into(), internal: Some(cause.to_string()) }
+        Self {
+            status: 500,
+            code: "internal_error",
+            message: "internal error; the cause is in the service logs".into(),
+            internal: Some(cause.to_string()),
+        }
     }
 
     /// 502: ARM failed in a way the caller cannot fix by changing the request.
@@ -103,7 +108,9 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::Conflict { .. } => Self::conflict("concurrent_update", "the record was changed by another call at the same time; retry"),
+            StoreError::Conflict { .. } => {
+                Self::conflict("concurrent_update", "the record was changed by another call at the same time; retry")
+            }
             StoreError::Corrupt { .. } | StoreError::Backend(_) => Self::internal(error),
         }
     }
@@ -118,7 +125,9 @@ impl From<AuthError> for ApiError {
 impl From<ArmError> for ApiError {
     fn from(error: ArmError) -> Self {
         match error {
-            ArmError::Refused { .. } | ArmError::PriorityConflict => Self::bad_gateway("arm_refused", format!("ARM refused the rule: {error}")),
+            ArmError::Refused { .. } | ArmError::PriorityConflict => {
+                Self::bad_gateway("arm_refused", format!("ARM refused the rule: {error}"))
+            }
             ArmError::Transient(_) => Self::bad_gateway("arm_unavailable", format!("{error}; the sweep will retry")),
         }
     }

@@ -82,15 +82,18 @@ impl Config {
         let required = |name: &str| -> Result<String> {
             vars.get(name).filter(|v| !v.is_empty()).with_context(|| format!("variable '{name}' is not set"))
         };
-        let optional = |name: &str, default: &str| vars.get(name).filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned());
+        let optional =
+            |name: &str, default: &str| vars.get(name).filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned());
         let number = |name: &str, default: &str| -> Result<u16> {
             optional(name, default).parse().with_context(|| format!("variable '{name}' must be a number"))
         };
-        let priorities = PriorityBand { min: number("jit_priority_min", "100")?, max: number("jit_priority_max", "3999")? };
+        let priorities =
+            PriorityBand { min: number("jit_priority_min", "100")?, max: number("jit_priority_max", "3999")? };
         if !(100..=4096).contains(&priorities.min) || priorities.max > 4096 || priorities.min > priorities.max {
             bail!("jit_priority_min..jit_priority_max must be a range inside 100..4096");
         }
-        let max_duration = AccessDuration::parse(&optional("max_duration", "PT24H")).context("variable 'max_duration'")?;
+        let max_duration =
+            AccessDuration::parse(&optional("max_duration", "PT24H")).context("variable 'max_duration'")?;
         let trusted_proxies = optional("trusted_proxies", "")
             .split(',')
             .map(str::trim)
@@ -100,7 +103,9 @@ impl Config {
         Ok(Self {
             arm: ArmSettings {
                 arm_base_url: optional("arm_base_url", "https://management.azure.com").trim_end_matches('/').to_owned(),
-                login_base_url: optional("login_base_url", "https://login.microsoftonline.com").trim_end_matches('/').to_owned(),
+                login_base_url: optional("login_base_url", "https://login.microsoftonline.com")
+                    .trim_end_matches('/')
+                    .to_owned(),
                 tenant_id: optional("arm_tenant_id", ""),
                 client_id: optional("arm_client_id", ""),
                 client_secret: Secret::new(optional("arm_client_secret", "")),

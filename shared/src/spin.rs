@@ -51,10 +51,15 @@ pub struct SpinHttp;
 
 impl HttpClient for SpinHttp {
     fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
-        let (scheme, rest) = request.url.split_once("://").ok_or_else(|| HttpError::Refused(format!("not an absolute URL: {}", request.url)))?;
+        let (scheme, rest) = request
+            .url
+            .split_once("://")
+            .ok_or_else(|| HttpError::Refused(format!("not an absolute URL: {}", request.url)))?;
         let (authority, path) = rest.find('/').map_or((rest, "/"), |i| (&rest[..i], &rest[i..]));
-        let entries: Vec<(String, Vec<u8>)> = request.headers.iter().map(|(k, v)| (k.clone(), v.as_bytes().to_vec())).collect();
-        let headers = wasi_http::Fields::from_list(&entries).map_err(|e| HttpError::Refused(format!("bad header: {e:?}")))?;
+        let entries: Vec<(String, Vec<u8>)> =
+            request.headers.iter().map(|(k, v)| (k.clone(), v.as_bytes().to_vec())).collect();
+        let headers =
+            wasi_http::Fields::from_list(&entries).map_err(|e| HttpError::Refused(format!("bad header: {e:?}")))?;
         let outgoing = wasi_http::OutgoingRequest::new(headers);
         let method = match request.method {
             Method::Get => wasi_http::Method::Get,
@@ -63,13 +68,19 @@ impl HttpClient for SpinHttp {
             Method::Delete => wasi_http::Method::Delete,
         };
         let scheme = if scheme == "http" { wasi_http::Scheme::Http } else { wasi_http::Scheme::Https };
-        let set = outgoing.set_method(&method).and(outgoing.set_scheme(Some(&scheme))).and(outgoing.set_authority(Some(authority))).and(outgoing.set_path_with_query(Some(path)));
+        let set = outgoing
+            .set_method(&method)
+            .and(outgoing.set_scheme(Some(&scheme)))
+            .and(outgoing.set_authority(Some(authority)))
+            .and(outgoing.set_path_with_query(Some(path)));
         set.map_err(|()| HttpError::Refused(format!("invalid URL: {}", request.url)))?;
         let body = outgoing.body().map_err(|()| HttpError::Refused("body already taken".into()))?;
         {
             let stream = body.write().map_err(|()| HttpError::Refused("body not writable".into()))?;
             for chunk in request.body.chunks(4096) {
-                stream.blocking_write_and_flush(chunk).map_err(|e| HttpError::Connection(format!("writing body: {e:?}")))?;
+                stream
+                    .blocking_write_and_flush(chunk)
+                    .map_err(|e| HttpError::Connection(format!("writing body: {e:?}")))?;
             }
         }
         wasi_http::OutgoingBody::finish(body, None).map_err(|e| HttpError::Connection(format!("{e:?}")))?;
@@ -88,7 +99,12 @@ impl HttpClient for SpinHttp {
             Some(Err(())) | None => return Err(HttpError::Connection("response already taken".into())),
         };
         let status = response.status();
-        let headers = response.headers().entries().into_iter().map(|(k, v)| (k.to_ascii_lowercase(), String::from_utf8_lossy(&v).into_owned())).collect();
+        let headers = response
+            .headers()
+            .entries()
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), String::from_utf8_lossy(&v).into_owned()))
+            .collect();
         let incoming = response.consume().map_err(|()| HttpError::Connection("response body already taken".into()))?;
         let stream = incoming.stream().map_err(|()| HttpError::Connection("response body not readable".into()))?;
         let mut body = Vec::new();
@@ -105,8 +121,12 @@ impl HttpClient for SpinHttp {
 
 fn map_error_code(code: wasi_http::ErrorCode) -> HttpError {
     match code {
-        wasi_http::ErrorCode::ConnectionTimeout | wasi_http::ErrorCode::ConnectionReadTimeout | wasi_http::ErrorCode::ConnectionWriteTimeout => HttpError::Timeout,
-        wasi_http::ErrorCode::HttpRequestDenied => HttpError::Refused("the host does not allow this destination (allowed_outbound_hosts)".into()),
+        wasi_http::ErrorCode::ConnectionTimeout
+        | wasi_http::ErrorCode::ConnectionReadTimeout
+        | wasi_http::ErrorCode::ConnectionWriteTimeout => HttpError::Timeout,
+        wasi_http::ErrorCode::HttpRequestDenied => {
+            HttpError::Refused("the host does not allow this destination (allowed_outbound_hosts)".into())
+        }
         other => HttpError::Connection(format!("{other:?}")),
     }
 }
@@ -124,7 +144,8 @@ impl Ctx {
     /// Reads configuration and opens the default store; failures are logged, not shown.
     pub fn load() -> Result<Self, ApiError> {
         let config = Config::load(&SpinVariables).map_err(|e| ApiError::internal(format!("configuration: {e:#}")))?;
-        let store = Store::open_default().map_err(|e| ApiError::internal(format!("opening the key-value store: {e}")))?;
+        let store =
+            Store::open_default().map_err(|e| ApiError::internal(format!("opening the key-value store: {e}")))?;
         Ok(Self { kv: SpinStore(store), http: SpinHttp, clock: SystemClock, config })
     }
 

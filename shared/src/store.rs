@@ -61,7 +61,8 @@ struct Envelope<T> {
 /// Reads a versioned document.
 pub fn load<T: DeserializeOwned>(kv: &dyn KvStore, key: &str) -> Result<Option<Versioned<T>>, StoreError> {
     let Some(bytes) = kv.get(key)? else { return Ok(None) };
-    let envelope: Envelope<T> = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt { key: key.to_owned(), reason: e.to_string() })?;
+    let envelope: Envelope<T> = serde_json::from_slice(&bytes)
+        .map_err(|e| StoreError::Corrupt { key: key.to_owned(), reason: e.to_string() })?;
     Ok(Some(Versioned { value: envelope.doc, version: envelope.version }))
 }
 
@@ -71,8 +72,8 @@ pub fn save<T: Serialize>(kv: &dyn KvStore, key: &str, value: &T, expected: Opti
     let current = match kv.get(key)? {
         None => None,
         Some(bytes) => {
-            let envelope: Envelope<serde_json::Value> =
-                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt { key: key.to_owned(), reason: e.to_string() })?;
+            let envelope: Envelope<serde_json::Value> = serde_json::from_slice(&bytes)
+                .map_err(|e| StoreError::Corrupt { key: key.to_owned(), reason: e.to_string() })?;
             Some(envelope.version)
         }
     };
@@ -80,7 +81,8 @@ pub fn save<T: Serialize>(kv: &dyn KvStore, key: &str, value: &T, expected: Opti
         return Err(StoreError::Conflict { key: key.to_owned() });
     }
     let version = expected.map_or(1, |v| v + 1);
-    let bytes = serde_json::to_vec(&Envelope { version, doc: value }).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let bytes =
+        serde_json::to_vec(&Envelope { version, doc: value }).map_err(|e| StoreError::Backend(e.to_string()))?;
     kv.set(key, &bytes)?;
     Ok(version)
 }

@@ -57,7 +57,13 @@ struct AsyncStatus {
 
 impl<'a> ArmClient<'a> {
     /// A client that may spend at most `wait_budget` waiting on ARM in this invocation.
-    pub fn new(http: &'a dyn HttpClient, kv: &'a dyn KvStore, clock: &'a dyn Clock, settings: &'a ArmSettings, wait_budget: Duration) -> Self {
+    pub fn new(
+        http: &'a dyn HttpClient,
+        kv: &'a dyn KvStore,
+        clock: &'a dyn Clock,
+        settings: &'a ArmSettings,
+        wait_budget: Duration,
+    ) -> Self {
         Self { http, kv, clock, settings, budget: Cell::new(wait_budget) }
     }
 
@@ -110,7 +116,9 @@ impl<'a> ArmClient<'a> {
                     }
                     retry_after(&response).unwrap_or(backoff)
                 }
-                Err(HttpError::Refused(reason)) => return Err(ArmError::Refused { status: 0, code: "OutboundRefused".into(), message: reason }),
+                Err(HttpError::Refused(reason)) => {
+                    return Err(ArmError::Refused { status: 0, code: "OutboundRefused".into(), message: reason });
+                }
                 Err(error) => {
                     last = error.to_string();
                     backoff
@@ -131,7 +139,8 @@ impl<'a> ArmClient<'a> {
                 return Err(ArmError::Transient("the operation is still in progress".into()));
             }
             let response = self.call(Method::Get, url, None)?;
-            let status: AsyncStatus = serde_json::from_slice(&response.body).map_err(|e| ArmError::Transient(format!("unreadable operation status: {e}")))?;
+            let status: AsyncStatus = serde_json::from_slice(&response.body)
+                .map_err(|e| ArmError::Transient(format!("unreadable operation status: {e}")))?;
             match status.status.as_str() {
                 "Succeeded" => return Ok(()),
                 "Failed" | "Canceled" => {
@@ -185,13 +194,18 @@ impl Arm for ArmClient<'_> {
 /// Maps an error answer to what the caller should do about it.
 fn classify(response: &HttpResponse) -> ArmError {
     let body: ArmErrorBody = serde_json::from_slice(&response.body).unwrap_or_default();
-    let codes: Vec<&str> = std::iter::once(body.error.code.as_str()).chain(body.error.details.iter().map(|d| d.code.as_str())).collect();
-    let busy = codes.iter().any(|c| matches!(*c, "AnotherOperationInProgress" | "RetryableError" | "RetryableErrorDueToAnotherOperation"));
+    let codes: Vec<&str> =
+        std::iter::once(body.error.code.as_str()).chain(body.error.details.iter().map(|d| d.code.as_str())).collect();
+    let busy = codes
+        .iter()
+        .any(|c| matches!(*c, "AnotherOperationInProgress" | "RetryableError" | "RetryableErrorDueToAnotherOperation"));
     match response.status {
         400 if codes.contains(&"SecurityRuleConflict") => ArmError::PriorityConflict,
         408 | 429 | 500..=599 => ArmError::Transient(format!("ARM answered {} {}", response.status, body.error.code)),
         409 if busy => ArmError::Transient(format!("ARM answered 409 {}", body.error.code)),
-        status => ArmError::Refused { status, code: body.error.code, message: body.error.message.chars().take(300).collect() },
+        status => {
+            ArmError::Refused { status, code: body.error.code, message: body.error.message.chars().take(300).collect() }
+        }
     }
 }
 
@@ -205,7 +219,11 @@ mod tests {
     use crate::testing::{FakeClock, ScriptedHttp, arm_settings, nsg, rule};
 
     fn answer(status: u16, headers: &[(&str, &str)], body: &str) -> HttpResponse {
-        HttpResponse { status, headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), body: body.as_bytes().to_vec() }
+        HttpResponse {
+            status,
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            body: body.as_bytes().to_vec(),
+        }
     }
 
     fn token_ok() -> HttpResponse {
@@ -235,7 +253,11 @@ mod tests {
     fn throttling_is_retried_after_the_advertised_delay() {
         let http = ScriptedHttp::new(vec![
             token_ok(),
-            answer(429, &[("Retry-After", "2")], r#"{"error":{"code":"RetryableError","details":[{"code":"RetryableErrorDueToAnotherOperation"}]}}"#),
+            answer(
+                429,
+                &[("Retry-After", "2")],
+                r#"{"error":{"code":"RetryableError","details":[{"code":"RetryableErrorDueToAnotherOperation"}]}}"#,
+            ),
             answer(200, &[], "{}"),
         ]);
         let (kv, clock, settings) = (crate::store::MemStore::default(), FakeClock::default(), arm_settings());
@@ -249,20 +271,31 @@ mod tests {
         script.extend((0..MAX_ATTEMPTS).map(|_| answer(503, &[], "")));
         let http = ScriptedHttp::new(script);
         let (kv, clock, settings) = (crate::store::MemStore::default(), FakeClock::default(), arm_settings());
-        let err = ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30)).delete_rule(&nsg(), "jit-r1").unwrap_err();
+        let err = ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30))
+            .delete_rule(&nsg(), "jit-r1")
+            .unwrap_err();
         assert!(matches!(err, ArmError::Transient(_)), "{err:?}");
         assert!(clock.slept() < Duration::from_secs(5));
     }
 
     #[test]
     fn conflicts_and_validation_errors_are_not_retried() {
-        let http = ScriptedHttp::new(vec![token_ok(), answer(400, &[], r#"{"error":{"code":"SecurityRuleConflict","message":"taken"}}"#)]);
+        let http = ScriptedHttp::new(vec![
+            token_ok(),
+            answer(400, &[], r#"{"error":{"code":"SecurityRuleConflict","message":"taken"}}"#),
+        ]);
         let (kv, clock, settings) = (crate::store::MemStore::default(), FakeClock::default(), arm_settings());
         let client = ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30));
         assert_eq!(client.put_rule(&nsg(), &rule()), Err(ArmError::PriorityConflict));
-        let http = ScriptedHttp::new(vec![answer(400, &[], r#"{"error":{"code":"SecurityRuleInvalidPortRange","message":"bad"}}"#)]);
+        let http = ScriptedHttp::new(vec![answer(
+            400,
+            &[],
+            r#"{"error":{"code":"SecurityRuleInvalidPortRange","message":"bad"}}"#,
+        )]);
         let client = ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30));
-        assert!(matches!(client.put_rule(&nsg(), &rule()), Err(ArmError::Refused { status: 400, code, .. }) if code == "SecurityRuleInvalidPortRange"));
+        assert!(
+            matches!(client.put_rule(&nsg(), &rule()), Err(ArmError::Refused { status: 400, code, .. }) if code == "SecurityRuleInvalidPortRange")
+        );
     }
 
     #[test]
@@ -270,7 +303,11 @@ mod tests {
         let http = ScriptedHttp::new(vec![token_ok(), answer(204, &[], "")]);
         let (kv, clock, settings) = (crate::store::MemStore::default(), FakeClock::default(), arm_settings());
         ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30)).delete_rule(&nsg(), "jit-r1").unwrap();
-        let http = ScriptedHttp::new(vec![answer(202, &[("Location", "https://arm/res/1"), ("Retry-After", "0")], ""), answer(202, &[], ""), answer(204, &[], "")]);
+        let http = ScriptedHttp::new(vec![
+            answer(202, &[("Location", "https://arm/res/1"), ("Retry-After", "0")], ""),
+            answer(202, &[], ""),
+            answer(204, &[], ""),
+        ]);
         ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30)).delete_rule(&nsg(), "jit-r1").unwrap();
         assert_eq!(http.urls().last().unwrap(), "https://arm/res/1");
     }

@@ -27,12 +27,18 @@ struct TokenResponse {
 }
 
 /// A valid token: the cached one, or a new one fetched and cached.
-pub(super) fn token(http: &dyn HttpClient, kv: &dyn KvStore, settings: &ArmSettings, now: DateTime<Utc>, timeout: std::time::Duration) -> Result<String, ArmError> {
+pub(super) fn token(
+    http: &dyn HttpClient,
+    kv: &dyn KvStore,
+    settings: &ArmSettings,
+    now: DateTime<Utc>,
+    timeout: std::time::Duration,
+) -> Result<String, ArmError> {
     // A cache that cannot be read is only a cache: fetch a fresh token.
-    if let Ok(Some(cached)) = store::load::<CachedToken>(kv, keys::ARM_TOKEN) {
-        if cached.value.expires_at - RENEW_EARLY > now {
-            return Ok(cached.value.access_token);
-        }
+    if let Ok(Some(cached)) = store::load::<CachedToken>(kv, keys::ARM_TOKEN)
+        && cached.value.expires_at - RENEW_EARLY > now
+    {
+        return Ok(cached.value.access_token);
     }
     if settings.tenant_id.is_empty() || settings.client_id.is_empty() || settings.client_secret.expose().is_empty() {
         return Err(ArmError::Refused {
@@ -68,7 +74,8 @@ pub(super) fn token(http: &dyn HttpClient, kv: &dyn KvStore, settings: &ArmSetti
             return Err(ArmError::Refused { status, code, message });
         }
     }
-    let parsed: TokenResponse = serde_json::from_slice(&response.body).map_err(|e| ArmError::Transient(format!("unreadable token response: {e}")))?;
+    let parsed: TokenResponse = serde_json::from_slice(&response.body)
+        .map_err(|e| ArmError::Transient(format!("unreadable token response: {e}")))?;
     // `expires_in` is a number from Entra ID and a string from managed identity endpoints.
     let expires_in = match &parsed.expires_in {
         serde_json::Value::Number(n) => n.as_i64(),

@@ -117,7 +117,16 @@ mod tests {
 
     #[test]
     fn common_forms_parse_to_seconds() {
-        for (text, secs) in [("PT1M", 60), ("PT30M", 1800), ("PT1H", 3600), ("PT1H30M", 5400), ("PT90S", 90), ("P1D", 86_400), ("P1DT1H", 90_000), ("PT24H", 86_400)] {
+        for (text, secs) in [
+            ("PT1M", 60),
+            ("PT30M", 1800),
+            ("PT1H", 3600),
+            ("PT1H30M", 5400),
+            ("PT90S", 90),
+            ("P1D", 86_400),
+            ("P1DT1H", 90_000),
+            ("PT24H", 86_400),
+        ] {
             assert_eq!(AccessDuration::parse(text).unwrap().as_secs(), secs, "{text}");
         }
     }
@@ -133,7 +142,23 @@ mod tests {
 
     #[test]
     fn malformed_durations_are_refused_with_the_input_named() {
-        for text in ["", "P", "PT", "1H", "PT1", "PTH", "PT1M1H", "P1Y", "P1W", "PT0M", "pt1h", "PT-1H", "P8D", "PT1H ", "PT99999999999999999999H"] {
+        for text in [
+            "",
+            "P",
+            "PT",
+            "1H",
+            "PT1",
+            "PTH",
+            "PT1M1H",
+            "P1Y",
+            "P1W",
+            "PT0M",
+            "pt1h",
+            "PT-1H",
+            "P8D",
+            "PT1H ",
+            "PT99999999999999999999H",
+        ] {
             let err = AccessDuration::parse(text).unwrap_err();
             assert!(err.to_string().contains(&format!("'{text}'")), "{err}");
         }

@@ -28,9 +28,9 @@ impl SourcePrefix {
         if let Ok(addr) = input.parse::<IpAddr>() {
             return Ok(Self::host(addr));
         }
-        let net: IpNet = input.parse().map_err(|_| {
-            err("expected an IPv4 or IPv6 address or CIDR prefix, e.g. 203.0.113.0/24".into())
-        })?;
+        let net: IpNet = input
+            .parse()
+            .map_err(|_| err("expected an IPv4 or IPv6 address or CIDR prefix, e.g. 203.0.113.0/24".into()))?;
         if net.trunc() != net {
             return Err(err(format!("host bits are set; did you mean {}?", net.trunc())));
         }

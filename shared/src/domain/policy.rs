@@ -42,7 +42,10 @@ fn check_arm_id(input: &str, namespace: &str, kind: &str, example: &str) -> Resu
     if ok {
         Ok(())
     } else {
-        Err(PolicyError(format!("'{}' is not an ARM {kind} id; expected {example}", input.chars().take(200).collect::<String>())))
+        Err(PolicyError(format!(
+            "'{}' is not an ARM {kind} id; expected {example}",
+            input.chars().take(200).collect::<String>()
+        )))
     }
 }
 
@@ -81,8 +84,18 @@ macro_rules! arm_id {
     };
 }
 
-arm_id!(VmId, "Microsoft.Compute", "virtualMachines", "/subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachines/<name>");
-arm_id!(NsgId, "Microsoft.Network", "networkSecurityGroups", "/subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.Network/networkSecurityGroups/<name>");
+arm_id!(
+    VmId,
+    "Microsoft.Compute",
+    "virtualMachines",
+    "/subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachines/<name>"
+);
+arm_id!(
+    NsgId,
+    "Microsoft.Network",
+    "networkSecurityGroups",
+    "/subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.Network/networkSecurityGroups/<name>"
+);
 
 /// One protected port of a policy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,9 +214,10 @@ impl Policy {
     pub fn from_raw(name: PolicyName, raw: RawPolicy, limits: PolicyLimits) -> Result<Self, PolicyError> {
         let err = |m: String| PolicyError(m);
         let vm = VmId::parse(&raw.vm)?;
-        let nsg = NsgId::parse(raw.nsg.as_deref().ok_or_else(|| {
-            err("'nsg' is required: give the ARM id of the NSG on the VM's NIC or subnet".into())
-        })?)?;
+        let nsg =
+            NsgId::parse(raw.nsg.as_deref().ok_or_else(|| {
+                err("'nsg' is required: give the ARM id of the NSG on the VM's NIC or subnet".into())
+            })?)?;
         let private_ip: IpAddr = raw
             .private_ip
             .as_deref()
@@ -280,10 +294,7 @@ impl Policy {
 }
 
 fn parse_members(field: &str, entries: Vec<String>) -> Result<Vec<Member>, PolicyError> {
-    entries
-        .iter()
-        .map(|e| Member::parse(e).map_err(|e| PolicyError(format!("'{field}': {e}"))))
-        .collect()
+    entries.iter().map(|e| Member::parse(e).map_err(|e| PolicyError(format!("'{field}': {e}")))).collect()
 }
 
 #[cfg(test)]
@@ -308,18 +319,45 @@ mod tests {
 
     #[test]
     fn mistakes_are_refused_with_a_message_naming_them() {
-        let cases: Vec<(&str, fn(&mut serde_json::Value), &str)> = vec![
+        type Mutation = fn(&mut serde_json::Value);
+        let cases: Vec<(&str, Mutation, &str)> = vec![
             ("bad vm id", |j| j["vm"] = "vm-1".into(), "not an ARM virtualMachines id"),
             ("nsg id of the wrong type", |j| j["nsg"] = j["vm"].clone(), "networkSecurityGroups"),
-            ("missing private ip", |j| { j.as_object_mut().unwrap().remove("private_ip"); }, "'private_ip' is required"),
+            (
+                "missing private ip",
+                |j| {
+                    j.as_object_mut().unwrap().remove("private_ip");
+                },
+                "'private_ip' is required",
+            ),
             ("port out of range", |j| j["ports"][0]["port"] = 70000.into(), "invalid port 70000"),
-            ("duration above the maximum", |j| j["ports"][0]["max_duration"] = "PT25H".into(), "above the configured maximum"),
+            (
+                "duration above the maximum",
+                |j| j["ports"][0]["max_duration"] = "PT25H".into(),
+                "above the configured maximum",
+            ),
             ("no sources", |j| j["ports"][0]["allowed_sources"] = serde_json::json!([]), "'allowed_sources' is empty"),
-            ("whole internet as a prefix", |j| j["ports"][0]["allowed_sources"] = serde_json::json!(["0.0.0.0/0"]), "write \"any\""),
+            (
+                "whole internet as a prefix",
+                |j| j["ports"][0]["allowed_sources"] = serde_json::json!(["0.0.0.0/0"]),
+                "write \"any\"",
+            ),
             ("unknown field", |j| j["prots"] = serde_json::json!([]), "unknown field `prots`"),
-            ("manual without approvers", |j| j["approval"] = serde_json::json!({"mode": "manual", "approvers": []}), "at least one entry"),
-            ("required of zero", |j| j["approval"] = serde_json::json!({"mode": "manual", "approvers": ["group:ops"], "required": 0}), "1 to 10"),
-            ("unknown approval mode", |j| j["approval"] = serde_json::json!({"mode": "maybe"}), "unknown variant `maybe`"),
+            (
+                "manual without approvers",
+                |j| j["approval"] = serde_json::json!({"mode": "manual", "approvers": []}),
+                "at least one entry",
+            ),
+            (
+                "required of zero",
+                |j| j["approval"] = serde_json::json!({"mode": "manual", "approvers": ["group:ops"], "required": 0}),
+                "1 to 10",
+            ),
+            (
+                "unknown approval mode",
+                |j| j["approval"] = serde_json::json!({"mode": "maybe"}),
+                "unknown variant `maybe`",
+            ),
         ];
         for (case, mutate, expected) in cases {
             let mut json = policy_json();

@@ -5,7 +5,10 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{AccessDuration, Approval, Member, NsgId, Policy, PolicyName, Port, PortSet, Principal, Protocol, RequestId, SourcePrefix, State};
+use super::{
+    AccessDuration, Approval, Member, NsgId, Policy, PolicyName, Port, PortSet, Principal, Protocol, RequestId,
+    SourcePrefix, State,
+};
 use crate::domain::GroupName;
 
 /// What a client sent to `POST /api/requests`; settled by [`AccessRequest::from_raw`].
@@ -168,7 +171,8 @@ impl AccessRequest {
             .map(|p| Port::new(*p).map_err(|e| malformed("invalid_port", e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         let ports = PortSet::new(ports).map_err(|e| malformed("invalid_ports", e.to_string()))?;
-        let duration = AccessDuration::parse(&raw.duration).map_err(|e| malformed("invalid_duration", e.to_string()))?;
+        let duration =
+            AccessDuration::parse(&raw.duration).map_err(|e| malformed("invalid_duration", e.to_string()))?;
         let source = match raw.source.as_deref() {
             Some(text) => SourcePrefix::parse(text).map_err(|e| malformed("invalid_source", e.to_string()))?,
             None => SourcePrefix::host(caller_ip.ok_or_else(|| {
@@ -177,17 +181,26 @@ impl AccessRequest {
         };
         let justification = raw.justification.unwrap_or_default().trim().to_owned();
         if justification.is_empty() {
-            return Err(malformed("justification_required", "'justification' is required: say why access is needed (e.g. a ticket id)"));
+            return Err(malformed(
+                "justification_required",
+                "'justification' is required: say why access is needed (e.g. a ticket id)",
+            ));
         }
         if justification.chars().count() > MAX_JUSTIFICATION || justification.chars().any(char::is_control) {
-            return Err(malformed("invalid_justification", format!("'justification' must be at most {MAX_JUSTIFICATION} characters without control characters")));
+            return Err(malformed(
+                "invalid_justification",
+                format!("'justification' must be at most {MAX_JUSTIFICATION} characters without control characters"),
+            ));
         }
 
         if !policy.enabled {
             return Err(refused("policy_disabled", format!("policy '{}' is disabled", policy.name)));
         }
         if !policy.requesters.is_empty() && !policy.requesters.iter().any(|m| m.covers(requester, requester_groups)) {
-            return Err(refused("not_a_requester", format!("'{requester}' may not request access under policy '{}'", policy.name)));
+            return Err(refused(
+                "not_a_requester",
+                format!("'{requester}' may not request access under policy '{}'", policy.name),
+            ));
         }
         if duration.as_secs() < MIN_DURATION_SECS {
             return Err(refused("duration_too_short", format!("duration {duration} is below the minimum PT1M")));
@@ -196,19 +209,36 @@ impl AccessRequest {
         for port in ports.iter() {
             let rule = policy.port(port).ok_or_else(|| {
                 let offered: Vec<String> = policy.ports.iter().map(|p| p.port.to_string()).collect();
-                refused("port_not_in_policy", format!("port {port} is not in policy '{}' (it offers {})", policy.name, offered.join(", ")))
+                refused(
+                    "port_not_in_policy",
+                    format!("port {port} is not in policy '{}' (it offers {})", policy.name, offered.join(", ")),
+                )
             })?;
             if duration > rule.max_duration {
-                return Err(refused("duration_too_long", format!("duration {duration} is above port {port}'s maximum {}", rule.max_duration)));
+                return Err(refused(
+                    "duration_too_long",
+                    format!("duration {duration} is above port {port}'s maximum {}", rule.max_duration),
+                ));
             }
             if !rule.allowed_sources.iter().any(|allowed| allowed.admits(&source)) {
                 let allowed: Vec<String> = rule.allowed_sources.iter().map(|a| String::from(*a)).collect();
-                return Err(refused("source_not_allowed", format!("source {source} is not inside the prefixes allowed for port {port} ({})", allowed.join(", "))));
+                return Err(refused(
+                    "source_not_allowed",
+                    format!(
+                        "source {source} is not inside the prefixes allowed for port {port} ({})",
+                        allowed.join(", ")
+                    ),
+                ));
             }
             match protocol {
                 None => protocol = Some(rule.protocol),
                 Some(p) if p == rule.protocol => {}
-                Some(_) => return Err(refused("mixed_protocols", "the requested ports have different protocols; request them separately")),
+                Some(_) => {
+                    return Err(refused(
+                        "mixed_protocols",
+                        "the requested ports have different protocols; request them separately",
+                    ));
+                }
             }
         }
         let pending_until = match &policy.approval {
@@ -248,7 +278,12 @@ impl AccessRequest {
 
 /// Whether `approver` may approve a request: listed among the policy's approvers and not the
 /// requester. Self-approval is refused whatever else the approver is.
-pub fn may_approve(request: &AccessRequest, policy: &Policy, approver: &Principal, groups: &[GroupName]) -> Result<(), &'static str> {
+pub fn may_approve(
+    request: &AccessRequest,
+    policy: &Policy,
+    approver: &Principal,
+    groups: &[GroupName],
+) -> Result<(), &'static str> {
     if *approver == request.requester {
         return Err("requesters can never approve their own request");
     }
@@ -265,7 +300,8 @@ pub fn approvals_missing(request: &AccessRequest, policy: &Policy) -> usize {
         Approval::Auto => 0,
         Approval::Manual { required, .. } => usize::from(*required),
     };
-    let mut distinct: Vec<&Principal> = request.approvals.iter().map(|a| &a.by).filter(|p| **p != request.requester).collect();
+    let mut distinct: Vec<&Principal> =
+        request.approvals.iter().map(|a| &a.by).filter(|p| **p != request.requester).collect();
     distinct.sort();
     distinct.dedup();
     required.saturating_sub(distinct.len())
@@ -279,7 +315,15 @@ mod tests {
     fn build(json: serde_json::Value) -> Result<AccessRequest, RequestError> {
         let raw: RawRequest = serde_json::from_value(json).unwrap();
         let alice = Principal::parse("alice").unwrap();
-        AccessRequest::from_raw(raw, &policy(), &alice, &[GroupName::parse("devs").unwrap()], Some("203.0.113.7".parse().unwrap()), RequestId::parse("r1").unwrap(), at(0))
+        AccessRequest::from_raw(
+            raw,
+            &policy(),
+            &alice,
+            &[GroupName::parse("devs").unwrap()],
+            Some("203.0.113.7".parse().unwrap()),
+            RequestId::parse("r1").unwrap(),
+            at(0),
+        )
     }
 
     fn code(result: Result<AccessRequest, RequestError>) -> &'static str {
@@ -329,7 +373,11 @@ mod tests {
     fn approvals_count_distinct_approvers_and_never_the_requester() {
         let mut request = build(raw_request()).unwrap();
         let mut policy = policy();
-        policy.approval = Approval::Manual { approvers: vec![Member::parse("group:ops").unwrap()], required: 2, pending_timeout: AccessDuration::minutes(60) };
+        policy.approval = Approval::Manual {
+            approvers: vec![Member::parse("group:ops").unwrap()],
+            required: 2,
+            pending_timeout: AccessDuration::minutes(60),
+        };
         let approve = |by: &str| ApprovalRecord { by: Principal::parse(by).unwrap(), at: at(1), comment: None };
         assert_eq!(approvals_missing(&request, &policy), 2);
         request.approvals = vec![approve("bob"), approve("bob"), approve("alice")];
@@ -342,7 +390,11 @@ mod tests {
     fn self_approval_is_refused_even_for_listed_approvers() {
         let request = build(raw_request()).unwrap();
         let mut policy = policy();
-        policy.approval = Approval::Manual { approvers: vec![Member::parse("alice").unwrap()], required: 1, pending_timeout: AccessDuration::minutes(60) };
+        policy.approval = Approval::Manual {
+            approvers: vec![Member::parse("alice").unwrap()],
+            required: 1,
+            pending_timeout: AccessDuration::minutes(60),
+        };
         assert!(may_approve(&request, &policy, &request.requester, &[]).is_err());
         assert!(may_approve(&request, &policy, &Principal::parse("mallory").unwrap(), &[]).is_err());
     }

@@ -114,7 +114,14 @@ impl State {
     pub fn needs_arm_work(self) -> bool {
         match self {
             Self::Approved | Self::Revoking { .. } => true,
-            Self::Pending | Self::Active | Self::Expired | Self::Revoked | Self::Denied | Self::Cancelled | Self::TimedOut | Self::Failed => false,
+            Self::Pending
+            | Self::Active
+            | Self::Expired
+            | Self::Revoked
+            | Self::Denied
+            | Self::Cancelled
+            | Self::TimedOut
+            | Self::Failed => false,
         }
     }
 
@@ -138,8 +145,26 @@ impl State {
                 R::Failed => S::Failed,
             },
             (
-                S::Pending | S::Approved | S::Active | S::Revoking { .. } | S::Expired | S::Revoked | S::Denied | S::Cancelled | S::TimedOut | S::Failed,
-                E::Approve | E::Deny | E::Cancel | E::TimeOut | E::RuleOpened | E::OpenRefused | E::OpenAbandoned | E::Due | E::Revoke | E::RuleClosed,
+                S::Pending
+                | S::Approved
+                | S::Active
+                | S::Revoking { .. }
+                | S::Expired
+                | S::Revoked
+                | S::Denied
+                | S::Cancelled
+                | S::TimedOut
+                | S::Failed,
+                E::Approve
+                | E::Deny
+                | E::Cancel
+                | E::TimeOut
+                | E::RuleOpened
+                | E::OpenRefused
+                | E::OpenAbandoned
+                | E::Due
+                | E::Revoke
+                | E::RuleClosed,
             ) => return Err(TransitionError { state: self, event }),
         };
         Ok(next)
@@ -152,11 +177,30 @@ mod tests {
     use {CloseReason as R, Event as E, State as S};
 
     const ALL_STATES: [State; 12] = [
-        S::Pending, S::Approved, S::Active, S::Revoking { closing: R::Expired }, S::Revoking { closing: R::Revoked },
-        S::Revoking { closing: R::Failed }, S::Expired, S::Revoked, S::Denied, S::Cancelled, S::TimedOut, S::Failed,
+        S::Pending,
+        S::Approved,
+        S::Active,
+        S::Revoking { closing: R::Expired },
+        S::Revoking { closing: R::Revoked },
+        S::Revoking { closing: R::Failed },
+        S::Expired,
+        S::Revoked,
+        S::Denied,
+        S::Cancelled,
+        S::TimedOut,
+        S::Failed,
     ];
     const ALL_EVENTS: [Event; 10] = [
-        E::Approve, E::Deny, E::Cancel, E::TimeOut, E::RuleOpened, E::OpenRefused, E::OpenAbandoned, E::Due, E::Revoke, E::RuleClosed,
+        E::Approve,
+        E::Deny,
+        E::Cancel,
+        E::TimeOut,
+        E::RuleOpened,
+        E::OpenRefused,
+        E::OpenAbandoned,
+        E::Due,
+        E::Revoke,
+        E::RuleClosed,
     ];
 
     /// Every legal transition; anything absent from this table must be refused.
@@ -183,7 +227,9 @@ mod tests {
                 let expected = LEGAL.iter().find(|(s, e, _)| *s == state && *e == event).map(|(_, _, next)| *next);
                 match expected {
                     Some(next) => assert_eq!(state.apply(event), Ok(next), "{state:?} + {event:?}"),
-                    None => assert_eq!(state.apply(event), Err(TransitionError { state, event }), "{state:?} + {event:?}"),
+                    None => {
+                        assert_eq!(state.apply(event), Err(TransitionError { state, event }), "{state:?} + {event:?}")
+                    }
                 }
             }
         }

@@ -28,9 +28,10 @@ const MAX_NOTE: usize = 500;
 
 fn note(text: Option<String>) -> Result<Option<String>, ApiError> {
     match text.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()) {
-        Some(t) if t.chars().count() > MAX_NOTE || t.chars().any(char::is_control) => {
-            Err(ApiError::bad_request("invalid_note", format!("comments and reasons are at most {MAX_NOTE} characters without control characters")))
-        }
+        Some(t) if t.chars().count() > MAX_NOTE || t.chars().any(char::is_control) => Err(ApiError::bad_request(
+            "invalid_note",
+            format!("comments and reasons are at most {MAX_NOTE} characters without control characters"),
+        )),
         other => Ok(other),
     }
 }
@@ -47,7 +48,10 @@ fn decidable(env: &Env, caller: &Caller, id: &str) -> Result<(Versioned<AccessRe
         ApiError::forbidden(code, why)
     })?;
     if request.value.state.apply(Event::Approve).is_err() {
-        return Err(ApiError::conflict("invalid_state", format!("request is {}; only pending requests can be decided", request.value.state.name())));
+        return Err(ApiError::conflict(
+            "invalid_state",
+            format!("request is {}; only pending requests can be decided", request.value.state.name()),
+        ));
     }
     Ok((request, policy))
 }
@@ -58,7 +62,10 @@ pub fn approve(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Repl
     let comment = note(body.comment)?;
     let (mut request, policy) = decidable(env, caller, id)?;
     if request.value.approvals.iter().any(|a| a.by == caller.principal) {
-        return Err(ApiError::conflict("already_approved", format!("'{}' has already approved this request", caller.principal)));
+        return Err(ApiError::conflict(
+            "already_approved",
+            format!("'{}' has already approved this request", caller.principal),
+        ));
     }
     request.value.approvals.push(ApprovalRecord { by: caller.principal.clone(), at: env.now, comment });
     if approvals_missing(&request.value, &policy) == 0 {
@@ -74,7 +81,8 @@ pub fn deny(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Reply, 
     let body: DenyBody = parse_json(body, true)?;
     let reason = note(body.reason)?;
     let (mut request, _) = decidable(env, caller, id)?;
-    request.value.state = request.value.state.apply(Event::Deny).map_err(|e| ApiError::conflict("invalid_state", e.to_string()))?;
+    request.value.state =
+        request.value.state.apply(Event::Deny).map_err(|e| ApiError::conflict("invalid_state", e.to_string()))?;
     request.value.ended = Some(Ending { by: caller.principal.to_string(), at: env.now, reason });
     env.save_request(&mut request)?;
     Ok(Reply::ok(request_json(&request.value)))

@@ -133,16 +133,30 @@ fn record_attempt(request: &mut Versioned<AccessRequest>, error: &ArmError) {
 }
 
 fn transition(request: &mut Versioned<AccessRequest>, event: Event) -> Result<(), ApiError> {
-    request.value.state = request.value.state.apply(event).map_err(|e| ApiError::conflict("invalid_state", format!("request {}: {e}", request.value.id)))?;
+    request.value.state = request
+        .value
+        .state
+        .apply(event)
+        .map_err(|e| ApiError::conflict("invalid_state", format!("request {}: {e}", request.value.id)))?;
     Ok(())
 }
 
 /// The allow rule for a request under its policy.
-pub fn allow_rule(request: &AccessRequest, policy: &Policy, rule: &RuleRef, ends_at: chrono::DateTime<chrono::Utc>) -> AllowRule {
+pub fn allow_rule(
+    request: &AccessRequest,
+    policy: &Policy,
+    rule: &RuleRef,
+    ends_at: chrono::DateTime<chrono::Utc>,
+) -> AllowRule {
     AllowRule {
         name: rule.name.clone(),
         priority: rule.priority,
-        description: format!("portcullis JIT {} until {} for {}", request.id, ends_at.format("%Y-%m-%dT%H:%M:%SZ"), request.requester),
+        description: format!(
+            "portcullis JIT {} until {} for {}",
+            request.id,
+            ends_at.format("%Y-%m-%dT%H:%M:%SZ"),
+            request.requester
+        ),
         protocol: request.protocol,
         source: request.source,
         destination: policy.private_ip,

@@ -31,19 +31,26 @@ pub struct Env<'a> {
 impl Env<'_> {
     /// Loads a policy, or 404.
     pub fn policy(&self, name: &PolicyName) -> Result<Versioned<Policy>, ApiError> {
-        store::load(self.kv, &keys::policy(name))?.ok_or_else(|| ApiError::not_found("policy_not_found", format!("no policy named '{name}'")))
+        store::load(self.kv, &keys::policy(name))?
+            .ok_or_else(|| ApiError::not_found("policy_not_found", format!("no policy named '{name}'")))
     }
 
     /// Loads a request by the id in a path, or 404.
     pub fn request(&self, id: &str) -> Result<Versioned<AccessRequest>, ApiError> {
-        let not_found = || ApiError::not_found("request_not_found", format!("no request '{}'", id.chars().take(64).collect::<String>()));
+        let not_found = || {
+            ApiError::not_found(
+                "request_not_found",
+                format!("no request '{}'", id.chars().take(64).collect::<String>()),
+            )
+        };
         let id = RequestId::parse(id).map_err(|_| not_found())?;
         store::load(self.kv, &keys::request(&id))?.ok_or_else(not_found)
     }
 
     /// Saves a request at the version it was read.
     pub fn save_request(&self, request: &mut Versioned<AccessRequest>) -> Result<(), ApiError> {
-        request.version = store::save(self.kv, &keys::request(&request.value.id), &request.value, Some(request.version))?;
+        request.version =
+            store::save(self.kv, &keys::request(&request.value.id), &request.value, Some(request.version))?;
         Ok(())
     }
 }

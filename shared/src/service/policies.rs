@@ -22,7 +22,10 @@ fn require_reader(caller: &Caller) -> Result<(), ApiError> {
     if [Role::Admin, Role::Requester, Role::Approver, Role::Auditor].iter().any(|r| caller.has(*r)) {
         Ok(())
     } else {
-        Err(ApiError::forbidden("role_required", "reading policies needs the admin, requester, approver or auditor role"))
+        Err(ApiError::forbidden(
+            "role_required",
+            "reading policies needs the admin, requester, approver or auditor role",
+        ))
     }
 }
 
@@ -35,7 +38,8 @@ pub fn put(env: &Env, caller: &Caller, name: &str, body: &[u8]) -> Result<Reply,
     require_admin(caller)?;
     let name = parse_name(name)?;
     let raw: RawPolicy = parse_json(body, false)?;
-    let policy = Policy::from_raw(name.clone(), raw, env.config.limits).map_err(|e| ApiError::unprocessable("invalid_policy", e.to_string()))?;
+    let policy = Policy::from_raw(name.clone(), raw, env.config.limits)
+        .map_err(|e| ApiError::unprocessable("invalid_policy", e.to_string()))?;
     let key = keys::policy(&name);
     let existing = store::load::<Policy>(env.kv, &key)?;
     store::save(env.kv, &key, &policy, existing.as_ref().map(|e| e.version))?;

@@ -17,18 +17,26 @@ use crate::store::{self, Versioned};
 const MAX_LIST: usize = 200;
 
 /// Creates a request; under an auto-approving policy, opens the rule before answering.
-pub fn create(env: &Env, caller: &Caller, caller_ip: Option<IpAddr>, id: RequestId, body: &[u8]) -> Result<Reply, ApiError> {
+pub fn create(
+    env: &Env,
+    caller: &Caller,
+    caller_ip: Option<IpAddr>,
+    id: RequestId,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
     if !caller.has(Role::Requester) {
         return Err(ApiError::forbidden("requester_role_required", "asking for access needs the requester role"));
     }
     let raw: RawRequest = parse_json(body, false)?;
-    let name = PolicyName::parse(&raw.policy).map_err(|e| ApiError::bad_request("invalid_policy_name", e.to_string()))?;
+    let name =
+        PolicyName::parse(&raw.policy).map_err(|e| ApiError::bad_request("invalid_policy_name", e.to_string()))?;
     let policy = env.policy(&name)?.value;
-    let request = AccessRequest::from_raw(raw, &policy, &caller.principal, &caller.groups, caller_ip, id, env.now).map_err(|e| match e {
-        RequestError::Malformed { code, message } => ApiError::bad_request(code, message),
-        RequestError::Refused { code: code @ "not_a_requester", message } => ApiError::forbidden(code, message),
-        RequestError::Refused { code, message } => ApiError::unprocessable(code, message),
-    })?;
+    let request = AccessRequest::from_raw(raw, &policy, &caller.principal, &caller.groups, caller_ip, id, env.now)
+        .map_err(|e| match e {
+            RequestError::Malformed { code, message } => ApiError::bad_request(code, message),
+            RequestError::Refused { code: code @ "not_a_requester", message } => ApiError::forbidden(code, message),
+            RequestError::Refused { code, message } => ApiError::unprocessable(code, message),
+        })?;
     let key = keys::request(&request.id);
     let version = store::save(env.kv, &key, &request, None)?;
     let mut request = Versioned { value: request, version };
@@ -42,7 +50,8 @@ pub fn create(env: &Env, caller: &Caller, caller_ip: Option<IpAddr>, id: Request
 
 /// Approves a pending request and opens its rule (ARM failures stay queued for the sweep).
 pub fn approve_and_open(env: &Env, request: &mut Versioned<AccessRequest>, policy: &Policy) -> Result<(), ApiError> {
-    request.value.state = request.value.state.apply(Event::Approve).map_err(|e| ApiError::conflict("invalid_state", e.to_string()))?;
+    request.value.state =
+        request.value.state.apply(Event::Approve).map_err(|e| ApiError::conflict("invalid_state", e.to_string()))?;
     request.value.approved_at = Some(env.now);
     request.value.auto_approved = policy.approval == Approval::Auto;
     env.save_request(request)?;
@@ -73,18 +82,36 @@ pub fn get(env: &Env, caller: &Caller, id: &str) -> Result<Reply, ApiError> {
 
 /// Recent requests, newest first: the caller's own with `mine`, else every one they may see.
 pub fn list(env: &Env, caller: &Caller, state: Option<&str>, mine: bool) -> Result<Reply, ApiError> {
-    const STATES: [&str; 10] = ["pending", "approved", "active", "revoking", "expired", "revoked", "denied", "cancelled", "timed_out", "failed"];
+    const STATES: [&str; 10] = [
+        "pending",
+        "approved",
+        "active",
+        "revoking",
+        "expired",
+        "revoked",
+        "denied",
+        "cancelled",
+        "timed_out",
+        "failed",
+    ];
     if let Some(state) = state.filter(|s| !STATES.contains(s)) {
-        return Err(ApiError::bad_request("invalid_state_filter", format!("unknown state '{state}'; use one of {}", STATES.join(", "))));
+        return Err(ApiError::bad_request(
+            "invalid_state_filter",
+            format!("unknown state '{state}'; use one of {}", STATES.join(", ")),
+        ));
     }
     let sees_others = [Role::Admin, Role::Auditor, Role::Approver].iter().any(|r| caller.has(*r));
-    let index = if mine || !sees_others { keys::requests_by(&caller.principal) } else { keys::RECENT_REQUESTS.to_owned() };
+    let index =
+        if mine || !sees_others { keys::requests_by(&caller.principal) } else { keys::RECENT_REQUESTS.to_owned() };
     let mut requests = Vec::new();
     for id in store::read_list(env.kv, &index)?.iter().rev() {
         let Ok(id) = RequestId::parse(id) else { continue };
         let Some(request) = store::load::<AccessRequest>(env.kv, &keys::request(&id))? else { continue };
         let request = request.value;
-        if state.is_some_and(|s| s != request.state.name()) || (mine && request.requester != caller.principal) || !may_read(env, caller, &request) {
+        if state.is_some_and(|s| s != request.state.name())
+            || (mine && request.requester != caller.principal)
+            || !may_read(env, caller, &request)
+        {
             continue;
         }
         requests.push(request_json(&request));
@@ -106,7 +133,10 @@ pub fn cancel(env: &Env, caller: &Caller, id: &str) -> Result<Reply, ApiError> {
         });
     }
     request.value.state = request.value.state.apply(Event::Cancel).map_err(|_| {
-        ApiError::conflict("invalid_state", format!("request is {}; only pending requests can be cancelled", request.value.state.name()))
+        ApiError::conflict(
+            "invalid_state",
+            format!("request is {}; only pending requests can be cancelled", request.value.state.name()),
+        )
     })?;
     request.value.ended = Some(Ending { by: caller.principal.to_string(), at: env.now, reason: None });
     env.save_request(&mut request)?;

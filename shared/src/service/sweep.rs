@@ -82,7 +82,9 @@ pub fn sweep(env: &Env) -> Result<SweepReport, ApiError> {
 }
 
 fn load(env: &Env, id: &str, report: &mut SweepReport) -> Option<Versioned<AccessRequest>> {
-    let loaded = RequestId::parse(id).map_err(|e| e.to_string()).and_then(|id| store::load::<AccessRequest>(env.kv, &keys::request(&id)).map_err(|e| e.to_string()));
+    let loaded = RequestId::parse(id)
+        .map_err(|e| e.to_string())
+        .and_then(|id| store::load::<AccessRequest>(env.kv, &keys::request(&id)).map_err(|e| e.to_string()));
     match loaded {
         Ok(request) => request,
         Err(reason) => {
@@ -127,9 +129,14 @@ fn finish_arm_work(env: &Env, id: &str, report: &mut SweepReport) {
             grants::open(env, &mut request, policy.as_ref())
         }
         State::Revoking { .. } => grants::finish_close(env, &mut request),
-        State::Pending | State::Active | State::Expired | State::Revoked | State::Denied | State::Cancelled | State::TimedOut | State::Failed => {
-            store::remove_from_list(env.kv, keys::ARM_WORK, id).map_err(ApiError::from)
-        }
+        State::Pending
+        | State::Active
+        | State::Expired
+        | State::Revoked
+        | State::Denied
+        | State::Cancelled
+        | State::TimedOut
+        | State::Failed => store::remove_from_list(env.kv, keys::ARM_WORK, id).map_err(ApiError::from),
     };
     match result {
         Ok(()) if before.needs_arm_work() => tally(&request.value, report),

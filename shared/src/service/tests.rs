@@ -60,7 +60,9 @@ impl World {
     }
 
     fn create(&self, id: &str, body: serde_json::Value) -> Result<Reply, ApiError> {
-        self.at(at(0), |env| requests::create(env, &alice(), None, RequestId::parse(id).unwrap(), body.to_string().as_bytes()))
+        self.at(at(0), |env| {
+            requests::create(env, &alice(), None, RequestId::parse(id).unwrap(), body.to_string().as_bytes())
+        })
     }
 
     fn state(&self, id: &str) -> String {
@@ -157,7 +159,11 @@ fn a_priority_conflict_moves_to_the_next_priority() {
 #[test]
 fn a_refused_rule_fails_the_request_and_leaves_nothing_queued() {
     let world = World::new(policy_json());
-    world.arm.outcomes.borrow_mut().push_back(Err(ArmError::Refused { status: 400, code: "SecurityRuleInvalidPortRange".into(), message: "no".into() }));
+    world.arm.outcomes.borrow_mut().push_back(Err(ArmError::Refused {
+        status: 400,
+        code: "SecurityRuleInvalidPortRange".into(),
+        message: "no".into(),
+    }));
     let reply = world.create("r1", raw_request()).unwrap();
     assert_eq!(reply.body["state"], "failed");
     assert!(!world.kv.keys().contains(&keys::ARM_WORK.to_owned()));
@@ -191,7 +197,10 @@ fn a_denied_request_opens_nothing_and_cannot_be_approved_later() {
 fn invalid_requests_store_nothing_and_call_no_arm() {
     let world = World::new(policy_json());
     let before = world.kv.keys();
-    for (body, status) in [(json!({"policy": "demo-vm"}), 400), (json!({"policy": "nope", "ports": [22], "duration": "PT1H", "justification": "x"}), 404)] {
+    for (body, status) in [
+        (json!({"policy": "demo-vm"}), 400),
+        (json!({"policy": "nope", "ports": [22], "duration": "PT1H", "justification": "x"}), 404),
+    ] {
         assert_eq!(world.create("r1", body).unwrap_err().status, status);
     }
     let mut wide = raw_request();

@@ -46,11 +46,18 @@ async fn main() -> anyhow::Result<()> {
     let api = service.host.url();
     let arm = service.emulator.url();
     println!("portcullis is listening on {api}");
-    println!("  ARM emulator:  {arm} (token: POST {arm}/{}/oauth2/v2.0/token, client {} / {})", emulator::TENANT, emulator::CLIENT_ID, emulator::CLIENT_SECRET);
+    println!(
+        "  ARM emulator:  {arm} (token: POST {arm}/{}/oauth2/v2.0/token, client {} / {})",
+        emulator::TENANT,
+        emulator::CLIENT_ID,
+        emulator::CLIENT_SECRET
+    );
     println!("  demo VM:       {} (private IP {})", emulator::DEMO_VM, emulator::DEMO_PRIVATE_IP);
     println!("  demo NSG:      {}", emulator::DEMO_NSG);
     println!("  state:         {}", args.state_dir.join("kv.sqlite").display());
-    println!("  sweep:         every minute (cron), or POST {api}/internal/sweep with 'Authorization: Bearer {DEMO_SWEEP_SECRET}'");
+    println!(
+        "  sweep:         every minute (cron), or POST {api}/internal/sweep with 'Authorization: Bearer {DEMO_SWEEP_SECRET}'"
+    );
     println!("  API keys (send as 'Authorization: Bearer <key>'):");
     for key in &DEMO_KEYS {
         println!("    {:<11} {:<6} roles {:?} groups {:?}", key.key, key.principal, key.roles, key.groups);

@@ -22,8 +22,8 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use tokio::task::JoinHandle;
 
-pub use state::{Call, Fault};
 use state::EmulatorState;
+pub use state::{Call, Fault};
 
 /// The demo subscription every seeded resource lives in.
 pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-000000000000";
@@ -106,13 +106,22 @@ impl Drop for Emulator {
     }
 }
 
-async fn handle(AxumState(state): AxumState<Arc<Mutex<EmulatorState>>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    AxumState(state): AxumState<Arc<Mutex<EmulatorState>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let mut state = state.lock().unwrap();
     let (status, response_headers, body) = state.handle(&method, &uri, &headers, &body);
     state.calls.push(Call { method: method.to_string(), path: uri.path().to_owned(), status });
-    let mut response = (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body).into_response();
+    let mut response =
+        (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body).into_response();
     for (name, value) in response_headers {
-        if let (Ok(name), Ok(value)) = (axum::http::HeaderName::from_bytes(name.as_bytes()), axum::http::HeaderValue::from_str(&value)) {
+        if let (Ok(name), Ok(value)) =
+            (axum::http::HeaderName::from_bytes(name.as_bytes()), axum::http::HeaderValue::from_str(&value))
+        {
             response.headers_mut().insert(name, value);
         }
     }

@@ -64,7 +64,11 @@ struct Operation {
 type Answer = (u16, Vec<(String, String)>, String);
 
 fn arm_error(status: u16, code: &str, message: &str) -> Answer {
-    (status, vec![("x-ms-request-id".into(), uuid::Uuid::new_v4().to_string())], json!({"error": {"code": code, "message": message}}).to_string())
+    (
+        status,
+        vec![("x-ms-request-id".into(), uuid::Uuid::new_v4().to_string())],
+        json!({"error": {"code": code, "message": message}}).to_string(),
+    )
 }
 
 /// Everything the emulator knows.
@@ -83,11 +87,23 @@ pub struct EmulatorState {
 
 impl EmulatorState {
     pub(super) fn new(base_url: String, polls: u32, retry_after: u64) -> Self {
-        Self { base_url, polls, retry_after, nsgs: HashMap::new(), tokens: HashMap::new(), operations: HashMap::new(), faults: Vec::new(), calls: Vec::new() }
+        Self {
+            base_url,
+            polls,
+            retry_after,
+            nsgs: HashMap::new(),
+            tokens: HashMap::new(),
+            operations: HashMap::new(),
+            faults: Vec::new(),
+            calls: Vec::new(),
+        }
     }
 
     pub(super) fn add_nsg(&mut self, id: &str, location: &str) {
-        self.nsgs.insert(id.to_lowercase(), Nsg { id: id.to_owned(), location: location.to_owned(), rules: BTreeMap::new() });
+        self.nsgs.insert(
+            id.to_lowercase(),
+            Nsg { id: id.to_owned(), location: location.to_owned(), rules: BTreeMap::new() },
+        );
     }
 
     pub(super) fn seed_rule(&mut self, nsg: &str, name: &str, properties: Value) {
@@ -101,7 +117,11 @@ impl EmulatorState {
     }
 
     fn take_fault(&mut self, method: &Method, path: &str) -> Option<Answer> {
-        let index = self.faults.iter().position(|f| f.times > 0 && f.method.is_none_or(|m| m == method.as_str()) && f.path_contains.as_deref().is_none_or(|p| path.contains(p)))?;
+        let index = self.faults.iter().position(|f| {
+            f.times > 0
+                && f.method.is_none_or(|m| m == method.as_str())
+                && f.path_contains.as_deref().is_none_or(|p| path.contains(p))
+        })?;
         let fault = &mut self.faults[index];
         fault.times -= 1;
         let mut answer = arm_error(fault.status, fault.code, "injected fault");
@@ -131,9 +151,15 @@ impl EmulatorState {
             return arm_error(401, "InvalidAuthenticationToken", "The access token is missing or invalid.");
         }
         if !uri.query().unwrap_or_default().split('&').any(|pair| pair.starts_with("api-version=")) {
-            return arm_error(400, "MissingApiVersionParameter", "The api-version query parameter (?api-version=) is required for all requests.");
+            return arm_error(
+                400,
+                "MissingApiVersionParameter",
+                "The api-version query parameter (?api-version=) is required for all requests.",
+            );
         }
-        if let Some(id) = path.split("/operations/").nth(1).filter(|_| path.contains("/providers/Microsoft.Network/locations/")) {
+        if let Some(id) =
+            path.split("/operations/").nth(1).filter(|_| path.contains("/providers/Microsoft.Network/locations/"))
+        {
             return self.poll_async(id);
         }
         if let Some(id) = path.split("/operationResults/").nth(1) {
@@ -145,7 +171,14 @@ impl EmulatorState {
         };
         let nsg_id = &path[..nsg_path.len()];
         if !self.nsgs.contains_key(nsg_path) {
-            return arm_error(404, "ResourceNotFound", &format!("The Resource 'Microsoft.Network/networkSecurityGroups/{}' was not found.", nsg_id.rsplit('/').next().unwrap_or_default()));
+            return arm_error(
+                404,
+                "ResourceNotFound",
+                &format!(
+                    "The Resource 'Microsoft.Network/networkSecurityGroups/{}' was not found.",
+                    nsg_id.rsplit('/').next().unwrap_or_default()
+                ),
+            );
         }
         let rule_name = rest.strip_prefix("/securityrules/").map(|_| &path[nsg_path.len() + "/securityRules/".len()..]);
         match (method.clone(), rest, rule_name) {
@@ -169,7 +202,13 @@ impl EmulatorState {
         let tenant = path.trim_start_matches('/').split('/').next().unwrap_or_default();
         let form: HashMap<String, String> = url::form_urlencoded::parse(body).into_owned().collect();
         let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
-        let invalid = |code: &str, description: &str| (400, vec![], json!({"error": code, "error_description": description, "error_codes": [7000215]}).to_string());
+        let invalid = |code: &str, description: &str| {
+            (
+                400,
+                vec![],
+                json!({"error": code, "error_description": description, "error_codes": [7000215]}).to_string(),
+            )
+        };
         if tenant != TENANT {
             return invalid("invalid_request", "AADSTS90002: Tenant not found.");
         }
@@ -181,22 +220,31 @@ impl EmulatorState {
         }
         let token = format!("emu-{}", uuid::Uuid::new_v4().simple());
         self.tokens.insert(token.clone(), ());
-        (200, vec![], json!({"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": token}).to_string())
+        (
+            200,
+            vec![],
+            json!({"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": token})
+                .to_string(),
+        )
     }
 
     fn operation_headers(&mut self, nsg: &str, rule: &str, kind: OperationKind) -> Vec<(String, String)> {
         let id = uuid::Uuid::new_v4().to_string();
         let location = &self.nsgs[nsg].location;
         let subscription = nsg.split('/').nth(2).unwrap_or_default();
-        let base = format!("{}/subscriptions/{subscription}/providers/Microsoft.Network/locations/{location}", self.base_url);
+        let base =
+            format!("{}/subscriptions/{subscription}/providers/Microsoft.Network/locations/{location}", self.base_url);
         let headers = match kind {
-            OperationKind::Put => vec![("azure-asyncoperation".to_owned(), format!("{base}/operations/{id}?api-version=2024-05-01"))],
+            OperationKind::Put => {
+                vec![("azure-asyncoperation".to_owned(), format!("{base}/operations/{id}?api-version=2024-05-01"))]
+            }
             OperationKind::Delete => vec![
                 ("location".to_owned(), format!("{base}/operationResults/{id}?api-version=2024-05-01")),
                 ("azure-asyncoperation".to_owned(), String::new()),
             ],
         };
-        self.operations.insert(id, Operation { nsg: nsg.to_owned(), rule: rule.to_lowercase(), kind, polls_left: self.polls });
+        self.operations
+            .insert(id, Operation { nsg: nsg.to_owned(), rule: rule.to_lowercase(), kind, polls_left: self.polls });
         let mut headers: Vec<_> = headers.into_iter().filter(|(_, v)| !v.is_empty()).collect();
         headers.push(("retry-after".into(), self.retry_after.to_string()));
         headers
@@ -212,10 +260,14 @@ impl EmulatorState {
         }
         let properties = body["properties"].clone();
         let clash = self.nsgs[nsg].rules.iter().find(|(other, rule)| {
-            **other != name.to_lowercase() && rule["properties"]["priority"] == properties["priority"] && rule["properties"]["direction"] == properties["direction"]
+            **other != name.to_lowercase()
+                && rule["properties"]["priority"] == properties["priority"]
+                && rule["properties"]["direction"] == properties["direction"]
         });
         if let Some((other, _)) = clash {
-            let message = format!("Security rule {other} conflicts with rule {name}. Rules cannot have the same Priority and Direction.");
+            let message = format!(
+                "Security rule {other} conflicts with rule {name}. Rules cannot have the same Priority and Direction."
+            );
             return arm_error(400, "SecurityRuleConflict", &message);
         }
         let existed = self.nsgs[nsg].rules.contains_key(&name.to_lowercase());
@@ -260,7 +312,11 @@ impl EmulatorState {
 
     fn poll_async(&mut self, id: &str) -> Answer {
         match self.advance(id) {
-            Some(false) => (200, vec![("retry-after".into(), self.retry_after.to_string())], json!({"status": "InProgress"}).to_string()),
+            Some(false) => (
+                200,
+                vec![("retry-after".into(), self.retry_after.to_string())],
+                json!({"status": "InProgress"}).to_string(),
+            ),
             Some(true) => (200, vec![], json!({"status": "Succeeded"}).to_string()),
             None => arm_error(404, "OperationNotFound", "The operation was not found."),
         }

@@ -19,7 +19,8 @@ pub struct CronJob {
 impl CronJob {
     /// Parses a six-field expression (seconds first).
     pub fn new(component: &str, expression: &str) -> Result<Self> {
-        let schedule = cron::Schedule::from_str(expression).with_context(|| format!("cron expression '{expression}'"))?;
+        let schedule =
+            cron::Schedule::from_str(expression).with_context(|| format!("cron expression '{expression}'"))?;
         Ok(Self { component: component.to_owned(), schedule })
     }
 

@@ -26,7 +26,11 @@ impl KvBackend {
     /// A value.
     pub fn get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>> {
         let db = self.db.lock().unwrap();
-        Ok(db.query_row("SELECT value FROM spin_key_value WHERE store = ?1 AND key = ?2", params![store, key], |row| row.get(0)).optional()?)
+        Ok(db
+            .query_row("SELECT value FROM spin_key_value WHERE store = ?1 AND key = ?2", params![store, key], |row| {
+                row.get(0)
+            })
+            .optional()?)
     }
 
     /// Writes a value.
@@ -41,7 +45,10 @@ impl KvBackend {
 
     /// Removes a key.
     pub fn delete(&self, store: &str, key: &str) -> Result<()> {
-        self.db.lock().unwrap().execute("DELETE FROM spin_key_value WHERE store = ?1 AND key = ?2", params![store, key])?;
+        self.db
+            .lock()
+            .unwrap()
+            .execute("DELETE FROM spin_key_value WHERE store = ?1 AND key = ?2", params![store, key])?;
         Ok(())
     }
 

@@ -96,7 +96,9 @@ impl Manifest {
         if manifest.spin_manifest_version != 2 {
             bail!("only spin_manifest_version = 2 is supported");
         }
-        for trigger in manifest.trigger.http.iter().map(|t| &t.component).chain(manifest.trigger.cron.iter().map(|t| &t.component)) {
+        for trigger in
+            manifest.trigger.http.iter().map(|t| &t.component).chain(manifest.trigger.cron.iter().map(|t| &t.component))
+        {
             if !manifest.component.contains_key(trigger) {
                 bail!("a trigger names component '{trigger}', which is not defined");
             }

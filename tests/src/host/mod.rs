@@ -53,13 +53,22 @@ impl Host {
         let manifest_dir = options.manifest.parent().context("manifest path has no directory")?.to_owned();
         let kv = Arc::new(kv::KvBackend::open(&options.kv_path)?);
         let log = if options.echo_guest_logs { GuestLog::echoing() } else { GuestLog::default() };
-        let runtime = Arc::new(runtime::Runtime::new(&manifest, &manifest_dir, options.guest_dir.as_deref(), &options.variables, kv, log)?);
+        let runtime = Arc::new(runtime::Runtime::new(
+            &manifest,
+            &manifest_dir,
+            options.guest_dir.as_deref(),
+            &options.variables,
+            kv,
+            log,
+        )?);
         let mut router = router::Router::default();
         for trigger in &manifest.trigger.http {
             router.add(&trigger.route, &trigger.component);
         }
         let app = Arc::new(server::App { router, runtime: runtime.clone() });
-        let listener = tokio::net::TcpListener::bind(options.listen).await.with_context(|| format!("binding {}", options.listen))?;
+        let listener = tokio::net::TcpListener::bind(options.listen)
+            .await
+            .with_context(|| format!("binding {}", options.listen))?;
         let addr = listener.local_addr()?;
         let mut tasks = vec![tokio::spawn(server::serve(listener, app.clone()))];
         let mut cron_components = Vec::new();

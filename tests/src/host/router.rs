@@ -80,7 +80,8 @@ impl Router {
             };
             let length = route.segments.len();
             let path_info = if route.wildcard { format!("/{}", parts[length..].join("/")) } else { String::new() };
-            let candidate = RouteMatch { component: route.component.clone(), route: route.pattern.clone(), path_info, params };
+            let candidate =
+                RouteMatch { component: route.component.clone(), route: route.pattern.clone(), path_info, params };
             if best.as_ref().is_none_or(|(r, l, _)| (rank, length) > (*r, *l)) {
                 best = Some((rank, length, candidate));
             }

@@ -67,7 +67,11 @@ impl HostWallClock for VirtualClock {
     fn now(&self) -> Duration {
         let real = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         let offset = self.0.load(Ordering::SeqCst);
-        if offset >= 0 { real + Duration::from_millis(offset as u64) } else { real.saturating_sub(Duration::from_millis(offset.unsigned_abs())) }
+        if offset >= 0 {
+            real + Duration::from_millis(offset as u64)
+        } else {
+            real.saturating_sub(Duration::from_millis(offset.unsigned_abs()))
+        }
     }
 }
 
@@ -81,13 +85,17 @@ struct AllowedHost {
 
 impl AllowedHost {
     fn parse(entry: &str) -> Result<Self> {
-        let (scheme, rest) = entry.split_once("://").with_context(|| format!("allowed_outbound_hosts entry '{entry}' needs a scheme"))?;
+        let (scheme, rest) = entry
+            .split_once("://")
+            .with_context(|| format!("allowed_outbound_hosts entry '{entry}' needs a scheme"))?;
         let rest = rest.trim_end_matches('/');
         if rest.contains('/') {
             bail!("allowed_outbound_hosts entry '{entry}' must not have a path");
         }
         let (host, port) = match rest.rsplit_once(':') {
-            Some((host, port)) if !host.ends_with(']') || rest.starts_with('[') => (host.to_owned(), Some(port.to_owned())),
+            Some((host, port)) if !host.ends_with(']') || rest.starts_with('[') => {
+                (host.to_owned(), Some(port.to_owned()))
+            }
             _ => (rest.to_owned(), None),
         };
         Ok(Self { scheme: scheme.to_owned(), host, port })
@@ -96,7 +104,9 @@ impl AllowedHost {
     fn allows(&self, scheme: &str, host: &str, port: u16) -> bool {
         let default_port = if scheme == "https" { 443 } else { 80 };
         let scheme_ok = self.scheme == "*" || self.scheme == scheme;
-        let host_ok = self.host == "*" || self.host.eq_ignore_ascii_case(host) || self.host.strip_prefix("*.").is_some_and(|suffix| host.ends_with(&format!(".{suffix}")));
+        let host_ok = self.host == "*"
+            || self.host.eq_ignore_ascii_case(host)
+            || self.host.strip_prefix("*.").is_some_and(|suffix| host.ends_with(&format!(".{suffix}")));
         let port_ok = match &self.port {
             None => port == default_port,
             Some(p) if p == "*" => true,
@@ -119,14 +129,27 @@ impl WasiHttpHooks for OutboundPolicy {
         request: http::Request<wasmtime_wasi_http::WasiBody>,
         options: Option<wasmtime_wasi_http::RequestOptions>,
         fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-    ) -> Box<dyn Future<Output = Result<(http::Response<wasmtime_wasi_http::WasiBody>, Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>), wasmtime_wasi_http::Error>> + Send> {
+    ) -> Box<
+        dyn Future<
+                Output = Result<
+                    (
+                        http::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
         _ = fut;
         let uri = request.uri();
         let scheme = uri.scheme_str().unwrap_or("https").to_owned();
         let host = uri.host().unwrap_or_default().to_owned();
         let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
         if !self.allowed.iter().any(|a| a.allows(&scheme, &host, port)) {
-            self.log.push(&self.component, &format!("outbound request to {scheme}://{host}:{port} refused: not in allowed_outbound_hosts"));
+            self.log.push(
+                &self.component,
+                &format!("outbound request to {scheme}://{host}:{port} refused: not in allowed_outbound_hosts"),
+            );
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
         Box::new(async move {
@@ -244,7 +267,10 @@ impl key_value::HostStore for GuestState {
 
 impl variables::Host for GuestState {
     fn get(&mut self, name: String) -> Result<String, variables::Error> {
-        self.variables.get(&name).cloned().ok_or(variables::Error::Undefined(format!("no variable '{name}' for this component")))
+        self.variables
+            .get(&name)
+            .cloned()
+            .ok_or(variables::Error::Undefined(format!("no variable '{name}' for this component")))
     }
 }
 
@@ -278,20 +304,31 @@ fn engine() -> &'static Engine {
 /// Compiles a component once per process (tests start many hosts on the same files).
 fn compile(path: &Path) -> Result<Component> {
     static CACHE: OnceLock<Mutex<HashMap<(PathBuf, SystemTime), Component>>> = OnceLock::new();
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).with_context(|| format!("{} is missing: build the components first", path.display()))?;
+    let modified = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .with_context(|| format!("{} is missing: build the components first", path.display()))?;
     let key = (path.to_owned(), modified);
     let cache = CACHE.get_or_init(Default::default);
     if let Some(component) = cache.lock().unwrap().get(&key) {
         return Ok(component.clone());
     }
-    let component = Component::from_file(engine(), path).map_err(anyhow::Error::from).with_context(|| format!("compiling {}", path.display()))?;
+    let component = Component::from_file(engine(), path)
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("compiling {}", path.display()))?;
     cache.lock().unwrap().insert(key, component.clone());
     Ok(component)
 }
 
 impl Runtime {
     /// Loads every component of the manifest, resolving variables and outbound hosts.
-    pub fn new(manifest: &Manifest, manifest_dir: &Path, guest_dir: Option<&Path>, overrides: &HashMap<String, String>, kv: Arc<KvBackend>, log: GuestLog) -> Result<Self> {
+    pub fn new(
+        manifest: &Manifest,
+        manifest_dir: &Path,
+        guest_dir: Option<&Path>,
+        overrides: &HashMap<String, String>,
+        kv: Arc<KvBackend>,
+        log: GuestLog,
+    ) -> Result<Self> {
         let app_variables = manifest.resolve_variables(overrides)?;
         let mut linker: Linker<GuestState> = Linker::new(engine());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -302,10 +339,31 @@ impl Runtime {
         for (id, def) in &manifest.component {
             let path = manifest.source_path(manifest_dir, id, guest_dir);
             let component = compile(&path)?;
-            let pre = ProxyPre::new(linker.instantiate_pre(&component).map_err(anyhow::Error::from).with_context(|| format!("linking component '{id}'"))?)?;
-            let variables = def.variables.iter().map(|(k, v)| Ok((k.clone(), expand(v, &app_variables)?))).collect::<Result<HashMap<_, _>>>()?;
-            let allowed = def.allowed_outbound_hosts.iter().map(|h| AllowedHost::parse(&expand(h, &app_variables)?)).collect::<Result<Vec<_>>>()?;
-            components.insert(id.clone(), LoadedComponent { pre, variables: Arc::new(variables), allowed: Arc::new(allowed), stores: Arc::new(def.key_value_stores.clone()) });
+            let pre = ProxyPre::new(
+                linker
+                    .instantiate_pre(&component)
+                    .map_err(anyhow::Error::from)
+                    .with_context(|| format!("linking component '{id}'"))?,
+            )?;
+            let variables = def
+                .variables
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), expand(v, &app_variables)?)))
+                .collect::<Result<HashMap<_, _>>>()?;
+            let allowed = def
+                .allowed_outbound_hosts
+                .iter()
+                .map(|h| AllowedHost::parse(&expand(h, &app_variables)?))
+                .collect::<Result<Vec<_>>>()?;
+            components.insert(
+                id.clone(),
+                LoadedComponent {
+                    pre,
+                    variables: Arc::new(variables),
+                    allowed: Arc::new(allowed),
+                    stores: Arc::new(def.key_value_stores.clone()),
+                },
+            );
         }
         Ok(Self { components, kv, clock: VirtualClock::default(), log })
     }
@@ -313,12 +371,17 @@ impl Runtime {
     fn store(&self, id: &str) -> Result<(Store<GuestState>, &LoadedComponent, MemoryOutputPipe, MemoryOutputPipe)> {
         let component = self.components.get(id).ok_or_else(|| anyhow!("no component '{id}'"))?;
         let (stdout, stderr) = (MemoryOutputPipe::new(1 << 20), MemoryOutputPipe::new(1 << 20));
-        let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).wall_clock(self.clock.clone()).build();
+        let wasi =
+            WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).wall_clock(self.clock.clone()).build();
         let state = GuestState {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            outbound: OutboundPolicy { allowed: component.allowed.clone(), component: id.to_owned(), log: self.log.clone() },
+            outbound: OutboundPolicy {
+                allowed: component.allowed.clone(),
+                component: id.to_owned(),
+                log: self.log.clone(),
+            },
             kv: self.kv.clone(),
             stores: component.stores.clone(),
             variables: component.variables.clone(),
@@ -332,7 +395,11 @@ impl Runtime {
     }
 
     /// Runs a component's `wasi:http/incoming-handler` on a request.
-    pub async fn handle_http(self: &Arc<Self>, id: &str, request: hyper::Request<hyper::body::Incoming>) -> Result<hyper::Response<HyperOutgoingBody>> {
+    pub async fn handle_http(
+        self: &Arc<Self>,
+        id: &str,
+        request: hyper::Request<hyper::body::Incoming>,
+    ) -> Result<hyper::Response<HyperOutgoingBody>> {
         let (mut store, component, stdout, stderr) = self.store(id)?;
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let incoming = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
@@ -367,23 +434,36 @@ impl Runtime {
     pub async fn run_cron(&self, id: &str) -> Result<()> {
         let (mut store, component, stdout, stderr) = self.store(id)?;
         let instance = component.pre.instance_pre().instantiate_async(&mut store).await?;
-        let cron = cron_bindings::SpinCron::new(&mut store, &instance).map_err(anyhow::Error::from).with_context(|| format!("component '{id}' has no cron export"))?;
-        let metadata = cron_bindings::fermyon::spin_cron::cron_types::Metadata { timestamp: self.clock.now().timestamp() as u64 };
+        let cron = cron_bindings::SpinCron::new(&mut store, &instance)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("component '{id}' has no cron export"))?;
+        let metadata =
+            cron_bindings::fermyon::spin_cron::cron_types::Metadata { timestamp: self.clock.now().timestamp() as u64 };
         let result = cron.call_handle_cron_event(&mut store, metadata).await;
         self.collect(id, &stdout, &stderr);
         match result? {
             Ok(()) => Ok(()),
-            Err(cron_bindings::fermyon::spin_cron::cron_types::Error::Other(message)) => bail!("cron handler of '{id}' failed: {message}"),
+            Err(cron_bindings::fermyon::spin_cron::cron_types::Error::Other(message)) => {
+                bail!("cron handler of '{id}' failed: {message}")
+            }
         }
     }
 
     /// Every key and value of the default store (values as text), for failure reports.
     pub fn dump_store(&self) -> Vec<(String, String)> {
         let keys = self.kv.keys("default").unwrap_or_default();
-        keys.into_iter().map(|k| {
-            let value = self.kv.get("default", &k).ok().flatten().map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
-            (k, value)
-        }).collect()
+        keys.into_iter()
+            .map(|k| {
+                let value = self
+                    .kv
+                    .get("default", &k)
+                    .ok()
+                    .flatten()
+                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+                    .unwrap_or_default();
+                (k, value)
+            })
+            .collect()
     }
 }
 

@@ -41,11 +41,20 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
 
 fn error(status: u16, code: &str, message: &str) -> hyper::Response<HyperOutgoingBody> {
     let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
-    let body = http_body_util::Full::new(bytes::Bytes::from(body)).map_err(|never: Infallible| match never {}).boxed_unsync();
-    hyper::Response::builder().status(status).header("content-type", "application/json").body(body).expect("static response")
+    let body =
+        http_body_util::Full::new(bytes::Bytes::from(body)).map_err(|never: Infallible| match never {}).boxed_unsync();
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(body)
+        .expect("static response")
 }
 
-async fn handle(app: &App, peer: SocketAddr, mut request: hyper::Request<hyper::body::Incoming>) -> hyper::Response<HyperOutgoingBody> {
+async fn handle(
+    app: &App,
+    peer: SocketAddr,
+    mut request: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<HyperOutgoingBody> {
     let path = request.uri().path().to_owned();
     let Some(matched) = app.router.route(&path) else {
         return error(404, "no_route", &format!("no route matches {path}"));

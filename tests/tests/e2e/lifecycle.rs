@@ -17,7 +17,10 @@ async fn an_auto_approved_rule_opens_with_the_right_fields_and_closes_after_ends
     let rule = &rules[0];
     assert_eq!(rule["name"], format!("jit-{id}"));
     let p = &rule["properties"];
-    assert_eq!((p["access"].as_str(), p["direction"].as_str(), p["protocol"].as_str()), (Some("Allow"), Some("Inbound"), Some("Tcp")));
+    assert_eq!(
+        (p["access"].as_str(), p["direction"].as_str(), p["protocol"].as_str()),
+        (Some("Allow"), Some("Inbound"), Some("Tcp"))
+    );
     assert_eq!(p["sourceAddressPrefix"], "127.0.0.1/32");
     assert_eq!(p["destinationAddressPrefix"], "10.0.0.4");
     assert_eq!(p["destinationPortRanges"], json!(["22"]));
@@ -76,7 +79,8 @@ async fn a_denied_request_opens_nothing_and_stays_denied() {
     world.manual_policy(1).await;
     let (_, request) = world.request(ALICE, &ssh("PT30M")).await;
     let id = id(&request);
-    let (status, denied) = world.call("POST", &format!("/api/requests/{id}/deny"), Some(BOB), Some(r#"{"reason":"change freeze"}"#)).await;
+    let (status, denied) =
+        world.call("POST", &format!("/api/requests/{id}/deny"), Some(BOB), Some(r#"{"reason":"change freeze"}"#)).await;
     assert_eq!((status, denied["state"].as_str()), (200, Some("denied")));
     assert_eq!(denied["ended"]["reason"], "change freeze");
     let (status, late) = world.decide(&id, "approve", DAVE).await;
@@ -156,7 +160,8 @@ async fn requests_can_be_listed_filtered_and_cancelled_while_pending() {
     world.manual_policy(1).await;
     let (_, first) = world.request(ALICE, &ssh("PT30M")).await;
     let (_, second) = world.request(CAROL, &ssh("PT30M")).await;
-    let (status, cancelled) = world.call("POST", &format!("/api/requests/{}/cancel", id(&first)), Some(ALICE), None).await;
+    let (status, cancelled) =
+        world.call("POST", &format!("/api/requests/{}/cancel", id(&first)), Some(ALICE), None).await;
     assert_eq!((status, cancelled["state"].as_str()), (200, Some("cancelled")));
 
     let (_, mine) = world.call("GET", "/api/requests?mine=true", Some(ALICE), None).await;

@@ -8,11 +8,22 @@ use crate::support::*;
 async fn every_api_call_needs_a_known_key() {
     let world = World::start().await;
     world.auto_policy().await;
-    let calls = [("GET", "/api/policies"), ("PUT", "/api/policies/x"), ("POST", "/api/requests"), ("GET", "/api/requests/abc"), ("POST", "/api/requests/abc/approve"), ("POST", "/api/requests/abc/deny")];
+    let calls = [
+        ("GET", "/api/policies"),
+        ("PUT", "/api/policies/x"),
+        ("POST", "/api/requests"),
+        ("GET", "/api/requests/abc"),
+        ("POST", "/api/requests/abc/approve"),
+        ("POST", "/api/requests/abc/deny"),
+    ];
     for (method, path) in calls {
         for key in [None, Some("not-a-key"), Some("demo-admin ")] {
             let (status, body) = world.call(method, path, key.filter(|k| !k.ends_with(' ')), Some("{}")).await;
-            assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthenticated")), "{method} {path} with {key:?}");
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (401, Some("unauthenticated")),
+                "{method} {path} with {key:?}"
+            );
         }
     }
 }
@@ -20,7 +31,9 @@ async fn every_api_call_needs_a_known_key() {
 #[tokio::test(flavor = "multi_thread")]
 async fn roles_are_enforced() {
     let world = World::start().await;
-    let (status, body) = world.call("PUT", "/api/policies/demo-vm", Some(ALICE), Some(&policy(json!({"mode": "auto"})).to_string())).await;
+    let (status, body) = world
+        .call("PUT", "/api/policies/demo-vm", Some(ALICE), Some(&policy(json!({"mode": "auto"})).to_string()))
+        .await;
     assert_eq!((status, body["error"]["code"].as_str()), (403, Some("admin_required")));
     world.auto_policy().await;
     let (status, body) = world.request(BOB, &ssh("PT1H")).await;
@@ -71,9 +84,13 @@ async fn the_sweep_endpoint_needs_the_sweep_secret() {
         let (status, _) = world.call("POST", "/internal/sweep", key, None).await;
         assert_eq!(status, 401, "{key:?}");
     }
-    let (status, report) = world.call("POST", "/internal/sweep", Some(portcullis_host::local::DEMO_SWEEP_SECRET), None).await;
+    let (status, report) =
+        world.call("POST", "/internal/sweep", Some(portcullis_host::local::DEMO_SWEEP_SECRET), None).await;
     assert_eq!((status, report["closed"].as_u64()), (200, Some(0)), "{report}");
-    assert_eq!(world.call("GET", "/internal/sweep", Some(portcullis_host::local::DEMO_SWEEP_SECRET), None).await.0, 405);
+    assert_eq!(
+        world.call("GET", "/internal/sweep", Some(portcullis_host::local::DEMO_SWEEP_SECRET), None).await.0,
+        405
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

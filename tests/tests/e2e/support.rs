@@ -37,7 +37,8 @@ impl World {
 
     pub async fn with_variables(variables: &[(&str, &str)]) -> Self {
         let state = tempfile::tempdir().unwrap();
-        let mut overrides: HashMap<String, String> = variables.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut overrides: HashMap<String, String> =
+            variables.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         overrides.entry("api_keys".into()).or_insert_with(|| local::api_keys_json(&KEYS));
         let local = local::start(LocalOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -67,7 +68,14 @@ impl World {
         let response = request.send().await.expect("the host answers");
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
-        (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON answer: {text}")) })
+        (
+            status,
+            if text.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON answer: {text}"))
+            },
+        )
     }
 
     pub async fn put_policy(&self, name: &str, policy: &Value) -> (u16, Value) {
@@ -126,7 +134,9 @@ impl World {
 
     /// A policy that needs `required` approvals from group `ops`.
     pub async fn manual_policy(&self, required: u32) {
-        let (status, body) = self.put_policy("demo-vm", &policy(json!({"mode": "manual", "approvers": ["group:ops"], "required": required}))).await;
+        let (status, body) = self
+            .put_policy("demo-vm", &policy(json!({"mode": "manual", "approvers": ["group:ops"], "required": required})))
+            .await;
         assert_eq!(status, 201, "{body}");
     }
 }

@@ -55,19 +55,75 @@ async fn bad_policies_are_refused_and_change_nothing() {
     let world = World::start().await;
     let cases: Vec<(&str, String, u16, &str)> = vec![
         ("malformed JSON", "{".into(), 400, "invalid_json"),
-        ("unknown field", { let mut p = policy(json!({"mode": "auto"})); p["prots"] = json!([]); p.to_string() }, 400, "invalid_body"),
-        ("port out of range", { let mut p = policy(json!({"mode": "auto"})); p["ports"][0]["port"] = json!(65536); p.to_string() }, 422, "invalid_policy"),
-        ("bad duration", { let mut p = policy(json!({"mode": "auto"})); p["ports"][0]["max_duration"] = json!("3 hours"); p.to_string() }, 422, "invalid_policy"),
-        ("bad prefix", { let mut p = policy(json!({"mode": "auto"})); p["ports"][0]["allowed_sources"] = json!(["300.1.1.1/8"]); p.to_string() }, 422, "invalid_policy"),
-        ("internet without 'any'", { let mut p = policy(json!({"mode": "auto"})); p["ports"][0]["allowed_sources"] = json!(["0.0.0.0/0"]); p.to_string() }, 422, "invalid_policy"),
-        ("bad vm id", { let mut p = policy(json!({"mode": "auto"})); p["vm"] = json!("demo-vm"); p.to_string() }, 422, "invalid_policy"),
+        (
+            "unknown field",
+            {
+                let mut p = policy(json!({"mode": "auto"}));
+                p["prots"] = json!([]);
+                p.to_string()
+            },
+            400,
+            "invalid_body",
+        ),
+        (
+            "port out of range",
+            {
+                let mut p = policy(json!({"mode": "auto"}));
+                p["ports"][0]["port"] = json!(65536);
+                p.to_string()
+            },
+            422,
+            "invalid_policy",
+        ),
+        (
+            "bad duration",
+            {
+                let mut p = policy(json!({"mode": "auto"}));
+                p["ports"][0]["max_duration"] = json!("3 hours");
+                p.to_string()
+            },
+            422,
+            "invalid_policy",
+        ),
+        (
+            "bad prefix",
+            {
+                let mut p = policy(json!({"mode": "auto"}));
+                p["ports"][0]["allowed_sources"] = json!(["300.1.1.1/8"]);
+                p.to_string()
+            },
+            422,
+            "invalid_policy",
+        ),
+        (
+            "internet without 'any'",
+            {
+                let mut p = policy(json!({"mode": "auto"}));
+                p["ports"][0]["allowed_sources"] = json!(["0.0.0.0/0"]);
+                p.to_string()
+            },
+            422,
+            "invalid_policy",
+        ),
+        (
+            "bad vm id",
+            {
+                let mut p = policy(json!({"mode": "auto"}));
+                p["vm"] = json!("demo-vm");
+                p.to_string()
+            },
+            422,
+            "invalid_policy",
+        ),
         ("unknown approval mode", policy(json!({"mode": "sometimes"})).to_string(), 400, "invalid_body"),
     ];
     for (case, body, status, code) in cases {
         let (got, answer) = world.call("PUT", "/api/policies/demo-vm", Some(ADMIN), Some(&body)).await;
         assert_eq!((got, answer["error"]["code"].as_str()), (status, Some(code)), "{case}: {answer}");
     }
-    let (status, answer) = world.call("PUT", "/api/policies/bad%20name", Some(ADMIN), Some(&policy(json!({"mode": "auto"})).to_string())).await;
+    let (status, answer) = world
+        .call("PUT", "/api/policies/bad%20name", Some(ADMIN), Some(&policy(json!({"mode": "auto"})).to_string()))
+        .await;
     assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("invalid_policy_name")));
     assert!(world.store_keys().is_empty(), "{:?}", world.store_keys());
     assert_eq!(world.call("GET", "/api/nothing-here", Some(ADMIN), None).await.0, 404);
