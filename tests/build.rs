@@ -63,6 +63,8 @@ fn ensure_wasm_target() {
     println!("cargo:warning=installing the wasm32-wasip2 target with rustup (needed to build the components)");
     let status = Command::new("rustup").args(["target", "add", "wasm32-wasip2"]).status();
     if !status.is_ok_and(|s| s.success()) {
-        panic!("the wasm32-wasip2 target is missing and rustup could not add it: run `rustup target add wasm32-wasip2`");
+        panic!(
+            "the wasm32-wasip2 target is missing and rustup could not add it: run `rustup target add wasm32-wasip2`"
+        );
     }
 }
