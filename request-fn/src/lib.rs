@@ -18,9 +18,11 @@ fn route(request: &Request) -> Result<Reply, ApiError> {
     let query = request.query();
     ctx.run(|env| match (request.method(), segments(request, "/api").as_slice()) {
         (Method::Get, ["policies"]) => policies::list(env, &caller),
-        (Method::Put, ["policies", name]) => policies::put(env, &caller, name, request.body()),
+        (Method::Put, ["policies", name]) => {
+            policies::put(env, &caller, name, request.body(), policies::wants_revoke(query))
+        }
         (Method::Get, ["policies", name]) => policies::get(env, &caller, name),
-        (Method::Delete, ["policies", name]) => policies::delete(env, &caller, name),
+        (Method::Delete, ["policies", name]) => policies::delete(env, &caller, name, policies::wants_revoke(query)),
         (Method::Post, ["requests"]) => {
             requests::create(env, &caller, ctx.client_ip(request), new_request_id(), request.body())
         }

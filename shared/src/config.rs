@@ -13,9 +13,29 @@ pub trait Variables {
     fn get(&self, name: &str) -> Option<String>;
 }
 
+/// How the ARM client gets its tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// An app registration's client id and secret (Entra ID client credentials).
+    ClientSecret,
+    /// The VM's managed identity through IMDS (`Metadata: true`).
+    ManagedIdentity,
+    /// App Service / container hosts: `IDENTITY_ENDPOINT` with `X-IDENTITY-HEADER`.
+    AppService {
+        /// The `X-IDENTITY-HEADER` value.
+        header: Secret,
+    },
+}
+
 /// Settings for the Azure Resource Manager client.
 #[derive(Clone, Debug)]
 pub struct ArmSettings {
+    /// Where tokens come from.
+    pub identity: Identity,
+    /// The managed identity token endpoint (IMDS or `IDENTITY_ENDPOINT`).
+    pub identity_endpoint: String,
+    /// Timeout of one ARM or token call.
+    pub timeout: std::time::Duration,
     /// ARM's base URL (`https://management.azure.com`, or an emulator).
     pub arm_base_url: String,
     /// The identity platform's base URL (`https://login.microsoftonline.com`).
@@ -70,6 +90,8 @@ pub struct Config {
     pub sweep_secret: Option<Secret>,
     /// Priority band for allow rules.
     pub priorities: PriorityBand,
+    /// Priority band for the policies' baseline deny rules (below every allow rule).
+    pub deny_priorities: PriorityBand,
     /// Limits on policies.
     pub limits: PolicyLimits,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -89,9 +111,31 @@ impl Config {
         };
         let priorities =
             PriorityBand { min: number("jit_priority_min", "100")?, max: number("jit_priority_max", "3999")? };
-        if !(100..=4096).contains(&priorities.min) || priorities.max > 4096 || priorities.min > priorities.max {
-            bail!("jit_priority_min..jit_priority_max must be a range inside 100..4096");
+        let deny_priorities =
+            PriorityBand { min: number("deny_priority_min", "4000")?, max: number("deny_priority_max", "4096")? };
+        for (band, names) in [
+            (priorities, "jit_priority_min..jit_priority_max"),
+            (deny_priorities, "deny_priority_min..deny_priority_max"),
+        ] {
+            if !(100..=4096).contains(&band.min) || band.max > 4096 || band.min > band.max {
+                bail!("{names} must be a range inside 100..4096");
+            }
         }
+        if deny_priorities.min <= priorities.max {
+            bail!("deny rules must sit below every allow rule: deny_priority_min must be above jit_priority_max");
+        }
+        let identity = match optional("arm_identity", "client_secret").as_str() {
+            "client_secret" => Identity::ClientSecret,
+            "managed_identity" => Identity::ManagedIdentity,
+            "app_service" => Identity::AppService { header: Secret::new(required("identity_header")?) },
+            other => bail!("arm_identity '{other}' is not one of client_secret, managed_identity, app_service"),
+        };
+        if identity == Identity::ClientSecret {
+            for name in ["arm_tenant_id", "arm_client_id", "arm_client_secret"] {
+                required(name)?;
+            }
+        }
+        let timeout = AccessDuration::parse(&optional("arm_timeout", "PT10S")).context("variable 'arm_timeout'")?;
         let max_duration =
             AccessDuration::parse(&optional("max_duration", "PT24H")).context("variable 'max_duration'")?;
         let trusted_proxies = optional("trusted_proxies", "")
@@ -102,6 +146,12 @@ impl Config {
             .collect::<Result<_>>()?;
         Ok(Self {
             arm: ArmSettings {
+                identity,
+                identity_endpoint: optional(
+                    "identity_endpoint",
+                    "http://169.254.169.254/metadata/identity/oauth2/token",
+                ),
+                timeout: std::time::Duration::from_secs(u64::from(timeout.as_secs())),
                 arm_base_url: optional("arm_base_url", "https://management.azure.com").trim_end_matches('/').to_owned(),
                 login_base_url: optional("login_base_url", "https://login.microsoftonline.com")
                     .trim_end_matches('/')
@@ -113,8 +163,59 @@ impl Config {
             api_keys: ApiKeys::parse(&required("api_keys")?)?,
             sweep_secret: vars.get("sweep_secret").filter(|s| !s.is_empty()).map(Secret::new),
             priorities,
+            deny_priorities,
             limits: PolicyLimits { max_duration },
             trusted_proxies,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    struct Vars(HashMap<&'static str, &'static str>);
+
+    impl Variables for Vars {
+        fn get(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|v| v.to_string())
+        }
+    }
+
+    fn vars(extra: &[(&'static str, &'static str)]) -> Vars {
+        let mut map = HashMap::from([
+            ("api_keys", "[]"),
+            ("arm_tenant_id", "t"),
+            ("arm_client_id", "c"),
+            ("arm_client_secret", "s"),
+        ]);
+        map.extend(extra.iter().copied());
+        Vars(map)
+    }
+
+    #[test]
+    fn defaults_are_client_credentials_and_azures_bands() {
+        let config = Config::load(&vars(&[])).unwrap();
+        assert_eq!(config.arm.identity, Identity::ClientSecret);
+        assert_eq!((config.priorities.min, config.priorities.max, config.deny_priorities.min), (100, 3999, 4000));
+        assert_eq!(config.arm.timeout, std::time::Duration::from_secs(10));
+    }
+
+    #[test]
+    fn inconsistent_settings_are_refused_by_name() {
+        let cases: [(&[(&'static str, &'static str)], &str); 4] = [
+            (&[("deny_priority_min", "3000")], "deny_priority_min"),
+            (&[("arm_identity", "app_service")], "identity_header"),
+            (&[("arm_identity", "magic")], "arm_identity"),
+            (&[("arm_client_secret", "")], "arm_client_secret"),
+        ];
+        for (extra, named) in cases {
+            let error = format!("{:#}", Config::load(&vars(extra)).unwrap_err());
+            assert!(error.contains(named), "{error}");
+        }
+        let managed = Config::load(&vars(&[("arm_identity", "managed_identity"), ("arm_client_secret", "")])).unwrap();
+        assert_eq!(managed.arm.identity, Identity::ManagedIdentity);
     }
 }

@@ -11,6 +11,7 @@
 //! | `work/arm` | ids of requests with unfinished ARM work (open or close) |
 //! | `sweep/cursor` | the last minute the sweep fully processed |
 //! | `cache/arm-token` | the cached ARM access token |
+//! | `grant/<policy>/<principal>` | ids of a requester's active grants under a policy |
 
 use chrono::{DateTime, Utc};
 
@@ -45,4 +46,9 @@ pub fn requests_by(principal: &Principal) -> String {
 /// The requests whose access ends in the minute of `at`.
 pub fn due(at: DateTime<Utc>) -> String {
     format!("due/{}", at.format("%Y%m%d%H%M"))
+}
+
+/// A requester's active grants under one policy (to replace them with a newer request).
+pub fn grants_of(policy: &PolicyName, principal: &Principal) -> String {
+    format!("grant/{policy}/{principal}")
 }

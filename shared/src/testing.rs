@@ -7,10 +7,10 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use serde_json::json;
 
-use crate::arm::{AllowRule, Arm, ArmError};
-use crate::config::{ArmSettings, Secret};
+use crate::arm::{Access, Arm, ArmError, ExistingRule, SecurityRule, VmNetwork};
+use crate::config::{ArmSettings, Identity, Secret};
 use crate::domain::policy::{PolicyLimits, RawPolicy};
-use crate::domain::{AccessDuration, NsgId, Policy, PolicyName, Port, PortSet, Protocol, SourcePrefix};
+use crate::domain::{AccessDuration, NsgId, Policy, PolicyName, Port, PortSet, Protocol, SourcePrefix, VmId};
 use crate::http::{Clock, HttpClient, HttpError, HttpRequest, HttpResponse};
 
 pub const VM: &str = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/demo-rg/providers/Microsoft.Compute/virtualMachines/demo-vm";
@@ -36,7 +36,10 @@ pub fn policy_json() -> serde_json::Value {
 
 pub fn policy() -> Policy {
     let raw: RawPolicy = serde_json::from_value(policy_json()).unwrap();
-    Policy::from_raw(PolicyName::parse("demo-vm").unwrap(), raw, limits()).unwrap()
+    Policy::from_raw::<crate::domain::policy::PolicyError>(PolicyName::parse("demo-vm").unwrap(), raw, limits(), |_| {
+        unreachable!("the test policy names its NSG")
+    })
+    .unwrap()
 }
 
 pub fn raw_request() -> serde_json::Value {
@@ -45,6 +48,9 @@ pub fn raw_request() -> serde_json::Value {
 
 pub fn arm_settings() -> ArmSettings {
     ArmSettings {
+        identity: Identity::ClientSecret,
+        identity_endpoint: "http://imds/token".into(),
+        timeout: Duration::from_secs(10),
         arm_base_url: "https://arm".into(),
         login_base_url: "https://login".into(),
         tenant_id: "t".into(),
@@ -57,13 +63,14 @@ pub fn nsg() -> NsgId {
     NsgId::parse(NSG).unwrap()
 }
 
-pub fn rule() -> AllowRule {
-    AllowRule {
+pub fn rule() -> SecurityRule {
+    SecurityRule {
         name: "jit-r1".into(),
         priority: 100,
         description: "test".into(),
+        access: Access::Allow,
         protocol: Protocol::Tcp,
-        source: SourcePrefix::parse("203.0.113.7").unwrap(),
+        source: Some(SourcePrefix::parse("203.0.113.7").unwrap()),
         destination: "10.0.0.4".parse().unwrap(),
         ports: PortSet::new([Port::new(22).unwrap()]).unwrap(),
     }
@@ -114,10 +121,10 @@ impl HttpClient for ScriptedHttp {
     }
 }
 
-/// An NSG in memory; `outcomes` scripts failures for the next calls.
+/// An NSG in memory; `outcomes` scripts failures for the next put or delete calls.
 #[derive(Default)]
 pub struct FakeArm {
-    pub rules: RefCell<Vec<AllowRule>>,
+    pub rules: RefCell<Vec<SecurityRule>>,
     pub outcomes: RefCell<VecDeque<Result<(), ArmError>>>,
     pub calls: Cell<usize>,
 }
@@ -130,7 +137,7 @@ impl FakeArm {
 }
 
 impl Arm for FakeArm {
-    fn put_rule(&self, _nsg: &NsgId, rule: &AllowRule) -> Result<(), ArmError> {
+    fn put_rule(&self, _nsg: &NsgId, rule: &SecurityRule) -> Result<(), ArmError> {
         self.scripted()?;
         let mut rules = self.rules.borrow_mut();
         rules.retain(|r| r.name != rule.name);
@@ -142,5 +149,18 @@ impl Arm for FakeArm {
         self.scripted()?;
         self.rules.borrow_mut().retain(|r| r.name != name);
         Ok(())
+    }
+
+    fn list_rules(&self, _nsg: &NsgId) -> Result<Vec<ExistingRule>, ArmError> {
+        Ok(self
+            .rules
+            .borrow()
+            .iter()
+            .map(|r| ExistingRule { name: r.name.clone(), priority: r.priority, inbound: true })
+            .collect())
+    }
+
+    fn resolve_vm(&self, _vm: &VmId) -> Result<VmNetwork, ArmError> {
+        Ok(VmNetwork { nic: "nic".into(), private_ip: "10.0.0.4".parse().unwrap(), nsg: Some(nsg()) })
     }
 }

@@ -6,17 +6,15 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{AllowRule, Arm, ArmError, NETWORK_API_VERSION, token};
+use super::{Arm, ArmError, COMPUTE_API_VERSION, ExistingRule, NETWORK_API_VERSION, SecurityRule, VmNetwork, token};
 use crate::config::ArmSettings;
-use crate::domain::NsgId;
+use crate::domain::{NsgId, VmId};
 use crate::http::{Clock, HttpClient, HttpError, HttpRequest, HttpResponse, Method};
 use crate::keys;
 use crate::store::KvStore;
 
 /// Attempts per ARM call before it is left for the next sweep.
 const MAX_ATTEMPTS: u32 = 4;
-/// Timeout of one HTTP exchange.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest single wait, whatever `Retry-After` says.
 const MAX_WAIT: Duration = Duration::from_secs(5);
 /// Poll interval when ARM gives no `Retry-After`.
@@ -83,11 +81,31 @@ impl<'a> ArmClient<'a> {
         format!("{}{}/securityRules/{name}?api-version={NETWORK_API_VERSION}", self.settings.arm_base_url, nsg.as_str())
     }
 
+    /// Exponential backoff (250 ms, 500 ms, 1 s...) with up to 50% jitter, so instances that
+    /// failed together do not retry together. The jitter comes from the clock's nanoseconds:
+    /// unpredictable enough to spread retries, and no randomness port needed.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = 250u64 << attempt;
+        let nanos = self.clock.now().timestamp_subsec_nanos();
+        Duration::from_millis(base + u64::from(nanos) % (base / 2 + 1))
+    }
+
+    /// GETs a JSON document.
+    fn get_json(&self, url: &str) -> Result<serde_json::Value, ArmError> {
+        let response = self.call(Method::Get, url, None)?;
+        serde_json::from_slice(&response.body)
+            .map_err(|e| ArmError::Transient(format!("unreadable answer from {url}: {e}")))
+    }
+
+    fn resource_url(&self, id: &str, api_version: &str) -> String {
+        format!("{}{id}?api-version={api_version}", self.settings.arm_base_url)
+    }
+
     /// One ARM call, retried on throttling, server errors and transport failures.
     fn call(&self, method: Method, url: &str, body: Option<&serde_json::Value>) -> Result<HttpResponse, ArmError> {
         let mut last = String::new();
         for attempt in 0..MAX_ATTEMPTS {
-            let token = token::token(self.http, self.kv, self.settings, self.clock.now(), CALL_TIMEOUT)?;
+            let token = token::token(self.http, self.kv, self.settings, self.clock.now())?;
             let mut headers = vec![("authorization".to_owned(), format!("Bearer {token}"))];
             if body.is_some() {
                 headers.push(("content-type".into(), "application/json".into()));
@@ -97,9 +115,9 @@ impl<'a> ArmClient<'a> {
                 url: url.to_owned(),
                 headers,
                 body: body.map(|b| b.to_string().into_bytes()).unwrap_or_default(),
-                timeout: CALL_TIMEOUT,
+                timeout: self.settings.timeout,
             };
-            let backoff = Duration::from_millis(250 << attempt);
+            let backoff = self.backoff(attempt);
             let wait = match self.http.send(request) {
                 Ok(response) if response.status < 400 => return Ok(response),
                 Ok(response) => {
@@ -169,7 +187,7 @@ impl<'a> ArmClient<'a> {
 }
 
 impl Arm for ArmClient<'_> {
-    fn put_rule(&self, nsg: &NsgId, rule: &AllowRule) -> Result<(), ArmError> {
+    fn put_rule(&self, nsg: &NsgId, rule: &SecurityRule) -> Result<(), ArmError> {
         let response = self.call(Method::Put, &self.rule_url(nsg, &rule.name), Some(&rule.to_arm_body()))?;
         match response.header("azure-asyncoperation") {
             Some(url) => self.poll_async_operation(url, retry_after(&response).unwrap_or(DEFAULT_POLL)),
@@ -188,6 +206,58 @@ impl Arm for ArmClient<'_> {
             (202, None, Some(url)) => self.poll_location(url, first_wait),
             _ => Ok(()),
         }
+    }
+
+    fn list_rules(&self, nsg: &NsgId) -> Result<Vec<ExistingRule>, ArmError> {
+        let mut rules = Vec::new();
+        let mut url = Some(format!(
+            "{}{}/securityRules?api-version={NETWORK_API_VERSION}",
+            self.settings.arm_base_url,
+            nsg.as_str()
+        ));
+        while let Some(next) = url.take() {
+            let page = self.get_json(&next)?;
+            for rule in page["value"].as_array().into_iter().flatten() {
+                let properties = &rule["properties"];
+                rules.push(ExistingRule {
+                    name: rule["name"].as_str().unwrap_or_default().to_owned(),
+                    priority: properties["priority"].as_u64().and_then(|p| u16::try_from(p).ok()).unwrap_or(0),
+                    inbound: properties["direction"].as_str() == Some("Inbound"),
+                });
+            }
+            url = page["nextLink"].as_str().map(str::to_owned);
+        }
+        Ok(rules)
+    }
+
+    fn resolve_vm(&self, vm: &VmId) -> Result<VmNetwork, ArmError> {
+        let not_protectable =
+            |message: String| ArmError::Refused { status: 422, code: "VmNotProtectable".into(), message };
+        let vm_doc = self.get_json(&self.resource_url(vm.as_str(), COMPUTE_API_VERSION))?;
+        let nics = vm_doc["properties"]["networkProfile"]["networkInterfaces"].as_array().cloned().unwrap_or_default();
+        let primary = |items: &[serde_json::Value]| {
+            items.iter().find(|i| i["properties"]["primary"] == true).or(items.first()).cloned()
+        };
+        let nic_id = primary(&nics)
+            .and_then(|n| n["id"].as_str().map(str::to_owned))
+            .ok_or_else(|| not_protectable(format!("VM {vm} has no network interface")))?;
+        let nic = self.get_json(&self.resource_url(&nic_id, NETWORK_API_VERSION))?;
+        let configurations = nic["properties"]["ipConfigurations"].as_array().cloned().unwrap_or_default();
+        let configuration =
+            primary(&configurations).ok_or_else(|| not_protectable(format!("NIC {nic_id} has no IP configuration")))?;
+        let private_ip = configuration["properties"]["privateIPAddress"]
+            .as_str()
+            .and_then(|ip| ip.parse().ok())
+            .ok_or_else(|| not_protectable(format!("NIC {nic_id} has no private IP address")))?;
+        let mut nsg = nic["properties"]["networkSecurityGroup"]["id"].as_str().map(str::to_owned);
+        if nsg.is_none() {
+            if let Some(subnet) = configuration["properties"]["subnet"]["id"].as_str() {
+                let subnet = self.get_json(&self.resource_url(subnet, NETWORK_API_VERSION))?;
+                nsg = subnet["properties"]["networkSecurityGroup"]["id"].as_str().map(str::to_owned);
+            }
+        }
+        let nsg = nsg.map(|id| NsgId::parse(&id).map_err(|e| not_protectable(e.to_string()))).transpose()?;
+        Ok(VmNetwork { nic: nic_id, private_ip, nsg })
     }
 }
 
@@ -216,6 +286,7 @@ fn retry_after(response: &HttpResponse) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::VmId;
     use crate::testing::{FakeClock, ScriptedHttp, arm_settings, nsg, rule};
 
     fn answer(status: u16, headers: &[(&str, &str)], body: &str) -> HttpResponse {
@@ -246,7 +317,7 @@ mod tests {
         let urls = http.urls();
         assert_eq!(urls.iter().filter(|u| u.contains("oauth2")).count(), 1, "{urls:?}");
         assert!(urls[1].ends_with("/securityRules/jit-r1?api-version=2024-05-01"));
-        assert_eq!(clock.slept(), Duration::from_secs(2));
+        assert_eq!(clock.slept(), Duration::from_secs(2), "two polls of Retry-After: 1");
     }
 
     #[test]
@@ -310,5 +381,43 @@ mod tests {
         ]);
         ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30)).delete_rule(&nsg(), "jit-r1").unwrap();
         assert_eq!(http.urls().last().unwrap(), "https://arm/res/1");
+    }
+
+    #[test]
+    fn a_vm_resolves_through_its_nic_to_the_subnets_nsg() {
+        let vm = VmId::parse(crate::testing::VM).unwrap();
+        let nic = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/networkInterfaces/n";
+        let subnet = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/virtualNetworks/v/subnets/default";
+        let http = ScriptedHttp::new(vec![
+            token_ok(),
+            answer(200, &[], &serde_json::json!({"properties": {"networkProfile": {"networkInterfaces": [{"id": "other"}, {"id": nic, "properties": {"primary": true}}]}}}).to_string()),
+            answer(200, &[], &serde_json::json!({"properties": {"ipConfigurations": [{"properties": {"primary": true, "privateIPAddress": "10.1.2.3", "subnet": {"id": subnet}}}]}}).to_string()),
+            answer(200, &[], &serde_json::json!({"properties": {"networkSecurityGroup": {"id": crate::testing::NSG}}}).to_string()),
+        ]);
+        let (kv, clock, settings) = (crate::store::MemStore::default(), FakeClock::default(), arm_settings());
+        let network = ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30)).resolve_vm(&vm).unwrap();
+        assert_eq!(network.nic, nic);
+        assert_eq!(network.private_ip.to_string(), "10.1.2.3");
+        assert_eq!(network.nsg, Some(nsg()));
+        assert!(http.urls()[2].starts_with(&format!("https://arm{nic}?api-version=")));
+    }
+
+    #[test]
+    fn rule_listing_follows_next_links() {
+        let http = ScriptedHttp::new(vec![
+            token_ok(),
+            answer(
+                200,
+                &[],
+                r#"{"value":[{"name":"a","properties":{"priority":100,"direction":"Inbound"}}],"nextLink":"https://arm/page2"}"#,
+            ),
+            answer(200, &[], r#"{"value":[{"name":"b","properties":{"priority":200,"direction":"Outbound"}}]}"#),
+        ]);
+        let (kv, clock, settings) = (crate::store::MemStore::default(), FakeClock::default(), arm_settings());
+        let rules = ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30)).list_rules(&nsg()).unwrap();
+        assert_eq!(
+            rules.iter().map(|r| (r.name.as_str(), r.priority, r.inbound)).collect::<Vec<_>>(),
+            [("a", 100, true), ("b", 200, false)]
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! Azure Resource Manager: the NSG operations portcullis needs, as a port ([`Arm`]) and its
-//! REST implementation ([`ArmClient`]).
+//! Azure Resource Manager: the operations portcullis needs, as a port ([`Arm`]) and its REST
+//! implementation ([`ArmClient`]).
 
 mod client;
 mod token;
@@ -9,31 +9,44 @@ use std::net::IpAddr;
 pub use client::ArmClient;
 use serde_json::json;
 
-use crate::domain::{NsgId, PortSet, Protocol, SourcePrefix};
+use crate::domain::{NsgId, PortSet, Protocol, SourcePrefix, VmId};
 
 /// The api-version of `Microsoft.Network` calls.
 pub const NETWORK_API_VERSION: &str = "2024-05-01";
+/// The api-version of `Microsoft.Compute` calls.
+pub const COMPUTE_API_VERSION: &str = "2024-07-01";
 
-/// An allow rule portcullis puts on an NSG.
+/// Allow or deny.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// A grant's rule.
+    Allow,
+    /// A policy's baseline.
+    Deny,
+}
+
+/// A security rule portcullis puts on an NSG: a grant's allow rule or a policy's deny rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AllowRule {
-    /// Rule name (`jit-<id>`).
+pub struct SecurityRule {
+    /// Rule name (`jit-<id>`, `jit-deny-<policy>`).
     pub name: String,
-    /// Priority in the JIT band.
+    /// Priority.
     pub priority: u16,
     /// Description: who and until when (at most 140 characters).
     pub description: String,
+    /// Allow or deny.
+    pub access: Access,
     /// Protocol.
     pub protocol: Protocol,
-    /// Who may connect.
-    pub source: SourcePrefix,
+    /// Who may connect; `None` is any source (deny rules).
+    pub source: Option<SourcePrefix>,
     /// The VM's private IP.
     pub destination: IpAddr,
     /// Destination ports.
     pub ports: PortSet,
 }
 
-impl AllowRule {
+impl SecurityRule {
     /// The ARM request body.
     pub fn to_arm_body(&self) -> serde_json::Value {
         let ports: Vec<String> = self.ports.iter().map(|p| p.to_string()).collect();
@@ -43,13 +56,35 @@ impl AllowRule {
             "protocol": self.protocol.arm_name(),
             "sourcePortRange": "*",
             "destinationPortRanges": ports,
-            "sourceAddressPrefix": self.source.to_string(),
+            "sourceAddressPrefix": self.source.map_or_else(|| "*".to_owned(), |s| s.to_string()),
             "destinationAddressPrefix": self.destination.to_string(),
-            "access": "Allow",
+            "access": match self.access { Access::Allow => "Allow", Access::Deny => "Deny" },
             "priority": self.priority,
             "direction": "Inbound",
         }})
     }
+}
+
+/// A rule already on an NSG, as far as choosing a priority is concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExistingRule {
+    /// Its name.
+    pub name: String,
+    /// Its priority.
+    pub priority: u16,
+    /// `Inbound` or `Outbound`.
+    pub inbound: bool,
+}
+
+/// Where a VM sits on the network, as ARM describes it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmNetwork {
+    /// The primary NIC's id.
+    pub nic: String,
+    /// The primary IP configuration's private address.
+    pub private_ip: IpAddr,
+    /// The NSG that filters its traffic: the NIC's, else the subnet's.
+    pub nsg: Option<NsgId>,
 }
 
 /// What went wrong talking to ARM, in the terms a caller acts on.
@@ -73,10 +108,14 @@ pub enum ArmError {
     Transient(String),
 }
 
-/// The NSG operations the service needs.
+/// The ARM operations the service needs.
 pub trait Arm {
-    /// Creates or updates an allow rule and waits until ARM reports it in place.
-    fn put_rule(&self, nsg: &NsgId, rule: &AllowRule) -> Result<(), ArmError>;
+    /// Creates or updates a rule and waits until ARM reports it in place.
+    fn put_rule(&self, nsg: &NsgId, rule: &SecurityRule) -> Result<(), ArmError>;
     /// Deletes a rule and waits until it is gone; an absent rule is success.
     fn delete_rule(&self, nsg: &NsgId, name: &str) -> Result<(), ArmError>;
+    /// The rules on an NSG (to find a free priority).
+    fn list_rules(&self, nsg: &NsgId) -> Result<Vec<ExistingRule>, ArmError>;
+    /// Resolves a VM to its NIC, private IP and NSG.
+    fn resolve_vm(&self, vm: &VmId) -> Result<VmNetwork, ArmError>;
 }

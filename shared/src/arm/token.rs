@@ -4,13 +4,15 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::ArmError;
-use crate::config::ArmSettings;
+use crate::config::{ArmSettings, Identity};
 use crate::http::{HttpClient, HttpRequest, Method};
 use crate::keys;
 use crate::store::{self, KvStore};
 
-/// The scope of ARM tokens (the same for an emulator).
+/// The scope of ARM tokens for client credentials (the same for an emulator).
 const ARM_SCOPE: &str = "https://management.azure.com/.default";
+/// The resource of ARM tokens for managed identities.
+const ARM_RESOURCE: &str = "https://management.azure.com/";
 /// Renew this long before a token expires.
 const RENEW_EARLY: TimeDelta = TimeDelta::minutes(5);
 
@@ -23,7 +25,18 @@ struct CachedToken {
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: String,
+    #[serde(default)]
     expires_in: serde_json::Value,
+    #[serde(default)]
+    expires_on: serde_json::Value,
+}
+
+fn number(value: &serde_json::Value) -> Option<i64> {
+    match value {
+        serde_json::Value::Number(n) => n.as_i64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
 }
 
 /// A valid token: the cached one, or a new one fetched and cached.
@@ -32,7 +45,6 @@ pub(super) fn token(
     kv: &dyn KvStore,
     settings: &ArmSettings,
     now: DateTime<Utc>,
-    timeout: std::time::Duration,
 ) -> Result<String, ArmError> {
     // A cache that cannot be read is only a cache: fetch a fresh token.
     if let Ok(Some(cached)) = store::load::<CachedToken>(kv, keys::ARM_TOKEN)
@@ -40,29 +52,46 @@ pub(super) fn token(
     {
         return Ok(cached.value.access_token);
     }
-    if settings.tenant_id.is_empty() || settings.client_id.is_empty() || settings.client_secret.expose().is_empty() {
-        return Err(ArmError::Refused {
-            status: 0,
-            code: "ArmCredentialsMissing".into(),
-            message: "set arm_tenant_id, arm_client_id and arm_client_secret".into(),
-        });
-    }
-    let form = form_urlencoded(&[
-        ("grant_type", "client_credentials"),
-        ("client_id", &settings.client_id),
-        ("client_secret", settings.client_secret.expose()),
-        ("scope", ARM_SCOPE),
-    ]);
-    let url = format!("{}/{}/oauth2/v2.0/token", settings.login_base_url, settings.tenant_id);
-    let response = http
-        .send(HttpRequest {
-            method: Method::Post,
-            url,
-            headers: vec![("content-type".into(), "application/x-www-form-urlencoded".into())],
-            body: form.into_bytes(),
-            timeout,
-        })
-        .map_err(|e| ArmError::Transient(format!("token endpoint: {e}")))?;
+    let request = match &settings.identity {
+        Identity::ClientSecret => {
+            let form = form_urlencoded(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", &settings.client_id),
+                ("client_secret", settings.client_secret.expose()),
+                ("scope", ARM_SCOPE),
+            ]);
+            HttpRequest {
+                method: Method::Post,
+                url: format!("{}/{}/oauth2/v2.0/token", settings.login_base_url, settings.tenant_id),
+                headers: vec![("content-type".into(), "application/x-www-form-urlencoded".into())],
+                body: form.into_bytes(),
+                timeout: settings.timeout,
+            }
+        }
+        Identity::ManagedIdentity => HttpRequest {
+            method: Method::Get,
+            url: format!(
+                "{}?api-version=2018-02-01&resource={}",
+                settings.identity_endpoint,
+                percent_encode(ARM_RESOURCE)
+            ),
+            headers: vec![("metadata".into(), "true".into())],
+            body: Vec::new(),
+            timeout: settings.timeout,
+        },
+        Identity::AppService { header } => HttpRequest {
+            method: Method::Get,
+            url: format!(
+                "{}?api-version=2019-08-01&resource={}",
+                settings.identity_endpoint,
+                percent_encode(ARM_RESOURCE)
+            ),
+            headers: vec![("x-identity-header".into(), header.expose().to_owned())],
+            body: Vec::new(),
+            timeout: settings.timeout,
+        },
+    };
+    let response = http.send(request).map_err(|e| ArmError::Transient(format!("token endpoint: {e}")))?;
     match response.status {
         200 => {}
         429 | 500..=599 => return Err(ArmError::Transient(format!("token endpoint answered {}", response.status))),
@@ -70,20 +99,25 @@ pub(super) fn token(
             // The identity platform's error body names the problem; it never echoes the secret.
             let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_default();
             let code = body["error"].as_str().unwrap_or("token_error").to_owned();
-            let message = body["error_description"].as_str().unwrap_or("no description").chars().take(300).collect();
+            let message = body["error_description"]
+                .as_str()
+                .or(body["message"].as_str())
+                .unwrap_or("no description")
+                .chars()
+                .take(300)
+                .collect();
             return Err(ArmError::Refused { status, code, message });
         }
     }
     let parsed: TokenResponse = serde_json::from_slice(&response.body)
         .map_err(|e| ArmError::Transient(format!("unreadable token response: {e}")))?;
-    // `expires_in` is a number from Entra ID and a string from managed identity endpoints.
-    let expires_in = match &parsed.expires_in {
-        serde_json::Value::Number(n) => n.as_i64(),
-        serde_json::Value::String(s) => s.parse().ok(),
-        _ => None,
-    }
-    .unwrap_or(300);
-    let cached = CachedToken { access_token: parsed.access_token, expires_at: now + TimeDelta::seconds(expires_in) };
+    // Entra ID answers `expires_in` as a number; IMDS as a string; App Service gives only
+    // `expires_on`, an epoch string. Unknown means a short life, not a long one.
+    let expires_at = number(&parsed.expires_in)
+        .map(|secs| now + TimeDelta::seconds(secs))
+        .or_else(|| number(&parsed.expires_on).and_then(|epoch| DateTime::from_timestamp(epoch, 0)))
+        .unwrap_or(now + TimeDelta::minutes(5) + RENEW_EARLY);
+    let cached = CachedToken { access_token: parsed.access_token, expires_at };
     // Failing to cache costs one more token fetch later, nothing else.
     let version = store::load::<serde_json::Value>(kv, keys::ARM_TOKEN).ok().flatten().map(|v| v.version);
     let _ = store::save(kv, keys::ARM_TOKEN, &cached, version);

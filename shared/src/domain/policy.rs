@@ -4,8 +4,10 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::request::RuleRef;
 use super::{AccessDuration, AllowedSource, Member, PolicyName, Port, Protocol};
 
 /// Why a policy document was refused.
@@ -127,6 +129,26 @@ pub enum Approval {
     },
 }
 
+/// Where a VM's rules go: its NSG and private IP, given by the admin or resolved through ARM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The NSG the rules go on.
+    pub nsg: NsgId,
+    /// The VM's private IP, the destination of every rule.
+    pub private_ip: IpAddr,
+    /// How it was found, when ARM resolved it.
+    pub resolved: Option<Resolution>,
+}
+
+/// What ARM said about the VM, and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolution {
+    /// The primary NIC.
+    pub nic: String,
+    /// When it was resolved.
+    pub at: DateTime<Utc>,
+}
+
 /// A validated policy, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
@@ -138,6 +160,12 @@ pub struct Policy {
     pub nsg: NsgId,
     /// The VM's private IP, the destination of every rule.
     pub private_ip: IpAddr,
+    /// How `nsg` and `private_ip` were resolved through ARM (absent when the admin gave them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<Resolution>,
+    /// The baseline deny rule, while the policy is enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<RuleRef>,
     /// Protected ports; port numbers are distinct.
     pub ports: Vec<PortRule>,
     /// How requests are approved.
@@ -155,7 +183,8 @@ pub struct RawPolicy {
     vm: String,
     nsg: Option<String>,
     private_ip: Option<String>,
-    ports: Vec<RawPortRule>,
+    #[serde(default)]
+    ports: Option<Vec<RawPortRule>>,
     approval: RawApproval,
     #[serde(default)]
     requesters: Vec<String>,
@@ -174,6 +203,7 @@ struct RawPortRule {
     #[serde(default = "tcp")]
     protocol: Protocol,
     max_duration: Option<String>,
+    #[serde(default)]
     allowed_sources: Vec<String>,
 }
 
@@ -204,52 +234,73 @@ pub struct PolicyLimits {
     pub max_duration: AccessDuration,
 }
 
+/// Ports protected when a policy lists none: SSH, RDP and WinRM, as in Azure's JIT.
+const DEFAULT_PORTS: [u32; 4] = [22, 3389, 5985, 5986];
 /// Default `max_duration` of a port that names none: three hours, as in Azure's JIT.
 const DEFAULT_MAX_DURATION_SECS: u32 = 3 * 3600;
 /// Default wait for approvals.
 const DEFAULT_PENDING_TIMEOUT_MINUTES: u32 = 60;
 
 impl Policy {
-    /// Checks an admin's document and settles its defaults.
-    pub fn from_raw(name: PolicyName, raw: RawPolicy, limits: PolicyLimits) -> Result<Self, PolicyError> {
+    /// Checks an admin's document and settles its defaults. The VM's placement comes from
+    /// the document when it names both `nsg` and `private_ip`; otherwise `resolve` finds it
+    /// (through ARM), and only once everything else has been checked.
+    pub fn from_raw<E: From<PolicyError>>(
+        name: PolicyName,
+        raw: RawPolicy,
+        limits: PolicyLimits,
+        resolve: impl FnOnce(&VmId) -> Result<Placement, E>,
+    ) -> Result<Self, E> {
         let err = |m: String| PolicyError(m);
         let vm = VmId::parse(&raw.vm)?;
-        let nsg =
-            NsgId::parse(raw.nsg.as_deref().ok_or_else(|| {
-                err("'nsg' is required: give the ARM id of the NSG on the VM's NIC or subnet".into())
-            })?)?;
-        let private_ip: IpAddr = raw
-            .private_ip
-            .as_deref()
-            .ok_or_else(|| err("'private_ip' is required: give the VM's private IP address".into()))?
-            .parse()
-            .map_err(|_| err(format!("'private_ip' {:?} is not an IP address", raw.private_ip.unwrap_or_default())))?;
-        if raw.ports.is_empty() {
-            return Err(err("'ports' must list at least one port".into()));
+        let explicit = match (raw.nsg.as_deref(), raw.private_ip.as_deref()) {
+            (None, None) => None,
+            (Some(nsg), Some(ip)) => Some(Placement {
+                nsg: NsgId::parse(nsg)?,
+                private_ip: ip.parse().map_err(|_| err(format!("'private_ip' {ip:?} is not an IP address")))?,
+                resolved: None,
+            }),
+            _ => {
+                return Err(
+                    err("give both 'nsg' and 'private_ip', or neither to resolve them from the VM".into()).into()
+                );
+            }
+        };
+        let raw_ports = raw.ports.unwrap_or_else(|| {
+            DEFAULT_PORTS
+                .iter()
+                .map(|&port| RawPortRule {
+                    port,
+                    protocol: Protocol::Tcp,
+                    max_duration: None,
+                    allowed_sources: Vec::new(),
+                })
+                .collect()
+        });
+        if raw_ports.is_empty() {
+            return Err(
+                err("'ports' must list at least one port (or be left out for 22, 3389, 5985 and 5986)".into()).into()
+            );
         }
-        let mut ports: Vec<PortRule> = Vec::with_capacity(raw.ports.len());
-        for raw_port in raw.ports {
+        let mut ports: Vec<PortRule> = Vec::with_capacity(raw_ports.len());
+        for raw_port in raw_ports {
             let port = Port::new(raw_port.port).map_err(|e| err(e.to_string()))?;
             if ports.iter().any(|p| p.port == port) {
-                return Err(err(format!("port {port} is listed twice")));
+                return Err(err(format!("port {port} is listed twice")).into());
             }
             let max_duration = match raw_port.max_duration {
-                Some(text) => AccessDuration::parse(&text).map_err(|e| err(e.to_string()))?,
+                Some(text) => AccessDuration::parse(&text).map_err(|e| err(format!("port {port}: {e}")))?,
                 None => AccessDuration::minutes(DEFAULT_MAX_DURATION_SECS / 60).min(limits.max_duration),
             };
             if max_duration > limits.max_duration {
                 return Err(err(format!(
                     "port {port}: max_duration {max_duration} is above the configured maximum {}",
                     limits.max_duration
-                )));
+                ))
+                .into());
             }
             if max_duration.as_secs() < 60 {
-                return Err(err(format!("port {port}: max_duration must be at least PT1M")));
-            }
-            if raw_port.allowed_sources.is_empty() {
-                return Err(err(format!(
-                    "port {port}: 'allowed_sources' is empty; list prefixes (e.g. \"203.0.113.0/24\") or \"any\""
-                )));
+                return Err(err(format!("port {port}: max_duration must be at least PT1M")).into());
             }
             let allowed_sources = raw_port
                 .allowed_sources
@@ -263,10 +314,10 @@ impl Policy {
             RawApproval::Manual { approvers, required, pending_timeout } => {
                 let approvers = parse_members("approvers", approvers)?;
                 if approvers.is_empty() {
-                    return Err(err("manual approval needs at least one entry in 'approvers'".into()));
+                    return Err(err("manual approval needs at least one entry in 'approvers'".into()).into());
                 }
                 if !(1..=10).contains(&required) {
-                    return Err(err(format!("'required' is {required}; it must be 1 to 10")));
+                    return Err(err(format!("'required' is {required}; it must be 1 to 10")).into());
                 }
                 let pending_timeout = match pending_timeout {
                     Some(text) => AccessDuration::parse(&text).map_err(|e| err(e.to_string()))?,
@@ -275,16 +326,29 @@ impl Policy {
                 Approval::Manual { approvers, required: required as u8, pending_timeout }
             }
         };
+        let requesters = parse_members("requesters", raw.requesters)?;
+        let placement = match explicit {
+            Some(placement) => placement,
+            None => resolve(&vm)?,
+        };
         Ok(Self {
             name,
             vm,
-            nsg,
-            private_ip,
+            nsg: placement.nsg,
+            private_ip: placement.private_ip,
+            resolved: placement.resolved,
+            baseline: None,
             ports,
             approval,
-            requesters: parse_members("requesters", raw.requesters)?,
+            requesters,
             enabled: raw.enabled,
         })
+    }
+
+    /// The protocol of the baseline deny rule: the ports' common protocol, or any.
+    pub fn baseline_protocol(&self) -> Protocol {
+        let first = self.ports[0].protocol;
+        if self.ports.iter().all(|p| p.protocol == first) { first } else { Protocol::Any }
     }
 
     /// The rule for one port, if the policy protects it.
@@ -304,7 +368,8 @@ mod tests {
 
     fn parse(json: serde_json::Value) -> Result<Policy, String> {
         let raw: RawPolicy = serde_json::from_value(json).map_err(|e| e.to_string())?;
-        Policy::from_raw(PolicyName::parse("p").unwrap(), raw, limits()).map_err(|e| e.to_string())
+        Policy::from_raw(PolicyName::parse("p").unwrap(), raw, limits(), |_| Err(PolicyError("no resolver".into())))
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -328,7 +393,7 @@ mod tests {
                 |j| {
                     j.as_object_mut().unwrap().remove("private_ip");
                 },
-                "'private_ip' is required",
+                "give both 'nsg' and 'private_ip'",
             ),
             ("port out of range", |j| j["ports"][0]["port"] = 70000.into(), "invalid port 70000"),
             (
@@ -336,7 +401,13 @@ mod tests {
                 |j| j["ports"][0]["max_duration"] = "PT25H".into(),
                 "above the configured maximum",
             ),
-            ("no sources", |j| j["ports"][0]["allowed_sources"] = serde_json::json!([]), "'allowed_sources' is empty"),
+            (
+                "only one of nsg and private_ip",
+                |j| {
+                    j.as_object_mut().unwrap().remove("nsg");
+                },
+                "give both 'nsg' and 'private_ip'",
+            ),
             (
                 "whole internet as a prefix",
                 |j| j["ports"][0]["allowed_sources"] = serde_json::json!(["0.0.0.0/0"]),
@@ -365,6 +436,33 @@ mod tests {
             let err = parse(json).expect_err(case);
             assert!(err.contains(expected), "{case}: {err}");
         }
+    }
+
+    #[test]
+    fn a_policy_naming_only_the_vm_is_resolved_after_validation_and_gets_azures_default_ports() {
+        let mut json = policy_json();
+        for field in ["nsg", "private_ip", "ports"] {
+            json.as_object_mut().unwrap().remove(field);
+        }
+        let raw: RawPolicy = serde_json::from_value(json).unwrap();
+        let placement =
+            Placement { nsg: crate::testing::nsg(), private_ip: "10.9.9.9".parse().unwrap(), resolved: None };
+        let policy =
+            Policy::from_raw::<PolicyError>(PolicyName::parse("p").unwrap(), raw, limits(), |_| Ok(placement)).unwrap();
+        assert_eq!(policy.private_ip.to_string(), "10.9.9.9");
+        let ports: Vec<u16> = policy.ports.iter().map(|p| p.port.get()).collect();
+        assert_eq!(ports, [22, 3389, 5985, 5986]);
+        assert!(policy.ports.iter().all(|p| p.allowed_sources.is_empty() && p.max_duration.to_string() == "PT3H"));
+
+        let mut json = policy_json();
+        json["ports"][0]["port"] = 0.into();
+        json.as_object_mut().unwrap().remove("nsg");
+        json.as_object_mut().unwrap().remove("private_ip");
+        let raw: RawPolicy = serde_json::from_value(json).unwrap();
+        let result = Policy::from_raw::<PolicyError>(PolicyName::parse("p").unwrap(), raw, limits(), |_| {
+            panic!("resolved an invalid policy")
+        });
+        assert!(result.is_err());
     }
 
     #[test]

@@ -220,6 +220,12 @@ impl AccessRequest {
                     format!("duration {duration} is above port {port}'s maximum {}", rule.max_duration),
                 ));
             }
+            if rule.allowed_sources.is_empty() {
+                return Err(refused(
+                    "source_not_allowed",
+                    format!("port {port} allows no sources yet: an admin must set its allowed_sources"),
+                ));
+            }
             if !rule.allowed_sources.iter().any(|allowed| allowed.admits(&source)) {
                 let allowed: Vec<String> = rule.allowed_sources.iter().map(|a| String::from(*a)).collect();
                 return Err(refused(

@@ -1,26 +1,61 @@
-//! Opening and closing the NSG rule of a grant: the only code that writes to ARM.
+//! Opening and closing NSG rules: the only code that writes to ARM.
 //!
 //! Both steps are written so a crash at any point leaves the request where the sweep finds
 //! it: the request is listed under `work/arm` before ARM is called and leaves it only once
 //! ARM confirmed the outcome. A rule that may exist is never forgotten.
 
-use chrono::TimeDelta;
+use chrono::{DateTime, TimeDelta, Utc};
 
 use super::Env;
 use crate::api::ApiError;
-use crate::arm::{AllowRule, ArmError};
-use crate::domain::request::RuleRef;
-use crate::domain::{AccessRequest, Event, Policy, State};
+use crate::arm::{Access, ArmError, SecurityRule};
+use crate::config::PriorityBand;
+use crate::domain::request::{Ending, RuleRef};
+use crate::domain::{AccessRequest, Event, NsgId, Policy, PortSet, State};
 use crate::keys;
 use crate::store::{self, Versioned};
 
-/// Priorities tried after a `SecurityRuleConflict` before the attempt is left to the sweep.
-const PRIORITY_PROBES: u16 = 16;
+/// Conflicts tolerated in one placement: each one re-reads the NSG, so more than a few means
+/// another writer is racing us and the sweep should try later.
+const CONFLICT_RETRIES: usize = 3;
 /// How long an approved request may keep failing to open before it is abandoned (and any
 /// rule that may have been created is removed).
 const OPEN_GRACE: TimeDelta = TimeDelta::minutes(15);
 /// Cap of the most-recent index lists.
 pub(crate) const RECENT_CAP: usize = 1000;
+/// Why a replaced grant ended (Azure's `NewerRequestInitiated`).
+pub const SUPERSEDED: &str = "newer request initiated";
+
+/// Puts `rule` on the NSG at its priority, or, when that priority is taken, at the first free
+/// one in `band` after it (read from the NSG). Leaves `rule.priority` at the one used.
+pub fn put_in_band(env: &Env, nsg: &NsgId, rule: &mut SecurityRule, band: PriorityBand) -> Result<(), ArmError> {
+    for _ in 0..CONFLICT_RETRIES {
+        match env.arm.put_rule(nsg, rule) {
+            Err(ArmError::PriorityConflict) => {}
+            other => return other,
+        }
+        let taken: Vec<u16> = env
+            .arm
+            .list_rules(nsg)?
+            .into_iter()
+            .filter(|r| r.inbound && r.name != rule.name)
+            .map(|r| r.priority)
+            .collect();
+        let span = band.max - band.min + 1;
+        rule.priority = (1..=span)
+            .map(|step| band.min + (rule.priority.saturating_sub(band.min) + step) % span)
+            .find(|p| !taken.contains(p))
+            .ok_or_else(|| ArmError::Transient(format!("no free priority in {}..{} on the NSG", band.min, band.max)))?;
+    }
+    Err(ArmError::Transient("priorities keep colliding with concurrent writers".into()))
+}
+
+/// A slot in the band, spread by a stable hash so concurrent grants rarely collide.
+fn preferred_priority(key: &str, band: PriorityBand) -> u16 {
+    // FNV-1a.
+    let hash = key.bytes().fold(0x811c_9dc5_u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193));
+    band.min + (hash % u32::from(band.max - band.min + 1)) as u16
+}
 
 /// Puts the allow rule of an approved request and activates it, or records why not.
 pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&Policy>) -> Result<(), ApiError> {
@@ -29,26 +64,21 @@ pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&P
     let Some(policy) = policy else {
         return fail(env, request, "the policy was deleted before the rule could be opened".into());
     };
-    let band = env.config.priorities;
-    let span = band.max - band.min + 1;
-    let mut rule_ref = request.value.rule.clone().unwrap_or_else(|| RuleRef {
+    let ends_at = env.now + request.value.duration.as_delta();
+    let rule_ref = request.value.rule.clone().unwrap_or_else(|| RuleRef {
         nsg: policy.nsg.clone(),
         name: request.value.rule_name(),
-        priority: band.min + (stable_hash(request.value.id.as_str()) % u32::from(span)) as u16,
+        priority: preferred_priority(request.value.id.as_str(), env.config.priorities),
     });
-    let mut outcome = Err(ArmError::PriorityConflict);
-    for _ in 0..PRIORITY_PROBES {
-        let rule = allow_rule(&request.value, policy, &rule_ref, env.now + request.value.duration.as_delta());
-        outcome = env.arm.put_rule(&rule_ref.nsg, &rule);
-        if outcome != Err(ArmError::PriorityConflict) {
-            break;
-        }
-        rule_ref.priority = band.min + (rule_ref.priority - band.min + 1) % span;
-    }
-    request.value.rule = Some(rule_ref);
+    let mut rule = allow_rule(&request.value, policy, &rule_ref, &request.value.ports, ends_at);
+    let outcome = put_in_band(env, &rule_ref.nsg, &mut rule, env.config.priorities);
+    request.value.rule = Some(RuleRef { priority: rule.priority, ..rule_ref });
     match outcome {
-        Ok(()) => activate(env, request),
-        Err(ArmError::Refused { .. }) => fail(env, request, outcome.unwrap_err().to_string()),
+        Ok(()) => {
+            activate(env, request, ends_at)?;
+            supersede_older_grants(env, request, policy)
+        }
+        Err(error @ ArmError::Refused { .. }) => fail(env, request, error.to_string()),
         Err(error @ (ArmError::Transient(_) | ArmError::PriorityConflict)) => {
             let since = request.value.approved_at.unwrap_or(request.value.created_at);
             record_attempt(request, &error);
@@ -64,9 +94,17 @@ pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&P
 
 /// Moves an active (or approved) request into `revoking` for `event` and removes its rule.
 /// A rule that cannot be removed now stays listed for the sweep, which retries it every tick.
-pub fn close(env: &Env, request: &mut Versioned<AccessRequest>, event: Event) -> Result<(), ApiError> {
+pub fn close(
+    env: &Env,
+    request: &mut Versioned<AccessRequest>,
+    event: Event,
+    ending: Option<Ending>,
+) -> Result<(), ApiError> {
     if !matches!(request.value.state, State::Revoking { .. }) {
         transition(request, event)?;
+        if ending.is_some() {
+            request.value.ended = ending;
+        }
         store::add_to_list(env.kv, keys::ARM_WORK, request.value.id.as_str(), usize::MAX)?;
         env.save_request(request)?;
     }
@@ -85,6 +123,8 @@ pub fn finish_close(env: &Env, request: &mut Versioned<AccessRequest>) -> Result
             request.value.closed_at = Some(env.now);
             request.value.arm_attempts = 0;
             env.save_request(request)?;
+            let grants = keys::grants_of(&request.value.policy, &request.value.requester);
+            store::remove_from_list(env.kv, &grants, request.value.id.as_str())?;
             store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
             Ok(())
         }
@@ -95,12 +135,11 @@ pub fn finish_close(env: &Env, request: &mut Versioned<AccessRequest>) -> Result
     }
 }
 
-fn activate(env: &Env, request: &mut Versioned<AccessRequest>) -> Result<(), ApiError> {
-    let ends_at = env.now + request.value.duration.as_delta();
+fn activate(env: &Env, request: &mut Versioned<AccessRequest>, ends_at: DateTime<Utc>) -> Result<(), ApiError> {
     // The due entry goes first: once it exists, the sweep will close the rule whatever
     // happens to the rest of this call.
     store::add_to_list(env.kv, &keys::due(ends_at), request.value.id.as_str(), usize::MAX)?;
-    if store::load::<chrono::DateTime<chrono::Utc>>(env.kv, keys::SWEEP_CURSOR)?.is_none() {
+    if store::load::<DateTime<Utc>>(env.kv, keys::SWEEP_CURSOR)?.is_none() {
         let start = super::sweep::minute_floor(env.now) - TimeDelta::minutes(1);
         // Losing this race to another activation is fine: either cursor is early enough.
         match store::save(env.kv, keys::SWEEP_CURSOR, &start, None) {
@@ -116,6 +155,52 @@ fn activate(env: &Env, request: &mut Versioned<AccessRequest>) -> Result<(), Api
     env.save_request(request)?;
     store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
     Ok(())
+}
+
+/// One person holds one rule per port: an older active grant of the same requester under the
+/// same policy loses the ports the new one covers. Its rule is narrowed to what remains, or
+/// removed when nothing does (recorded as "newer request initiated", as Azure does).
+fn supersede_older_grants(env: &Env, request: &mut Versioned<AccessRequest>, policy: &Policy) -> Result<(), ApiError> {
+    let key = keys::grants_of(&request.value.policy, &request.value.requester);
+    let newer = request.value.id.as_str().to_owned();
+    for id in store::read_list(env.kv, &key)? {
+        let Ok(mut older) = env.request(&id) else {
+            store::remove_from_list(env.kv, &key, &id)?;
+            continue;
+        };
+        if older.value.state != State::Active || older.value.id == request.value.id {
+            continue;
+        }
+        let remaining: Vec<_> =
+            older.value.ports.iter().filter(|p| !request.value.ports.iter().any(|n| n == *p)).collect();
+        if remaining.len() == older.value.ports.iter().count() {
+            continue;
+        }
+        let ending = Ending { by: "system".into(), at: env.now, reason: Some(format!("{SUPERSEDED}: {newer}")) };
+        match PortSet::new(remaining) {
+            Err(_) => close(env, &mut older, Event::Revoke, Some(ending))?,
+            Ok(ports) => narrow(env, &mut older, policy, ports)?,
+        }
+    }
+    store::add_to_list(env.kv, &key, &newer, usize::MAX)?;
+    Ok(())
+}
+
+/// Re-PUTs an active grant's rule with fewer ports. If ARM fails, the grant keeps its wider
+/// rule until it ends: still closed on time, so nothing is left open forever.
+fn narrow(env: &Env, older: &mut Versioned<AccessRequest>, policy: &Policy, ports: PortSet) -> Result<(), ApiError> {
+    let (Some(rule_ref), Some(ends_at)) = (older.value.rule.clone(), older.value.ends_at) else { return Ok(()) };
+    let rule = allow_rule(&older.value, policy, &rule_ref, &ports, ends_at);
+    match env.arm.put_rule(&rule_ref.nsg, &rule) {
+        Ok(()) => {
+            older.value.ports = ports;
+            env.save_request(older)
+        }
+        Err(error) => {
+            eprintln!("narrowing {} after a newer request: {error}", older.value.id);
+            Ok(())
+        }
+    }
 }
 
 fn fail(env: &Env, request: &mut Versioned<AccessRequest>, reason: String) -> Result<(), ApiError> {
@@ -142,13 +227,14 @@ fn transition(request: &mut Versioned<AccessRequest>, event: Event) -> Result<()
 }
 
 /// The allow rule for a request under its policy.
-pub fn allow_rule(
+fn allow_rule(
     request: &AccessRequest,
     policy: &Policy,
     rule: &RuleRef,
-    ends_at: chrono::DateTime<chrono::Utc>,
-) -> AllowRule {
-    AllowRule {
+    ports: &PortSet,
+    ends_at: DateTime<Utc>,
+) -> SecurityRule {
+    SecurityRule {
         name: rule.name.clone(),
         priority: rule.priority,
         description: format!(
@@ -157,14 +243,43 @@ pub fn allow_rule(
             ends_at.format("%Y-%m-%dT%H:%M:%SZ"),
             request.requester
         ),
+        access: Access::Allow,
         protocol: request.protocol,
-        source: request.source,
+        source: Some(request.source),
         destination: policy.private_ip,
-        ports: request.ports.clone(),
+        ports: ports.clone(),
     }
 }
 
-/// FNV-1a: a stable spread of request ids over the priority band.
-fn stable_hash(text: &str) -> u32 {
-    text.bytes().fold(0x811c_9dc5_u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193))
+/// The name of a policy's baseline deny rule.
+pub fn baseline_name(policy: &Policy) -> String {
+    format!("jit-deny-{}", policy.name)
+}
+
+/// Makes sure the policy's baseline deny rule is on its NSG (created or updated to its ports)
+/// and records it on the policy.
+pub fn ensure_baseline(env: &Env, policy: &mut Policy, previous: Option<&RuleRef>) -> Result<(), ArmError> {
+    let name = baseline_name(policy);
+    let priority = previous
+        .filter(|p| p.nsg == policy.nsg)
+        .map_or_else(|| preferred_priority(policy.name.as_str(), env.config.deny_priorities), |p| p.priority);
+    let ports = PortSet::new(policy.ports.iter().map(|p| p.port)).map_err(|e| ArmError::Transient(e.to_string()))?;
+    let mut rule = SecurityRule {
+        name: name.clone(),
+        priority,
+        description: format!("portcullis JIT baseline of policy {}: closed unless granted", policy.name),
+        access: Access::Deny,
+        protocol: policy.baseline_protocol(),
+        source: None,
+        destination: policy.private_ip,
+        ports,
+    };
+    put_in_band(env, &policy.nsg, &mut rule, env.config.deny_priorities)?;
+    policy.baseline = Some(RuleRef { nsg: policy.nsg.clone(), name, priority: rule.priority });
+    Ok(())
+}
+
+/// Removes a baseline deny rule.
+pub fn remove_baseline(env: &Env, baseline: &RuleRef) -> Result<(), ArmError> {
+    env.arm.delete_rule(&baseline.nsg, &baseline.name)
 }

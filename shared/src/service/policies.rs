@@ -1,14 +1,26 @@
 //! Policy administration: `PUT/GET/DELETE /api/policies/{name}`, `GET /api/policies`.
+//!
+//! Enabling a policy resolves its VM through ARM (unless the admin named the NSG and IP) and
+//! puts its baseline deny rule, so the ports are closed by default. Disabling or deleting it
+//! removes that rule; running grants keep their time unless `?revoke=true` ends them now.
 
 use serde_json::json;
 
-use super::Env;
+use super::{Env, grants};
 use crate::api::{ApiError, Reply, parse_json};
+use crate::arm::ArmError;
 use crate::auth::{Caller, Role};
-use crate::domain::policy::RawPolicy;
-use crate::domain::{Policy, PolicyName};
+use crate::domain::policy::{Placement, PolicyError, RawPolicy, Resolution};
+use crate::domain::request::Ending;
+use crate::domain::{AccessRequest, Event, Policy, PolicyName, RequestId, State, VmId};
 use crate::keys;
 use crate::store;
+
+impl From<PolicyError> for ApiError {
+    fn from(error: PolicyError) -> Self {
+        ApiError::unprocessable("invalid_policy", error.to_string())
+    }
+}
 
 fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     if caller.has(Role::Admin) {
@@ -33,18 +45,55 @@ fn parse_name(name: &str) -> Result<PolicyName, ApiError> {
     PolicyName::parse(name).map_err(|e| ApiError::bad_request("invalid_policy_name", e.to_string()))
 }
 
+/// Where the VM's rules go, asked of ARM.
+fn resolve(env: &Env, vm: &VmId) -> Result<Placement, ApiError> {
+    let network = env.arm.resolve_vm(vm).map_err(|error| match error {
+        ArmError::Refused { status: 404, .. } => ApiError::unprocessable(
+            "vm_not_found",
+            format!("ARM has no VM {vm}: check the id and the identity's read access"),
+        ),
+        ArmError::Refused { status: 422, message, .. } => ApiError::unprocessable("vm_not_protectable", message),
+        other => ApiError::from(other),
+    })?;
+    let nsg = network.nsg.ok_or_else(|| {
+        ApiError::unprocessable(
+            "vm_has_no_nsg",
+            format!("VM {vm} has no network security group on its NIC ({}) or subnet, so it cannot be protected: attach an NSG to either and PUT the policy again", network.nic),
+        )
+    })?;
+    Ok(Placement { nsg, private_ip: network.private_ip, resolved: Some(Resolution { nic: network.nic, at: env.now }) })
+}
+
+/// Whether the query asks to end running grants (`?revoke=true`).
+pub fn wants_revoke(query: &str) -> bool {
+    crate::api::query_param(query, "revoke") == Some("true")
+}
+
 /// Creates or replaces a policy.
-pub fn put(env: &Env, caller: &Caller, name: &str, body: &[u8]) -> Result<Reply, ApiError> {
+pub fn put(env: &Env, caller: &Caller, name: &str, body: &[u8], revoke: bool) -> Result<Reply, ApiError> {
     require_admin(caller)?;
     let name = parse_name(name)?;
     let raw: RawPolicy = parse_json(body, false)?;
-    let policy = Policy::from_raw(name.clone(), raw, env.config.limits)
-        .map_err(|e| ApiError::unprocessable("invalid_policy", e.to_string()))?;
+    let mut policy = Policy::from_raw(name.clone(), raw, env.config.limits, |vm| resolve(env, vm))?;
     let key = keys::policy(&name);
     let existing = store::load::<Policy>(env.kv, &key)?;
+    let previous = existing.as_ref().and_then(|e| e.value.baseline.clone());
+    if policy.enabled {
+        grants::ensure_baseline(env, &mut policy, previous.as_ref())?;
+    }
+    // A baseline left behind on another NSG (the VM moved) or by a now-disabled policy goes.
+    if let Some(previous) =
+        previous.filter(|p| policy.baseline.as_ref() != Some(p) && (p.nsg != policy.nsg || !policy.enabled))
+    {
+        grants::remove_baseline(env, &previous)?;
+    }
     store::save(env.kv, &key, &policy, existing.as_ref().map(|e| e.version))?;
     store::add_to_list(env.kv, keys::POLICIES, name.as_str(), usize::MAX)?;
-    let body = serde_json::to_value(&policy).map_err(ApiError::internal)?;
+    let revoked = if revoke && !policy.enabled { revoke_grants(env, caller, &name)? } else { 0 };
+    let mut body = serde_json::to_value(&policy).map_err(ApiError::internal)?;
+    if revoked > 0 {
+        body["revoked"] = json!(revoked);
+    }
     Ok(if existing.is_some() { Reply::ok(body) } else { Reply::created(body) })
 }
 
@@ -68,13 +117,37 @@ pub fn list(env: &Env, caller: &Caller) -> Result<Reply, ApiError> {
     Ok(Reply::ok(json!({ "policies": policies })))
 }
 
-/// Deletes a policy. Running grants keep their rule until they end: each request remembers
-/// its NSG and rule, so the sweep can still close it.
-pub fn delete(env: &Env, caller: &Caller, name: &str) -> Result<Reply, ApiError> {
+/// Deletes a policy and its baseline rule. Running grants keep their rule until they end (each
+/// request remembers its NSG and rule), or end now with `revoke`.
+pub fn delete(env: &Env, caller: &Caller, name: &str, revoke: bool) -> Result<Reply, ApiError> {
     require_admin(caller)?;
     let name = parse_name(name)?;
-    env.policy(&name)?;
+    let policy = env.policy(&name)?;
+    if let Some(baseline) = &policy.value.baseline {
+        grants::remove_baseline(env, baseline)?;
+    }
     env.kv.delete(&keys::policy(&name))?;
     store::remove_from_list(env.kv, keys::POLICIES, name.as_str())?;
-    Ok(Reply::ok(json!({ "deleted": name })))
+    let revoked = if revoke { revoke_grants(env, caller, &name)? } else { 0 };
+    Ok(Reply::ok(json!({ "deleted": name, "revoked": revoked })))
+}
+
+/// Ends every running grant under a policy now; answers how many.
+fn revoke_grants(env: &Env, caller: &Caller, policy: &PolicyName) -> Result<usize, ApiError> {
+    let mut revoked = 0;
+    for id in store::read_list(env.kv, keys::RECENT_REQUESTS)? {
+        let Ok(id) = RequestId::parse(&id) else { continue };
+        let Some(mut request) = store::load::<AccessRequest>(env.kv, &keys::request(&id))? else { continue };
+        if request.value.policy != *policy || !matches!(request.value.state, State::Active | State::Approved) {
+            continue;
+        }
+        let ending = Ending {
+            by: caller.principal.to_string(),
+            at: env.now,
+            reason: Some(format!("policy {policy} disabled or deleted")),
+        };
+        grants::close(env, &mut request, Event::Revoke, Some(ending))?;
+        revoked += 1;
+    }
+    Ok(revoked)
 }

@@ -102,7 +102,7 @@ fn process_due(env: &Env, id: &str, report: &mut SweepReport) -> bool {
     if request.value.state != State::Active || !due {
         return true;
     }
-    match grants::close(env, &mut request, Event::Due) {
+    match grants::close(env, &mut request, Event::Due, None) {
         Ok(()) => {
             tally(&request.value, report);
             true

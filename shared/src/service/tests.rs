@@ -5,7 +5,7 @@ use serde_json::json;
 
 use super::{Env, decisions, policies, requests, sweep};
 use crate::api::{ApiError, Reply};
-use crate::arm::ArmError;
+use crate::arm::{Access, ArmError, SecurityRule};
 use crate::auth::{ApiKeys, Caller, Role};
 use crate::config::{Config, PriorityBand};
 use crate::domain::{GroupName, Principal, RequestId};
@@ -47,11 +47,18 @@ impl World {
                 api_keys: ApiKeys::default(),
                 sweep_secret: None,
                 priorities: PriorityBand { min: 100, max: 199 },
+                deny_priorities: PriorityBand { min: 4000, max: 4096 },
                 limits: limits(),
                 trusted_proxies: vec![],
             },
         };
-        world.at(at(0), |env| policies::put(env, &admin(), "demo-vm", policy.to_string().as_bytes())).unwrap();
+        world.at(at(0), |env| policies::put(env, &admin(), "demo-vm", policy.to_string().as_bytes(), false)).unwrap();
+        assert_eq!(
+            world.arm.rules.borrow().iter().filter(|r| r.access == Access::Deny).count(),
+            1,
+            "the baseline deny rule"
+        );
+        world.arm.calls.set(0);
         world
     }
 
@@ -63,6 +70,11 @@ impl World {
         self.at(at(0), |env| {
             requests::create(env, &alice(), None, RequestId::parse(id).unwrap(), body.to_string().as_bytes())
         })
+    }
+
+    /// The grants' allow rules (the baseline deny rule aside).
+    fn allow_rules(&self) -> Vec<SecurityRule> {
+        self.arm.rules.borrow().iter().filter(|r| r.access == Access::Allow).cloned().collect()
     }
 
     fn state(&self, id: &str) -> String {
@@ -81,15 +93,15 @@ fn auto_approval_opens_the_rule_and_the_sweep_closes_it_after_ends_at() {
     let world = World::new(policy_json());
     let reply = world.create("r1", raw_request()).unwrap();
     assert_eq!((reply.status, reply.body["state"].as_str()), (201, Some("active")));
-    assert_eq!(world.arm.rules.borrow().len(), 1);
+    assert_eq!(world.allow_rules().len(), 1);
 
     let early = world.at(at(59), sweep::sweep).unwrap();
     assert_eq!(early.closed, 0);
-    assert_eq!(world.arm.rules.borrow().len(), 1);
+    assert_eq!(world.allow_rules().len(), 1);
 
     let report = world.at(at(61), sweep::sweep).unwrap();
     assert_eq!(report.closed, 1);
-    assert!(world.arm.rules.borrow().is_empty());
+    assert!(world.allow_rules().is_empty());
     assert_eq!(world.state("r1"), "expired");
     assert!(!world.kv.keys().iter().any(|k| k.starts_with("due/") || k == keys::ARM_WORK), "{:?}", world.kv.keys());
 }
@@ -112,12 +124,12 @@ fn a_failed_delete_stays_revoking_and_the_next_sweep_closes_it() {
     let report = world.at(at(61), sweep::sweep).unwrap();
     assert_eq!((report.closed, report.retrying), (0, 1));
     assert_eq!(world.state("r1"), "revoking");
-    assert_eq!(world.arm.rules.borrow().len(), 1);
+    assert_eq!(world.allow_rules().len(), 1);
 
     let report = world.at(at(62), sweep::sweep).unwrap();
     assert_eq!(report.closed, 1);
     assert_eq!(world.state("r1"), "expired");
-    assert!(world.arm.rules.borrow().is_empty());
+    assert!(world.allow_rules().is_empty());
 }
 
 #[test]
@@ -151,7 +163,7 @@ fn a_priority_conflict_moves_to_the_next_priority() {
     world.arm.outcomes.borrow_mut().push_back(Err(ArmError::PriorityConflict));
     world.create("r1", raw_request()).unwrap();
     let stored = world.at(at(0), |env| env.request("r1").unwrap().value);
-    let opened = &world.arm.rules.borrow()[0];
+    let opened = &world.allow_rules()[0];
     assert_eq!(opened.priority, stored.rule.unwrap().priority);
     assert_eq!(world.arm.calls.get(), 2);
 }
@@ -179,7 +191,7 @@ fn manual_requests_need_distinct_approvers_other_than_the_requester() {
     assert_eq!(approve(&bob()).unwrap_err().code, "already_approved");
     let carol = caller("carol", &[Role::Approver], &["ops"]);
     assert_eq!(approve(&carol).unwrap().body["state"], "active");
-    assert_eq!(world.arm.rules.borrow().len(), 1);
+    assert_eq!(world.allow_rules().len(), 1);
 }
 
 #[test]

@@ -22,8 +22,8 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use tokio::task::JoinHandle;
 
-use state::EmulatorState;
-pub use state::{Call, Fault};
+pub use state::{Call, Fault, FaultKind};
+use state::{Delivery, EmulatorState};
 
 /// The demo subscription every seeded resource lives in.
 pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-000000000000";
@@ -37,6 +37,10 @@ pub const CLIENT_SECRET: &str = "demo-secret";
 pub const DEMO_VM: &str = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/demo-rg/providers/Microsoft.Compute/virtualMachines/demo-vm";
 /// The demo VM's NSG.
 pub const DEMO_NSG: &str = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/demo-rg/providers/Microsoft.Network/networkSecurityGroups/demo-nsg";
+/// The secret the App Service identity endpoint expects in `X-IDENTITY-HEADER`.
+pub const IDENTITY_HEADER: &str = "demo-identity-header";
+/// The demo VM's NIC.
+pub const DEMO_NIC: &str = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/demo-rg/providers/Microsoft.Network/networkInterfaces/demo-vm-nic";
 /// The demo VM's private IP.
 pub const DEMO_PRIVATE_IP: &str = "10.0.0.4";
 
@@ -56,12 +60,52 @@ impl Emulator {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(EmulatorState::new(format!("http://{addr}"), polls, retry_after)));
-        state.lock().unwrap().add_nsg(DEMO_NSG, "westeurope");
+        let emulator_state = state.clone();
         let app = Router::new().fallback(handle).with_state(state.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Ok(Self { addr, state, task })
+        let emulator = Self { addr, state: emulator_state, task };
+        emulator.add_nsg(DEMO_NSG);
+        emulator.add_vm("demo-vm", DEMO_PRIVATE_IP, NsgPlacement::Nic(DEMO_NSG));
+        Ok(emulator)
+    }
+
+    /// Adds a VM in `demo-rg` with one NIC and its subnet, the NSG where `nsg` says.
+    /// Answers the VM's id.
+    pub fn add_vm(&self, name: &str, private_ip: &str, nsg: NsgPlacement) -> String {
+        let group = format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/demo-rg");
+        let vm = format!("{group}/providers/Microsoft.Compute/virtualMachines/{name}");
+        let nic = format!("{group}/providers/Microsoft.Network/networkInterfaces/{name}-nic");
+        let subnet = format!("{group}/providers/Microsoft.Network/virtualNetworks/{name}-vnet/subnets/default");
+        let reference = |id: &str| serde_json::json!({"id": id});
+        let (nic_nsg, subnet_nsg) = match nsg {
+            NsgPlacement::Nic(id) => (Some(reference(id)), None),
+            NsgPlacement::Subnet(id) => (None, Some(reference(id))),
+            NsgPlacement::None => (None, None),
+        };
+        let mut state = self.state.lock().unwrap();
+        state.add_resource(&vm, serde_json::json!({"id": vm, "name": name, "location": "westeurope", "type": "Microsoft.Compute/virtualMachines",
+            "properties": {"networkProfile": {"networkInterfaces": [{"id": nic, "properties": {"primary": true}}]}}}));
+        let mut nic_properties = serde_json::json!({"ipConfigurations": [{"name": "ipconfig1", "properties": {"primary": true, "privateIPAddress": private_ip, "subnet": {"id": subnet}}}]});
+        if let Some(nsg) = nic_nsg {
+            nic_properties["networkSecurityGroup"] = nsg;
+        }
+        state.add_resource(&nic, serde_json::json!({"id": nic, "name": format!("{name}-nic"), "type": "Microsoft.Network/networkInterfaces", "properties": nic_properties}));
+        let mut subnet_properties = serde_json::json!({"addressPrefix": "10.0.0.0/24"});
+        if let Some(nsg) = subnet_nsg {
+            subnet_properties["networkSecurityGroup"] = nsg;
+        }
+        state.add_resource(
+            &subnet,
+            serde_json::json!({"id": subnet, "name": "default", "properties": subnet_properties}),
+        );
+        vm
+    }
+
+    /// Tokens issued so far by one endpoint (`client_credentials`, `imds`, `app_service`).
+    pub fn tokens_issued(&self, endpoint: &str) -> u32 {
+        self.state.lock().unwrap().tokens_issued.get(endpoint).copied().unwrap_or(0)
     }
 
     /// The base URL, for `arm_base_url` and `login_base_url`.
@@ -94,6 +138,11 @@ impl Emulator {
         self.state.lock().unwrap().faults.clear();
     }
 
+    /// Forgets the calls so far (tests assert on what comes next).
+    pub fn clear_calls(&self) {
+        self.state.lock().unwrap().calls.clear();
+    }
+
     /// Every call so far.
     pub fn calls(&self) -> Vec<Call> {
         self.state.lock().unwrap().calls.clone()
@@ -106,6 +155,16 @@ impl Drop for Emulator {
     }
 }
 
+/// Where a VM's NSG sits.
+pub enum NsgPlacement<'a> {
+    /// On its NIC.
+    Nic(&'a str),
+    /// On its subnet.
+    Subnet(&'a str),
+    /// Nowhere: the VM cannot be protected.
+    None,
+}
+
 async fn handle(
     AxumState(state): AxumState<Arc<Mutex<EmulatorState>>>,
     method: Method,
@@ -113,9 +172,26 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut state = state.lock().unwrap();
-    let (status, response_headers, body) = state.handle(&method, &uri, &headers, &body);
-    state.calls.push(Call { method: method.to_string(), path: uri.path().to_owned(), status });
+    let ((status, response_headers, body), delivery) = {
+        let mut state = state.lock().unwrap();
+        let answer = state.handle(&method, &uri, &headers, &body);
+        let recorded = if matches!(answer.1, Delivery::Drop) { 0 } else { answer.0.0 };
+        state.calls.push(Call { method: method.to_string(), path: uri.path().to_owned(), status: recorded });
+        answer
+    };
+    match delivery {
+        Delivery::Now => {}
+        Delivery::After(delay) => tokio::time::sleep(delay).await,
+        Delivery::Drop => {
+            let broken = futures_util::stream::once(async {
+                Err::<Bytes, _>(std::io::Error::other("connection dropped by the emulator"))
+            });
+            return Response::builder()
+                .status(200)
+                .body(axum::body::Body::from_stream(broken))
+                .expect("static response");
+        }
+    }
     let mut response =
         (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body).into_response();
     for (name, value) in response_headers {

@@ -19,28 +19,61 @@ pub struct Call {
     pub status: u16,
 }
 
-/// An error to answer instead of the real thing, for the next `times` matching calls.
+/// What a fault does to a call.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FaultKind {
+    /// Answer this error instead.
+    Error {
+        /// HTTP status.
+        status: u16,
+        /// ARM error code.
+        code: &'static str,
+    },
+    /// Answer for real, but only after this long.
+    Slow(std::time::Duration),
+    /// Send headers, then break the connection mid-body.
+    Drop,
+}
+
+/// Trouble for the calls it matches: the next `times` of them, and of those only a `rate`
+/// fraction (1.0: every one), spread evenly so tests stay deterministic.
 #[derive(Clone, Debug)]
 pub struct Fault {
     /// Only calls with this method (`None`: any).
     pub method: Option<&'static str>,
     /// Only paths containing this (`None`: any).
     pub path_contains: Option<String>,
-    /// Status to answer.
-    pub status: u16,
-    /// ARM error code in the body.
-    pub code: &'static str,
-    /// `Retry-After` seconds, if any.
+    /// What happens.
+    pub kind: FaultKind,
+    /// `Retry-After` seconds on an error, if any.
     pub retry_after: Option<u64>,
-    /// How many calls it hits.
+    /// How many calls it may still hit.
     pub times: u32,
+    /// The fraction of matching calls it hits.
+    pub rate: f64,
+    accumulated: f64,
 }
 
 impl Fault {
     /// `times` calls with `method` answered with `status` and `code`.
     pub fn new(method: &'static str, status: u16, code: &'static str, times: u32) -> Self {
-        Self { method: Some(method), path_contains: None, status, code, retry_after: None, times }
+        Self::of(Some(method), FaultKind::Error { status, code }, times)
     }
+
+    /// `times` matching calls suffer `kind`.
+    pub fn of(method: Option<&'static str>, kind: FaultKind, times: u32) -> Self {
+        Self { method, path_contains: None, kind, retry_after: None, times, rate: 1.0, accumulated: 0.0 }
+    }
+}
+
+/// What the HTTP layer must do besides answering.
+pub enum Delivery {
+    /// Answer now.
+    Now,
+    /// Wait, then answer.
+    After(std::time::Duration),
+    /// Break the connection.
+    Drop,
 }
 
 struct Nsg {
@@ -77,7 +110,11 @@ pub struct EmulatorState {
     polls: u32,
     retry_after: u64,
     nsgs: HashMap<String, Nsg>,
+    /// Other resources (VMs, NICs, subnets) by lower-cased id.
+    resources: HashMap<String, Value>,
     tokens: HashMap<String, ()>,
+    /// Tokens issued, by endpoint (`client_credentials`, `imds`, `app_service`).
+    pub tokens_issued: HashMap<&'static str, u32>,
     operations: HashMap<String, Operation>,
     /// Faults still to fire.
     pub faults: Vec<Fault>,
@@ -92,7 +129,9 @@ impl EmulatorState {
             polls,
             retry_after,
             nsgs: HashMap::new(),
+            resources: HashMap::new(),
             tokens: HashMap::new(),
+            tokens_issued: HashMap::new(),
             operations: HashMap::new(),
             faults: Vec::new(),
             calls: Vec::new(),
@@ -116,31 +155,67 @@ impl EmulatorState {
         self.nsgs.get(&nsg.to_lowercase()).map(|n| n.rules.values().cloned().collect()).unwrap_or_default()
     }
 
-    fn take_fault(&mut self, method: &Method, path: &str) -> Option<Answer> {
-        let index = self.faults.iter().position(|f| {
-            f.times > 0
+    pub(super) fn add_resource(&mut self, id: &str, document: Value) {
+        self.resources.insert(id.to_lowercase(), document);
+    }
+
+    /// The fault that hits this call, if any, with the error to answer for error faults.
+    fn take_fault(&mut self, method: &Method, path: &str) -> Option<(Fault, Option<Answer>)> {
+        let mut hit = None;
+        for (index, f) in self.faults.iter_mut().enumerate() {
+            let matches = f.times > 0
                 && f.method.is_none_or(|m| m == method.as_str())
-                && f.path_contains.as_deref().is_none_or(|p| path.contains(p))
-        })?;
-        let fault = &mut self.faults[index];
+                && f.path_contains.as_deref().is_none_or(|p| path.contains(p));
+            if matches {
+                f.accumulated += f.rate;
+                if f.accumulated >= 1.0 {
+                    hit = Some(index);
+                    break;
+                }
+            }
+        }
+        let fault = &mut self.faults[hit?];
+        fault.accumulated -= 1.0;
         fault.times -= 1;
-        let mut answer = arm_error(fault.status, fault.code, "injected fault");
-        if fault.code == "RetryableError" {
+        let fault = fault.clone();
+        let FaultKind::Error { status, code } = fault.kind else { return Some((fault, None)) };
+        let mut answer = arm_error(status, code, "injected fault");
+        if code == "RetryableError" {
             answer.2 = json!({"error": {"code": "RetryableError", "message": "injected fault", "details": [{"code": "RetryableErrorDueToAnotherOperation", "message": "Another operation on this or dependent resource is in progress."}]}}).to_string();
         }
         if let Some(seconds) = fault.retry_after {
             answer.1.push(("retry-after".into(), seconds.to_string()));
         }
-        Some(answer)
+        Some((fault, Some(answer)))
     }
 
-    pub(super) fn handle(&mut self, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Answer {
-        let path = uri.path();
-        if let Some(answer) = self.take_fault(method, path) {
-            return answer;
+    pub(super) fn handle(
+        &mut self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> (Answer, Delivery) {
+        match self.take_fault(method, uri.path()) {
+            Some((_, Some(answer))) => (answer, Delivery::Now),
+            Some((Fault { kind: FaultKind::Slow(delay), .. }, None)) => {
+                (self.answer(method, uri, headers, body), Delivery::After(delay))
+            }
+            Some((_, None)) => ((200, vec![], "{}".into()), Delivery::Drop),
+            None => (self.answer(method, uri, headers, body), Delivery::Now),
         }
+    }
+
+    fn answer(&mut self, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Answer {
+        let path = uri.path();
         if path.ends_with("/oauth2/v2.0/token") && method == Method::POST {
             return self.token(path, body);
+        }
+        if path == "/metadata/identity/oauth2/token" && method == Method::GET {
+            return self.imds_token(uri, headers);
+        }
+        if path == "/msi/token" && method == Method::GET {
+            return self.app_service_token(uri, headers);
         }
         let authorized = headers
             .get("authorization")
@@ -166,6 +241,13 @@ impl EmulatorState {
             return self.poll_location(id);
         }
         let lower = path.to_lowercase();
+        if let Some(resource) = self.resources.get(&lower) {
+            return if method == Method::GET {
+                (200, vec![], resource.to_string())
+            } else {
+                arm_error(405, "MethodNotAllowed", "read-only in the emulator")
+            };
+        }
         let Some((nsg_path, rest)) = split_nsg(&lower) else {
             return arm_error(404, "ResourceNotFound", &format!("The resource '{path}' was not found."));
         };
@@ -218,14 +300,53 @@ impl EmulatorState {
         if field("client_id") != CLIENT_ID || field("client_secret") != CLIENT_SECRET {
             return invalid("invalid_client", "AADSTS7000215: Invalid client secret provided.");
         }
-        let token = format!("emu-{}", uuid::Uuid::new_v4().simple());
-        self.tokens.insert(token.clone(), ());
+        let token = self.issue("client_credentials");
         (
             200,
             vec![],
             json!({"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": token})
                 .to_string(),
         )
+    }
+
+    fn issue(&mut self, endpoint: &'static str) -> String {
+        let token = format!("emu-{}", uuid::Uuid::new_v4().simple());
+        self.tokens.insert(token.clone(), ());
+        *self.tokens_issued.entry(endpoint).or_default() += 1;
+        token
+    }
+
+    /// The VM's managed identity (IMDS): `Metadata: true`, numbers as strings.
+    fn imds_token(&mut self, uri: &Uri, headers: &HeaderMap) -> Answer {
+        let query: HashMap<String, String> =
+            url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes()).into_owned().collect();
+        if headers.get("metadata").and_then(|v| v.to_str().ok()) != Some("true") {
+            let body =
+                json!({"error": "invalid_request", "error_description": "Required metadata header not specified"});
+            return (400, vec![], body.to_string());
+        }
+        if !query.contains_key("resource") || query.get("api-version").map(String::as_str) != Some("2018-02-01") {
+            let body = json!({"error": "invalid_request", "error_description": "Required query variable 'resource' or 'api-version' is missing"});
+            return (400, vec![], body.to_string());
+        }
+        let token = self.issue("imds");
+        let expires_on = chrono::Utc::now().timestamp() + 3599;
+        let body = json!({"access_token": token, "expires_in": "3599", "expires_on": expires_on.to_string(), "resource": query["resource"], "token_type": "Bearer"});
+        (200, vec![], body.to_string())
+    }
+
+    /// App Service / container managed identity: `X-IDENTITY-HEADER`, `expires_on` as epoch.
+    fn app_service_token(&mut self, uri: &Uri, headers: &HeaderMap) -> Answer {
+        if headers.get("x-identity-header").and_then(|v| v.to_str().ok()) != Some(super::IDENTITY_HEADER) {
+            return (401, vec![], json!({"statusCode": 401, "message": "Unauthorized request"}).to_string());
+        }
+        if !uri.query().unwrap_or_default().contains("resource=") {
+            return (400, vec![], json!({"statusCode": 400, "message": "resource is required"}).to_string());
+        }
+        let token = self.issue("app_service");
+        let expires_on = chrono::Utc::now().timestamp() + 3599;
+        let body = json!({"access_token": token, "expires_on": expires_on.to_string(), "resource": "https://management.azure.com/", "token_type": "Bearer"});
+        (200, vec![], body.to_string())
     }
 
     fn operation_headers(&mut self, nsg: &str, rule: &str, kind: OperationKind) -> Vec<(String, String)> {

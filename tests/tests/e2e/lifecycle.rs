@@ -103,10 +103,41 @@ async fn durations_from_one_minute_to_the_policy_maximum_are_granted() {
     }
     let (status, body) = world.request(ALICE, &ssh("PT3H1M")).await;
     assert_eq!((status, body["error"]["code"].as_str()), (422, Some("duration_too_long")));
-    // The one-minute grant is the first to close.
-    world.advance_minutes(2);
-    world.tick().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_newer_request_replaces_the_same_persons_older_grant_on_the_same_port() {
+    let world = World::start().await;
+    world.auto_policy().await;
+    let (_, first) = world.request(ALICE, &ssh("PT1H")).await;
+    let (_, second) = world.request(ALICE, &ssh("PT2H")).await;
+    let rules = world.jit_rules();
+    assert_eq!(rules.len(), 1, "one person, one port, one rule: {rules:?}");
+    assert_eq!(rules[0]["name"], format!("jit-{}", id(&second)));
+    let replaced = world.get_request(&id(&first)).await;
+    assert_eq!(replaced["state"], "revoked", "{replaced}");
+    assert!(replaced["ended"]["reason"].as_str().unwrap().starts_with("newer request initiated"));
+    // Another person keeps a rule of their own.
+    let (_, carols) = world.request(CAROL, &ssh("PT1H")).await;
+    assert_eq!(carols["state"], "active");
     assert_eq!(world.jit_rules().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_newer_request_for_some_ports_narrows_the_older_rule_to_the_rest() {
+    let world = World::start().await;
+    world.auto_policy().await;
+    let both = json!({"policy": "demo-vm", "ports": [22, 3389], "duration": "PT1H", "justification": "x"});
+    let (_, first) = world.request(ALICE, &both).await;
+    let (_, second) = world.request(ALICE, &ssh("PT2H")).await;
+    let narrowed = world.get_request(&id(&first)).await;
+    assert_eq!((narrowed["state"].as_str(), narrowed["ports"].clone()), (Some("active"), json!([3389])));
+    let rules = world.jit_rules();
+    let ports_of = |request: &serde_json::Value| {
+        let rule = rules.iter().find(|r| r["name"] == format!("jit-{}", id(request))).unwrap();
+        rule["properties"]["destinationPortRanges"].clone()
+    };
+    assert_eq!((ports_of(&first), ports_of(&second)), (json!(["3389"]), json!(["22"])));
 }
 
 fn shared_secs(duration: &str) -> i64 {

@@ -101,8 +101,20 @@ impl World {
         self.local.emulator.rules(DEMO_NSG)
     }
 
+    /// The grants' allow rules.
     pub fn jit_rules(&self) -> Vec<Value> {
-        self.rules().into_iter().filter(|r| r["name"].as_str().unwrap().starts_with("jit-")).collect()
+        self.rules()
+            .into_iter()
+            .filter(|r| r["properties"]["access"] == "Allow" && r["name"].as_str().unwrap().starts_with("jit-"))
+            .collect()
+    }
+
+    /// The baseline deny rules.
+    pub fn deny_rules(&self) -> Vec<Value> {
+        self.rules()
+            .into_iter()
+            .filter(|r| r["properties"]["access"] == "Deny" && r["name"].as_str().unwrap().starts_with("jit-deny-"))
+            .collect()
     }
 
     pub fn advance_minutes(&self, minutes: i64) {
@@ -130,6 +142,7 @@ impl World {
     pub async fn auto_policy(&self) {
         let (status, body) = self.put_policy("demo-vm", &policy(json!({"mode": "auto"}))).await;
         assert_eq!(status, 201, "{body}");
+        self.local.emulator.clear_calls();
     }
 
     /// A policy that needs `required` approvals from group `ops`.
@@ -138,6 +151,7 @@ impl World {
             .put_policy("demo-vm", &policy(json!({"mode": "manual", "approvers": ["group:ops"], "required": required})))
             .await;
         assert_eq!(status, 201, "{body}");
+        self.local.emulator.clear_calls();
     }
 }
 
