@@ -250,11 +250,11 @@ impl Arm for ArmClient<'_> {
             .and_then(|ip| ip.parse().ok())
             .ok_or_else(|| not_protectable(format!("NIC {nic_id} has no private IP address")))?;
         let mut nsg = nic["properties"]["networkSecurityGroup"]["id"].as_str().map(str::to_owned);
-        if nsg.is_none() {
-            if let Some(subnet) = configuration["properties"]["subnet"]["id"].as_str() {
-                let subnet = self.get_json(&self.resource_url(subnet, NETWORK_API_VERSION))?;
-                nsg = subnet["properties"]["networkSecurityGroup"]["id"].as_str().map(str::to_owned);
-            }
+        if nsg.is_none()
+            && let Some(subnet) = configuration["properties"]["subnet"]["id"].as_str()
+        {
+            let subnet = self.get_json(&self.resource_url(subnet, NETWORK_API_VERSION))?;
+            nsg = subnet["properties"]["networkSecurityGroup"]["id"].as_str().map(str::to_owned);
         }
         let nsg = nsg.map(|id| NsgId::parse(&id).map_err(|e| not_protectable(e.to_string()))).transpose()?;
         Ok(VmNetwork { nic: nic_id, private_ip, nsg })
