@@ -58,7 +58,7 @@ pub struct LocalOptions {
     pub polls: u32,
     /// Emulator: advertised `Retry-After` seconds.
     pub retry_after: u64,
-    /// Extra or overriding application variables.
+    /// Extra or overriding application variables (`{emulator}` is replaced by its URL).
     pub variables: HashMap<String, String>,
 }
 
@@ -83,7 +83,8 @@ pub async fn start(options: LocalOptions) -> Result<Local> {
         ("api_keys".to_owned(), api_keys_json(&DEMO_KEYS)),
         ("sweep_secret".to_owned(), DEMO_SWEEP_SECRET.to_owned()),
     ]);
-    variables.extend(options.variables);
+    // Overrides may point at the emulator before its port is known: `{emulator}` stands for its URL.
+    variables.extend(options.variables.into_iter().map(|(k, v)| (k, v.replace("{emulator}", &emulator.url()))));
     let host = Host::start(HostOptions {
         manifest: crate::manifest_path(),
         guest_dir: Some(PathBuf::from(crate::GUEST_DIR)),

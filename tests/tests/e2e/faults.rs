@@ -1,7 +1,9 @@
 //! ARM failures: retried within the call where a short wait helps, else left for the sweep,
 //! and never a lost grant or a rule left open.
 
-use portcullis_host::emulator::Fault;
+use std::time::Duration;
+
+use portcullis_host::emulator::{Fault, FaultKind};
 
 use crate::support::*;
 
@@ -45,13 +47,17 @@ async fn throttling_with_retry_after_still_opens_the_rule_in_the_same_call() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_open_that_arm_keeps_failing_is_finished_by_the_sweep() {
+async fn persistent_503_leaves_the_request_retrying_until_the_sweep_completes_it() {
     let world = World::start().await;
     world.auto_policy().await;
-    world.inject(Fault::new("PUT", 500, "InternalServerError", 4));
+    world.inject(Fault::new("PUT", 503, "ServiceUnavailable", u32::MAX));
     let (status, body) = world.request(ALICE, &ssh("PT1H")).await;
     assert_eq!((status, body["state"].as_str()), (201, Some("approved")), "{body}");
+    assert!(body["last_error"].as_str().unwrap().contains("503"), "{body}");
     assert!(world.jit_rules().is_empty());
+    world.tick().await;
+    assert_eq!(world.get_request(&id(&body)).await["state"], "approved", "still down: still retrying");
+    world.local.emulator.clear_faults();
     world.tick().await;
     let opened = world.get_request(&id(&body)).await;
     assert_eq!(opened["state"], "active", "{opened}");
@@ -68,4 +74,52 @@ async fn a_missed_hour_of_ticks_still_closes_every_due_grant() {
     world.advance_minutes(90);
     world.tick().await;
     assert!(world.jit_rules().is_empty(), "{:?}", world.jit_rules());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_operation_in_progress_is_waited_out() {
+    let world = World::start().await;
+    world.auto_policy().await;
+    world.inject(Fault::new("PUT", 409, "AnotherOperationInProgress", 2));
+    let (status, body) = world.request(ALICE, &ssh("PT1H")).await;
+    assert_eq!((status, body["state"].as_str()), (201, Some("active")), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_connection_is_retried() {
+    let world = World::start().await;
+    world.auto_policy().await;
+    world.inject(Fault::of(Some("PUT"), FaultKind::Drop, 1));
+    let (status, body) = world.request(ALICE, &ssh("PT1H")).await;
+    assert_eq!((status, body["state"].as_str()), (201, Some("active")), "{body}");
+    let puts = world.arm_calls().iter().filter(|c| c.starts_with("PUT")).count();
+    assert_eq!(puts, 2, "{:?}", world.arm_calls());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_slower_than_the_timeout_is_abandoned_and_retried() {
+    let world = World::with_variables(&[("arm_timeout", "PT1S")]).await;
+    world.auto_policy().await;
+    world.inject(Fault::of(Some("PUT"), FaultKind::Slow(Duration::from_secs(3)), 1));
+    let started = std::time::Instant::now();
+    let (status, body) = world.request(ALICE, &ssh("PT1H")).await;
+    assert_eq!((status, body["state"].as_str()), (201, Some("active")), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(3), "the slow answer was waited for: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_write_in_two_failing_still_opens_every_grant() {
+    let world = World::start().await;
+    world.auto_policy().await;
+    let mut fault = Fault::new("PUT", 500, "InternalServerError", u32::MAX);
+    fault.rate = 0.5;
+    world.inject(fault);
+    for key in [ALICE, CAROL] {
+        let (status, body) = world.request(key, &ssh("PT1H")).await;
+        assert_eq!((status, body["state"].as_str()), (201, Some("active")), "{body}");
+    }
+    let calls = world.local.emulator.calls();
+    let puts = calls.iter().filter(|c| c.method == "PUT").count();
+    let failed = calls.iter().filter(|c| c.method == "PUT" && c.status == 500).count();
+    assert!(failed >= 1 && failed == puts / 2, "{failed} of {puts} failed: {:?}", world.arm_calls());
 }

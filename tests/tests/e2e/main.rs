@@ -6,7 +6,10 @@
 //! - `validation`: bad input gets a clear 4xx and changes nothing.
 //! - `security`: authentication, self-approval, forged Spin headers, the sweep secret.
 //! - `faults`: ARM failures are retried, never lost.
+//! - `azure`: parity with Azure's JIT: VM resolution, baseline deny rules, rules it does not
+//!   own, identities, and the ARM cost of a grant.
 
+mod azure;
 mod faults;
 mod lifecycle;
 mod security;

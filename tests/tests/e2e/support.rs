@@ -36,12 +36,17 @@ impl World {
     }
 
     pub async fn with_variables(variables: &[(&str, &str)]) -> Self {
+        Self::listening("127.0.0.1:0", variables).await
+    }
+
+    /// A world whose API listens on `listen` (`[::1]:0` for IPv6 callers).
+    pub async fn listening(listen: &str, variables: &[(&str, &str)]) -> Self {
         let state = tempfile::tempdir().unwrap();
         let mut overrides: HashMap<String, String> =
             variables.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         overrides.entry("api_keys".into()).or_insert_with(|| local::api_keys_json(&KEYS));
         let local = local::start(LocalOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen: listen.parse().unwrap(),
             emulator_listen: "127.0.0.1:0".parse().unwrap(),
             state_dir: state.path().to_owned(),
             run_cron: false,

@@ -1,0 +1,243 @@
+//! Parity with Azure's JIT on an NSG: VM resolution, baseline deny rules, rules portcullis
+//! does not own, token sources, and the ARM cost of one grant.
+
+use portcullis_host::emulator::{DEMO_NIC, DEMO_NSG, DEMO_VM, NsgPlacement, SUBSCRIPTION};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// A policy that names only the VM, as an Azure admin would.
+fn vm_only(vm: &str) -> Value {
+    json!({
+        "vm": vm,
+        "ports": [
+            {"port": 22, "max_duration": "PT3H", "allowed_sources": ["127.0.0.0/8", "2001:db8::/32", "::1/128"]},
+            {"port": 3389, "max_duration": "PT1H", "allowed_sources": ["127.0.0.0/8"]},
+        ],
+        "approval": {"mode": "auto"},
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enabling_resolves_the_vm_and_puts_exactly_one_deny_rule_that_disabling_removes() {
+    let world = World::start().await;
+    let (status, policy) = world.put_policy("demo-vm", &vm_only(DEMO_VM)).await;
+    assert_eq!(status, 201, "{policy}");
+    assert_eq!((policy["nsg"].as_str(), policy["private_ip"].as_str()), (Some(DEMO_NSG), Some("10.0.0.4")));
+    assert_eq!(policy["resolved"]["nic"], DEMO_NIC);
+    assert!(policy["resolved"]["at"].is_string());
+
+    let denies = world.deny_rules();
+    assert_eq!(denies.len(), 1, "{denies:?}");
+    let deny = &denies[0];
+    assert_eq!(deny["name"], "jit-deny-demo-vm");
+    let p = &deny["properties"];
+    assert_eq!(
+        (p["access"].as_str(), p["direction"].as_str(), p["protocol"].as_str()),
+        (Some("Deny"), Some("Inbound"), Some("Tcp"))
+    );
+    assert_eq!(
+        (p["sourceAddressPrefix"].as_str(), p["destinationAddressPrefix"].as_str()),
+        (Some("*"), Some("10.0.0.4"))
+    );
+    assert_eq!(p["destinationPortRanges"], json!(["22", "3389"]));
+    let deny_priority = p["priority"].as_u64().unwrap();
+    assert!((4000..=4096).contains(&deny_priority));
+    assert_eq!(policy["baseline"]["priority"].as_u64(), Some(deny_priority));
+
+    // A grant's allow rule always outranks the deny rule.
+    let (_, grant) = world.request(ALICE, &ssh("PT1H")).await;
+    assert!(grant["rule"]["priority"].as_u64().unwrap() < deny_priority);
+
+    // Changing the ports updates the same rule.
+    let mut fewer = vm_only(DEMO_VM);
+    fewer["ports"].as_array_mut().unwrap().remove(1);
+    assert_eq!(world.put_policy("demo-vm", &fewer).await.0, 200);
+    let denies = world.deny_rules();
+    assert_eq!(denies.len(), 1);
+    assert_eq!(denies[0]["properties"]["destinationPortRanges"], json!(["22"]));
+
+    // Disabling removes it and refuses new requests; the running grant keeps its rule.
+    fewer["enabled"] = json!(false);
+    let (status, disabled) = world.put_policy("demo-vm", &fewer).await;
+    assert_eq!(status, 200, "{disabled}");
+    assert!(world.deny_rules().is_empty());
+    assert!(disabled.get("baseline").is_none());
+    assert_eq!(world.request(CAROL, &ssh("PT1H")).await.1["error"]["code"], "policy_disabled");
+    assert_eq!(world.jit_rules().len(), 1);
+
+    // Re-enabling puts it back; deleting removes it again.
+    fewer["enabled"] = json!(true);
+    world.put_policy("demo-vm", &fewer).await;
+    assert_eq!(world.deny_rules().len(), 1);
+    assert_eq!(world.call("DELETE", "/api/policies/demo-vm", Some(ADMIN), None).await.0, 200);
+    assert!(world.deny_rules().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_nsg_on_the_subnet_is_found_when_the_nic_has_none() {
+    let world = World::start().await;
+    let subnet_nsg = format!(
+        "/subscriptions/{SUBSCRIPTION}/resourceGroups/demo-rg/providers/Microsoft.Network/networkSecurityGroups/subnet-nsg"
+    );
+    world.local.emulator.add_nsg(&subnet_nsg);
+    let vm = world.local.emulator.add_vm("web-1", "10.0.1.5", NsgPlacement::Subnet(&subnet_nsg));
+    let (status, policy) = world.put_policy("web-1", &vm_only(&vm)).await;
+    assert_eq!(
+        (status, policy["nsg"].as_str(), policy["private_ip"].as_str()),
+        (201, Some(subnet_nsg.as_str()), Some("10.0.1.5"))
+    );
+    assert_eq!(world.local.emulator.rules(&subnet_nsg).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_without_an_nsg_or_that_does_not_exist_is_refused_with_the_fix() {
+    let world = World::start().await;
+    let bare = world.local.emulator.add_vm("bare-1", "10.0.2.5", NsgPlacement::None);
+    let (status, body) = world.put_policy("bare-1", &vm_only(&bare)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("vm_has_no_nsg")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("attach an NSG"));
+    let ghost = DEMO_VM.replace("demo-vm", "ghost");
+    let (status, body) = world.put_policy("ghost", &vm_only(&ghost)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("vm_not_found")), "{body}");
+    assert!(world.store_keys().iter().all(|k| !k.starts_with("policy/")), "{:?}", world.store_keys());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn native_azure_jit_rules_and_foreign_rules_are_untouched_through_a_whole_lifecycle() {
+    let world = World::start().await;
+    let rule = |priority: u16, access: &str| {
+        json!({"protocol": "Tcp", "sourcePortRange": "*", "destinationPortRange": "22", "sourceAddressPrefix": "198.51.100.0/24",
+               "destinationAddressPrefix": "10.0.0.4", "access": access, "priority": priority, "direction": "Inbound"})
+    };
+    world.local.emulator.seed_rule(DEMO_NSG, "SecurityCenter-JITRule_123_ABC", rule(1000, "Allow"));
+    world.local.emulator.seed_rule(DEMO_NSG, "corp-allow-bastion", rule(1001, "Allow"));
+    world.local.emulator.seed_rule(DEMO_NSG, "jit-corp-handmade", rule(1002, "Deny"));
+    let theirs = |world: &World| -> Vec<Value> {
+        world
+            .rules()
+            .into_iter()
+            .filter(|r| !r["properties"]["description"].as_str().unwrap_or_default().starts_with("portcullis"))
+            .collect()
+    };
+    let before = theirs(&world);
+    assert_eq!(before.len(), 3);
+
+    world.put_policy("demo-vm", &vm_only(DEMO_VM)).await;
+    let (_, grant) = world.request(ALICE, &ssh("PT1H")).await;
+    world.advance_minutes(61);
+    world.tick().await;
+    assert_eq!(world.get_request(&id(&grant)).await["state"], "expired");
+    let mut disabled = vm_only(DEMO_VM);
+    disabled["enabled"] = json!(false);
+    world.put_policy("demo-vm", &disabled).await;
+    world.call("DELETE", "/api/policies/demo-vm", Some(ADMIN), None).await;
+
+    assert_eq!(theirs(&world), before, "a rule portcullis does not own changed");
+    let touched: Vec<String> =
+        world.arm_calls().into_iter().filter(|c| c.contains("SecurityCenter") || c.contains("corp-")).collect();
+    assert!(touched.is_empty(), "{touched:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_token_serves_many_requests() {
+    let world = World::start().await;
+    world.put_policy("demo-vm", &vm_only(DEMO_VM)).await;
+    for key in [ALICE, CAROL, ALICE, CAROL, ALICE] {
+        assert_eq!(world.request(key, &ssh("PT1H")).await.1["state"], "active");
+    }
+    assert_eq!(world.local.emulator.tokens_issued("client_credentials"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_managed_identity_gets_its_token_from_imds() {
+    let world = World::with_variables(&[
+        ("arm_identity", "managed_identity"),
+        ("arm_client_secret", ""),
+        ("identity_endpoint", "{emulator}/metadata/identity/oauth2/token"),
+        ("identity_host", "{emulator}"),
+    ])
+    .await;
+    assert_eq!(world.put_policy("demo-vm", &vm_only(DEMO_VM)).await.0, 201);
+    assert_eq!(world.request(ALICE, &ssh("PT1H")).await.1["state"], "active");
+    assert_eq!(
+        (world.local.emulator.tokens_issued("imds"), world.local.emulator.tokens_issued("client_credentials")),
+        (1, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_service_identity_sends_its_header_and_a_wrong_one_is_refused() {
+    let world = World::with_variables(&[
+        ("arm_identity", "app_service"),
+        ("identity_endpoint", "{emulator}/msi/token"),
+        ("identity_host", "{emulator}"),
+        ("identity_header", portcullis_host::emulator::IDENTITY_HEADER),
+    ])
+    .await;
+    assert_eq!(world.put_policy("demo-vm", &vm_only(DEMO_VM)).await.0, 201);
+    assert_eq!(world.local.emulator.tokens_issued("app_service"), 1);
+
+    let world = World::with_variables(&[
+        ("arm_identity", "app_service"),
+        ("identity_endpoint", "{emulator}/msi/token"),
+        ("identity_host", "{emulator}"),
+        ("identity_header", "wrong"),
+    ])
+    .await;
+    let (status, body) = world.put_policy("demo-vm", &vm_only(DEMO_VM)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (502, Some("arm_refused")), "{body}");
+    assert!(!body.to_string().contains("wrong"), "the header value leaked: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_callers_and_prefixes_get_ipv6_rules() {
+    let world = World::listening("[::1]:0", &[]).await;
+    world.put_policy("demo-vm", &vm_only(DEMO_VM)).await;
+    let (status, body) = world.request(ALICE, &ssh("PT1H")).await;
+    assert_eq!((status, body["source"].as_str()), (201, Some("::1/128")), "{body}");
+    let (status, body) = world
+        .request(CAROL, &json!({"policy": "demo-vm", "ports": [22], "duration": "PT1H", "source": "2001:db8:1::/48", "justification": "x"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let sources: Vec<String> =
+        world.jit_rules().iter().map(|r| r["properties"]["sourceAddressPrefix"].as_str().unwrap().to_owned()).collect();
+    assert!(sources.contains(&"::1/128".to_owned()) && sources.contains(&"2001:db8:1::/48".to_owned()), "{sources:?}");
+    let (status, body) = world
+        .request(CAROL, &json!({"policy": "demo-vm", "ports": [22], "duration": "PT1H", "source": "2001:db9::/48", "justification": "x"}))
+        .await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("source_not_allowed")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_policy_with_revoke_closes_its_running_grants_at_once() {
+    let world = World::start().await;
+    world.put_policy("demo-vm", &vm_only(DEMO_VM)).await;
+    let (_, grant) = world.request(ALICE, &ssh("PT1H")).await;
+    let (status, body) = world.call("DELETE", "/api/policies/demo-vm?revoke=true", Some(ADMIN), None).await;
+    assert_eq!((status, body["revoked"].as_u64()), (200, Some(1)), "{body}");
+    assert!(world.rules().is_empty(), "{:?}", world.rules());
+    let revoked = world.get_request(&id(&grant)).await;
+    assert_eq!(revoked["state"], "revoked");
+    assert_eq!(revoked["ended"]["by"], "admin");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_grant_lifecycle_costs_one_put_and_one_delete_plus_polling() {
+    let world = World::start().await;
+    world.put_policy("demo-vm", &vm_only(DEMO_VM)).await;
+    world.local.emulator.clear_calls();
+    world.request(ALICE, &ssh("PT1H")).await;
+    world.advance_minutes(61);
+    world.tick().await;
+    let calls = world.arm_calls();
+    let count = |prefix: &str, part: &str| calls.iter().filter(|c| c.starts_with(prefix) && c.contains(part)).count();
+    assert_eq!(count("PUT", "/securityRules/jit-"), 1, "{calls:#?}");
+    assert_eq!(count("DELETE", "/securityRules/jit-"), 1, "{calls:#?}");
+    // The token lives 59 minutes and the grant 60: one renewal falls inside this lifecycle.
+    let tokens = count("POST", "/oauth2/v2.0/token");
+    assert!(tokens <= 1, "{calls:#?}");
+    let polls = count("GET", "/operations/") + count("GET", "/operationResults/");
+    assert_eq!(polls, calls.len() - 2 - tokens, "nothing but polling besides: {calls:#?}");
+    println!("ARM calls of one grant lifecycle:\n{}", calls.join("\n"));
+}
