@@ -241,3 +241,42 @@ async fn one_grant_lifecycle_costs_one_put_and_one_delete_plus_polling() {
     assert_eq!(polls, calls.len() - 2 - tokens, "nothing but polling besides: {calls:#?}");
     println!("ARM calls of one grant lifecycle:\n{}", calls.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_without_ports_protects_azures_four_and_admits_nobody_until_sources_are_set() {
+    let world = World::start().await;
+    let (status, policy) = world.put_policy("demo-vm", &json!({"vm": DEMO_VM, "approval": {"mode": "auto"}})).await;
+    assert_eq!(status, 201, "{policy}");
+    assert_eq!(world.deny_rules()[0]["properties"]["destinationPortRanges"], json!(["22", "3389", "5985", "5986"]));
+    let (status, body) = world.request(ALICE, &ssh("PT1H")).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("source_not_allowed")));
+    assert!(body["error"]["message"].as_str().unwrap().contains("allows no sources yet"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_whole_internet_is_grantable_only_where_the_policy_says_any() {
+    let world = World::start().await;
+    let anywhere =
+        json!({"policy": "demo-vm", "ports": [22], "duration": "PT1H", "source": "0.0.0.0/0", "justification": "x"});
+    world.put_policy("demo-vm", &vm_only(DEMO_VM)).await;
+    assert_eq!(world.request(ALICE, &anywhere).await.1["error"]["code"], "source_not_allowed");
+    let mut open = vm_only(DEMO_VM);
+    open["ports"][0]["allowed_sources"] = json!(["any"]);
+    world.put_policy("demo-vm", &open).await;
+    let (status, body) = world.request(ALICE, &anywhere).await;
+    assert_eq!((status, body["state"].as_str()), (201, Some("active")), "{body}");
+    assert_eq!(world.jit_rules()[0]["properties"]["sourceAddressPrefix"], "0.0.0.0/0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disabling_with_revoke_ends_running_grants_and_without_it_lets_them_run() {
+    let world = World::start().await;
+    world.put_policy("demo-vm", &vm_only(DEMO_VM)).await;
+    world.request(ALICE, &ssh("PT1H")).await;
+    let mut disabled = vm_only(DEMO_VM);
+    disabled["enabled"] = json!(false);
+    let (status, body) =
+        world.call("PUT", "/api/policies/demo-vm?revoke=true", Some(ADMIN), Some(&disabled.to_string())).await;
+    assert_eq!((status, body["revoked"].as_u64()), (200, Some(1)), "{body}");
+    assert!(world.rules().is_empty(), "{:?}", world.rules());
+}
