@@ -118,7 +118,14 @@ impl From<StoreError> for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
-        Self::unauthorized(error.to_string())
+        match error {
+            AuthError::Unavailable(_) => {
+                Self { status: 503, code: "identity_provider_unavailable", message: error.to_string(), internal: None }
+            }
+            AuthError::Missing | AuthError::Unknown | AuthError::InvalidToken(_) => {
+                Self::unauthorized(error.to_string())
+            }
+        }
     }
 }
 

@@ -4,6 +4,7 @@ use anyhow::{Context, Result, bail};
 use ipnet::IpNet;
 
 use crate::auth::ApiKeys;
+use crate::auth::oidc::OidcSettings;
 use crate::domain::AccessDuration;
 use crate::domain::policy::PolicyLimits;
 
@@ -86,6 +87,8 @@ pub struct Config {
     pub arm: ArmSettings,
     /// API keys.
     pub api_keys: ApiKeys,
+    /// OIDC bearer tokens, when an issuer is configured.
+    pub oidc: Option<OidcSettings>,
     /// The shared secret of `POST /internal/sweep`.
     pub sweep_secret: Option<Secret>,
     /// Priority band for allow rules.
@@ -136,6 +139,26 @@ impl Config {
             }
         }
         let timeout = AccessDuration::parse(&optional("arm_timeout", "PT10S")).context("variable 'arm_timeout'")?;
+        let oidc = match optional("oidc_issuer", "") {
+            issuer if issuer.is_empty() => None,
+            issuer => {
+                let principal_claim = optional("oidc_principal_claim", "preferred_username");
+                if !["preferred_username", "upn", "email"].contains(&principal_claim.as_str()) {
+                    bail!("oidc_principal_claim must be preferred_username, upn or email");
+                }
+                let groups_claim = optional("oidc_groups_claim", "groups");
+                if !["groups", "roles"].contains(&groups_claim.as_str()) {
+                    bail!("oidc_groups_claim must be groups or roles");
+                }
+                Some(OidcSettings {
+                    issuer,
+                    audience: required("oidc_audience")?,
+                    jwks_url: required("oidc_jwks_url")?,
+                    principal_claim,
+                    groups_claim,
+                })
+            }
+        };
         let max_duration =
             AccessDuration::parse(&optional("max_duration", "PT24H")).context("variable 'max_duration'")?;
         let trusted_proxies = optional("trusted_proxies", "")
@@ -160,7 +183,8 @@ impl Config {
                 client_id: optional("arm_client_id", ""),
                 client_secret: Secret::new(optional("arm_client_secret", "")),
             },
-            api_keys: ApiKeys::parse(&required("api_keys")?)?,
+            api_keys: ApiKeys::parse(&optional("api_keys", "[]"))?,
+            oidc,
             sweep_secret: vars.get("sweep_secret").filter(|s| !s.is_empty()).map(Secret::new),
             priorities,
             deny_priorities,

@@ -11,6 +11,7 @@
 //! | `work/arm` | ids of requests with unfinished ARM work (open or close) |
 //! | `sweep/cursor` | the last minute the sweep fully processed |
 //! | `cache/arm-token` | the cached ARM access token |
+//! | `cache/jwks` | the OIDC issuer's key set and when it was fetched |
 //! | `grant/<policy>/<principal>` | ids of a requester's active grants under a policy |
 
 use chrono::{DateTime, Utc};
@@ -37,6 +38,8 @@ pub const ARM_WORK: &str = "work/arm";
 pub const SWEEP_CURSOR: &str = "sweep/cursor";
 /// The cached ARM token.
 pub const ARM_TOKEN: &str = "cache/arm-token";
+/// The cached OIDC key set.
+pub const JWKS: &str = "cache/jwks";
 
 /// One requester's recent requests.
 pub fn requests_by(principal: &Principal) -> String {

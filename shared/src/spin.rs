@@ -149,10 +149,17 @@ impl Ctx {
         Ok(Self { kv: SpinStore(store), http: SpinHttp, clock: SystemClock, config })
     }
 
-    /// The caller behind the request's API key.
+    /// The caller behind the request's bearer credential: an OIDC token when an issuer is
+    /// configured and the credential is a JWT, else an API key.
     pub fn authenticate(&self, request: &Request) -> Result<Caller, ApiError> {
         let header = request.header("authorization").and_then(|v| v.as_str());
-        Ok(self.config.api_keys.authenticate(header)?)
+        let bearer = header.and_then(|h| h.strip_prefix("Bearer ")).map(str::trim);
+        match (&self.config.oidc, bearer) {
+            (Some(oidc), Some(token)) if auth::oidc::looks_like_jwt(token) => {
+                Ok(auth::oidc::authenticate(token, oidc, &self.kv, &self.http, self.clock.now())?)
+            }
+            _ => Ok(self.config.api_keys.authenticate(header)?),
+        }
     }
 
     /// The caller's IP address (see [`auth::client_ip`]).

@@ -8,6 +8,7 @@
 //!   `InProgress` for a configurable number of polls, then `Succeeded`.
 //! - Faults for the next N matching calls, and a log of every call.
 
+mod oidc;
 mod rules;
 mod state;
 
@@ -101,6 +102,26 @@ impl Emulator {
             serde_json::json!({"id": subnet, "name": "default", "properties": subnet_properties}),
         );
         vm
+    }
+
+    /// The OIDC issuer's `iss`.
+    pub fn oidc_issuer(&self) -> String {
+        format!("{}/oidc", self.url())
+    }
+
+    /// A token from the OIDC issuer, signed with fixture key `kid` (`rsa-1`, `rsa-2`, `ec-1`).
+    pub fn mint(&self, kid: &str, claims: &serde_json::Value) -> String {
+        self.state.lock().unwrap().oidc.mint(kid, claims, true)
+    }
+
+    /// A token whose header names no key.
+    pub fn mint_without_kid(&self, kid: &str, claims: &serde_json::Value) -> String {
+        self.state.lock().unwrap().oidc.mint(kid, claims, false)
+    }
+
+    /// Publishes another key in the JWKS (a rotation).
+    pub fn publish_key(&self, kid: &'static str) {
+        self.state.lock().unwrap().oidc.publish(kid);
     }
 
     /// Tokens issued so far by one endpoint (`client_credentials`, `imds`, `app_service`).

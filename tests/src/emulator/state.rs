@@ -120,6 +120,8 @@ pub struct EmulatorState {
     pub faults: Vec<Fault>,
     /// Every call, in order.
     pub calls: Vec<Call>,
+    /// The OIDC issuer.
+    pub oidc: super::oidc::Issuer,
 }
 
 impl EmulatorState {
@@ -135,6 +137,7 @@ impl EmulatorState {
             operations: HashMap::new(),
             faults: Vec::new(),
             calls: Vec::new(),
+            oidc: super::oidc::Issuer::new(),
         }
     }
 
@@ -216,6 +219,13 @@ impl EmulatorState {
         }
         if path == "/msi/token" && method == Method::GET {
             return self.app_service_token(uri, headers);
+        }
+        if path == "/oidc/keys" && method == Method::GET {
+            return (200, vec![], serde_json::to_string(&self.oidc.jwks()).expect("a JWKS serialises"));
+        }
+        if path == "/oidc/.well-known/openid-configuration" && method == Method::GET {
+            let issuer = format!("{}/oidc", self.base_url);
+            return (200, vec![], json!({"issuer": issuer, "jwks_uri": format!("{issuer}/keys")}).to_string());
         }
         let authorized = headers
             .get("authorization")

@@ -5,12 +5,14 @@
 //! - `lifecycle`: the whole loop: request, approve, open, expire, close.
 //! - `validation`: bad input gets a clear 4xx and changes nothing.
 //! - `security`: authentication, self-approval, forged Spin headers, the sweep secret.
+//! - `identity`: OIDC bearer tokens, real signed ones, good and bad.
 //! - `faults`: ARM failures are retried, never lost.
 //! - `azure`: parity with Azure's JIT: VM resolution, baseline deny rules, rules it does not
 //!   own, identities, and the ARM cost of a grant.
 
 mod azure;
 mod faults;
+mod identity;
 mod lifecycle;
 mod security;
 mod support;

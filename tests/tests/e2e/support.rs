@@ -24,6 +24,9 @@ const KEYS: [DemoKey; 5] = [
     DemoKey { key: DAVE, principal: "dave", groups: &["ops"], roles: &["approver"] },
 ];
 
+/// The audience tokens are minted for.
+pub const AUDIENCE: &str = "api://portcullis";
+
 pub struct World {
     pub local: Local,
     client: reqwest::Client,
@@ -45,6 +48,14 @@ impl World {
         let mut overrides: HashMap<String, String> =
             variables.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         overrides.entry("api_keys".into()).or_insert_with(|| local::api_keys_json(&KEYS));
+        for (name, value) in [
+            ("oidc_issuer", "{emulator}/oidc"),
+            ("oidc_audience", AUDIENCE),
+            ("oidc_jwks_url", "{emulator}/oidc/keys"),
+            ("oidc_host", "{emulator}"),
+        ] {
+            overrides.entry(name.into()).or_insert_with(|| value.into());
+        }
         let local = local::start(LocalOptions {
             listen: listen.parse().unwrap(),
             emulator_listen: "127.0.0.1:0".parse().unwrap(),
@@ -99,6 +110,20 @@ impl World {
         let (status, body) = self.call("GET", &format!("/api/requests/{id}"), Some(ADMIN), None).await;
         assert_eq!(status, 200, "{body}");
         body
+    }
+
+    /// Claims of a valid token for `who`, valid for an hour of guest time.
+    pub fn claims(&self, who: &str, groups: &[&str], roles: &[&str]) -> Value {
+        let now = self.local.host.clock().now().timestamp();
+        json!({
+            "iss": self.local.emulator.oidc_issuer(), "aud": AUDIENCE, "iat": now, "nbf": now, "exp": now + 3600,
+            "preferred_username": who, "email": format!("{}.mail@example.com", who.split('@').next().unwrap()), "groups": groups, "roles": roles,
+        })
+    }
+
+    /// A valid RS256 token.
+    pub fn token(&self, who: &str, groups: &[&str], roles: &[&str]) -> String {
+        self.local.emulator.mint("rsa-1", &self.claims(who, groups, roles))
     }
 
     /// The demo NSG's rules as ARM returns them.

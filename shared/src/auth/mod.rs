@@ -1,4 +1,7 @@
-//! Who is calling: API keys (configured as SHA-256 hashes) and the caller's network address.
+//! Who is calling: API keys (configured as SHA-256 hashes), OIDC bearer tokens, and the
+//! caller's network address.
+
+pub mod oidc;
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -50,6 +53,12 @@ pub enum AuthError {
     /// A key that matches no configured hash.
     #[error("unknown or revoked credentials")]
     Unknown,
+    /// A bearer token that fails verification; says why (never echoes the token).
+    #[error("invalid bearer token: {0}")]
+    InvalidToken(String),
+    /// The identity provider could not be reached to check a token.
+    #[error("cannot verify the token now: {0}")]
+    Unavailable(String),
 }
 
 /// The configured API keys: SHA-256 hashes of the keys, each with its caller.
