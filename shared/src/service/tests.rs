@@ -45,6 +45,7 @@ impl World {
             config: Config {
                 arm: arm_settings(),
                 api_keys: ApiKeys::default(),
+                oidc: None,
                 sweep_secret: None,
                 priorities: PriorityBand { min: 100, max: 199 },
                 deny_priorities: PriorityBand { min: 4000, max: 4096 },
