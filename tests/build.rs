@@ -46,7 +46,7 @@ fn main() {
     }
     let status = command.status().expect("running cargo to build the components");
     if !status.success() {
-        panic!("building the components failed (is the target installed? `rustup target add wasm32-wasip2`)");
+        panic!("building the components for wasm32-wasip2 failed: the compiler's errors are above");
     }
     println!("cargo:rustc-env=PORTCULLIS_GUEST_DIR={}", target_dir.join("wasm32-wasip2").join("release").display());
 }

@@ -1,5 +1,6 @@
-//! approve-fn: approvers' decisions on pending requests; an approval that completes the
-//! required count opens the NSG rule. Routes: `/api/requests/:id/{approve,deny}`.
+//! approve-fn: decisions on requests and grants. An approval that completes the required count
+//! opens the NSG rule; a revoke removes it at once; an extend moves its end.
+//! Routes: `/api/requests/:id/{approve,deny,revoke,extend}`.
 
 use shared::api::{ApiError, Reply};
 use shared::service::decisions;
@@ -18,7 +19,11 @@ fn route(request: &Request) -> Result<Reply, ApiError> {
     ctx.run(|env| match (request.method(), segments(request, "/api").as_slice()) {
         (Method::Post, ["requests", id, "approve"]) => decisions::approve(env, &caller, id, request.body()),
         (Method::Post, ["requests", id, "deny"]) => decisions::deny(env, &caller, id, request.body()),
-        (_, ["requests", _, "approve" | "deny"]) => Err(ApiError::method_not_allowed("decisions are POSTed")),
+        (Method::Post, ["requests", id, "revoke"]) => decisions::revoke(env, &caller, id, request.body()),
+        (Method::Post, ["requests", id, "extend"]) => decisions::extend(env, &caller, id, request.body()),
+        (_, ["requests", _, "approve" | "deny" | "revoke" | "extend"]) => {
+            Err(ApiError::method_not_allowed("decisions are POSTed"))
+        }
         _ => Err(ApiError::not_found("no_such_route", format!("no API at {}", request.path()))),
     })
 }

@@ -26,14 +26,26 @@ fn route(request: &Request) -> Result<Reply, ApiError> {
         (Method::Post, ["requests"]) => {
             requests::create(env, &caller, ctx.client_ip(request), new_request_id(), request.body())
         }
+        (Method::Post, ["policies", name, "evaluate"]) => policies::evaluate(env, &caller, name, request.body()),
         (Method::Get, ["requests"]) => {
-            requests::list(env, &caller, query_param(query, "state"), query_param(query, "mine") == Some("true"))
+            let filter = requests::ListFilter {
+                state: query_param(query, "state"),
+                mine: query_param(query, "mine") == Some("true"),
+                awaiting_me: query_param(query, "awaiting") == Some("me"),
+            };
+            requests::list(env, &caller, filter)
         }
         (Method::Get, ["requests", id]) => requests::get(env, &caller, id),
         (Method::Post, ["requests", id, "cancel"]) => requests::cancel(env, &caller, id),
-        (_, ["policies"] | ["policies", _] | ["requests"] | ["requests", _] | ["requests", _, "cancel"]) => {
-            Err(ApiError::method_not_allowed(format!("{} is not supported on {}", request.method(), request.path())))
-        }
+        (
+            _,
+            ["policies"]
+            | ["policies", _]
+            | ["policies", _, "evaluate"]
+            | ["requests"]
+            | ["requests", _]
+            | ["requests", _, "cancel"],
+        ) => Err(ApiError::method_not_allowed(format!("{} is not supported on {}", request.method(), request.path()))),
         _ => Err(ApiError::not_found("no_such_route", format!("no API at {}", request.path()))),
     })
 }

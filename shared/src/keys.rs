@@ -7,12 +7,13 @@
 //! | `idx/policies` | names of all policies |
 //! | `idx/recent` | ids of the most recent requests |
 //! | `idx/by/<principal>` | ids of a requester's recent requests |
-//! | `due/<yyyymmddhhmm>` | ids of requests whose access ends in that minute (UTC) |
+//! | `due/<yyyymmddhhmm>` | ids of requests whose access ends, or whose wait for approval runs out, in that minute (UTC) |
 //! | `work/arm` | ids of requests with unfinished ARM work (open or close) |
 //! | `sweep/cursor` | the last minute the sweep fully processed |
 //! | `cache/arm-token` | the cached ARM access token |
 //! | `cache/jwks` | the OIDC issuer's key set and when it was fetched |
-//! | `grant/<policy>/<principal>` | ids of a requester's active grants under a policy |
+//! | `open/<policy>/<principal>` | ids of a requester's pending and active requests under a policy |
+//! | `live/<policy>` | ids of a policy's active grants |
 
 use chrono::{DateTime, Utc};
 
@@ -51,7 +52,13 @@ pub fn due(at: DateTime<Utc>) -> String {
     format!("due/{}", at.format("%Y%m%d%H%M"))
 }
 
-/// A requester's active grants under one policy (to replace them with a newer request).
-pub fn grants_of(policy: &PolicyName, principal: &Principal) -> String {
-    format!("grant/{policy}/{principal}")
+/// A requester's pending and active requests under one policy (duplicates, quotas, and
+/// replacing an older grant with a newer one).
+pub fn open_of(policy: &PolicyName, principal: &Principal) -> String {
+    format!("open/{policy}/{principal}")
+}
+
+/// A policy's active grants (the per-VM quota).
+pub fn live(policy: &PolicyName) -> String {
+    format!("live/{policy}")
 }

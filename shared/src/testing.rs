@@ -164,3 +164,20 @@ impl Arm for FakeArm {
         Ok(VmNetwork { nic: "nic".into(), private_ip: "10.0.0.4".parse().unwrap(), nsg: Some(nsg()) })
     }
 }
+
+/// Alice's valid request (port 22, PT1H, from 203.0.113.7) under [`policy`], made at `at(0)`.
+pub fn request() -> crate::domain::AccessRequest {
+    let raw: crate::domain::RawRequest = serde_json::from_value(raw_request()).unwrap();
+    let alice = crate::domain::Principal::parse("alice").unwrap();
+    let devs = [crate::domain::GroupName::parse("devs").unwrap()];
+    crate::domain::AccessRequest::from_raw(
+        raw,
+        &policy(),
+        &alice,
+        &devs,
+        None,
+        crate::domain::RequestId::parse("r1").unwrap(),
+        at(0),
+    )
+    .unwrap()
+}

@@ -1,5 +1,6 @@
 //! Domain types and rules: no I/O, no clock, no randomness; time and ids are passed in.
 
+pub mod decide;
 pub mod duration;
 pub mod ids;
 pub mod net;

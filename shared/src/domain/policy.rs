@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::decide::AutoRule;
 use super::request::RuleRef;
 use super::{AccessDuration, AllowedSource, Member, PolicyName, Port, Protocol};
 
@@ -118,7 +119,8 @@ pub struct PortRule {
 pub enum Approval {
     /// Approved at once when the request is valid.
     Auto,
-    /// Needs `required` distinct approvers from `approvers`, none of them the requester.
+    /// Needs `required` distinct approvers from `approvers`, none of them the requester,
+    /// unless one of `auto_rules` (in order) approves it.
     Manual {
         /// Who may approve.
         approvers: Vec<Member>,
@@ -126,7 +128,45 @@ pub enum Approval {
         required: u8,
         /// How long a request may wait for approvals.
         pending_timeout: AccessDuration,
+        /// Rules that approve at once; the first match decides.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        auto_rules: Vec<AutoRule>,
     },
+}
+
+/// Who may extend a running grant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Extensions {
+    /// The requester too (within the policy's maximum).
+    #[default]
+    Requester,
+    /// Only an approver or an admin: an extension is re-approved.
+    Approval,
+}
+
+/// Emergency self-activation: named people may open access without approval, loudly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakGlass {
+    /// Who may break the glass.
+    pub members: Vec<Member>,
+    /// The hard cap on a break-glass grant.
+    pub max_duration: AccessDuration,
+}
+
+/// Limits on concurrent active grants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quotas {
+    /// Per requester under this policy.
+    pub per_requester: u16,
+    /// For the whole VM.
+    pub per_vm: u16,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self { per_requester: 3, per_vm: 50 }
+    }
 }
 
 /// Where a VM's rules go: its NSG and private IP, given by the admin or resolved through ARM.
@@ -174,6 +214,18 @@ pub struct Policy {
     pub requesters: Vec<Member>,
     /// A disabled policy refuses new requests.
     pub enabled: bool,
+    /// A regular expression every justification must match (`^(INC|CHG)-\d+`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification_pattern: Option<String>,
+    /// Emergency self-activation, if allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub break_glass: Option<BreakGlass>,
+    /// Concurrent grant limits.
+    #[serde(default)]
+    pub quotas: Quotas,
+    /// Who may extend a running grant.
+    #[serde(default)]
+    pub extensions: Extensions,
 }
 
 /// A policy as an admin sends it: plain data, checked by [`Policy::from_raw`].
@@ -190,6 +242,28 @@ pub struct RawPolicy {
     requesters: Vec<String>,
     #[serde(default = "enabled_by_default")]
     enabled: bool,
+    #[serde(default)]
+    justification_pattern: Option<String>,
+    #[serde(default)]
+    break_glass: Option<RawBreakGlass>,
+    #[serde(default)]
+    quotas: Option<RawQuotas>,
+    #[serde(default)]
+    extensions: Extensions,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreakGlass {
+    members: Vec<String>,
+    max_duration: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuotas {
+    per_requester: Option<u16>,
+    per_vm: Option<u16>,
 }
 
 fn enabled_by_default() -> bool {
@@ -220,6 +294,8 @@ enum RawApproval {
         #[serde(default = "one")]
         required: u32,
         pending_timeout: Option<String>,
+        #[serde(default)]
+        auto_rules: Vec<AutoRule>,
     },
 }
 
@@ -238,6 +314,8 @@ pub struct PolicyLimits {
 const DEFAULT_PORTS: [u32; 4] = [22, 3389, 5985, 5986];
 /// Default `max_duration` of a port that names none: three hours, as in Azure's JIT.
 const DEFAULT_MAX_DURATION_SECS: u32 = 3 * 3600;
+/// Default cap on a break-glass grant: one hour.
+const DEFAULT_BREAK_GLASS_MINUTES: u32 = 60;
 /// Default wait for approvals.
 const DEFAULT_PENDING_TIMEOUT_MINUTES: u32 = 60;
 
@@ -311,7 +389,7 @@ impl Policy {
         }
         let approval = match raw.approval {
             RawApproval::Auto => Approval::Auto,
-            RawApproval::Manual { approvers, required, pending_timeout } => {
+            RawApproval::Manual { approvers, required, pending_timeout, auto_rules } => {
                 let approvers = parse_members("approvers", approvers)?;
                 if approvers.is_empty() {
                     return Err(err("manual approval needs at least one entry in 'approvers'".into()).into());
@@ -323,10 +401,39 @@ impl Policy {
                     Some(text) => AccessDuration::parse(&text).map_err(|e| err(e.to_string()))?,
                     None => AccessDuration::minutes(DEFAULT_PENDING_TIMEOUT_MINUTES),
                 };
-                Approval::Manual { approvers, required: required as u8, pending_timeout }
+                Approval::Manual { approvers, required: required as u8, pending_timeout, auto_rules }
             }
         };
         let requesters = parse_members("requesters", raw.requesters)?;
+        if let Some(pattern) = &raw.justification_pattern {
+            if pattern.len() > 200 {
+                return Err(err("'justification_pattern' is longer than 200 characters".into()).into());
+            }
+            regex::Regex::new(pattern)
+                .map_err(|e| err(format!("'justification_pattern' is not a valid regular expression: {e}")))?;
+        }
+        let break_glass = match raw.break_glass {
+            None => None,
+            Some(raw) => {
+                let members = parse_members("break_glass.members", raw.members)?;
+                if members.is_empty() {
+                    return Err(err("'break_glass.members' must name who may break the glass".into()).into());
+                }
+                let max_duration = match raw.max_duration {
+                    Some(text) => AccessDuration::parse(&text).map_err(|e| err(format!("break_glass: {e}")))?,
+                    None => AccessDuration::minutes(DEFAULT_BREAK_GLASS_MINUTES),
+                };
+                Some(BreakGlass { members, max_duration })
+            }
+        };
+        let defaults = Quotas::default();
+        let quotas = raw.quotas.map_or(defaults, |q| Quotas {
+            per_requester: q.per_requester.unwrap_or(defaults.per_requester),
+            per_vm: q.per_vm.unwrap_or(defaults.per_vm),
+        });
+        if quotas.per_requester == 0 || quotas.per_vm == 0 {
+            return Err(err("quotas must be at least 1 (disable the policy to refuse everyone)".into()).into());
+        }
         let placement = match explicit {
             Some(placement) => placement,
             None => resolve(&vm)?,
@@ -342,6 +449,10 @@ impl Policy {
             approval,
             requesters,
             enabled: raw.enabled,
+            justification_pattern: raw.justification_pattern,
+            break_glass,
+            quotas,
+            extensions: raw.extensions,
         })
     }
 

@@ -23,6 +23,9 @@ pub struct RawRequest {
     source: Option<String>,
     #[serde(default)]
     justification: Option<String>,
+    /// Emergency self-activation (only for the policy's break-glass members).
+    #[serde(default)]
+    break_glass: bool,
 }
 
 /// Why a request was refused, split by the HTTP status it deserves.
@@ -78,6 +81,17 @@ pub struct Ending {
     pub reason: Option<String>,
 }
 
+/// One extension of a running grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extension {
+    /// Who extended it.
+    pub by: Principal,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// By how much.
+    pub by_duration: AccessDuration,
+}
+
 /// The NSG rule that carries a grant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleRef {
@@ -116,6 +130,15 @@ pub struct AccessRequest {
     /// Whether the policy approved it without an approver.
     #[serde(default)]
     pub auto_approved: bool,
+    /// The auto-approval rule that approved it, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_rule: Option<String>,
+    /// An emergency self-activation: approved by nobody, flagged everywhere.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub break_glass: bool,
+    /// Extensions granted so far.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extensions: Vec<Extension>,
     /// Approvals given so far.
     #[serde(default)]
     pub approvals: Vec<ApprovalRecord>,
@@ -193,6 +216,36 @@ impl AccessRequest {
             ));
         }
 
+        if let Some(pattern) = &policy.justification_pattern {
+            // Checked when the policy was stored; a pattern that no longer compiles refuses.
+            let matches = regex::Regex::new(pattern).is_ok_and(|re| re.is_match(&justification));
+            if !matches {
+                return Err(refused(
+                    "justification_mismatch",
+                    format!("the justification must match the policy's pattern {pattern}"),
+                ));
+            }
+        }
+        if raw.break_glass {
+            let Some(glass) = &policy.break_glass else {
+                return Err(refused(
+                    "break_glass_not_allowed",
+                    format!("policy '{}' has no break-glass access", policy.name),
+                ));
+            };
+            if !glass.members.iter().any(|m| m.covers(requester, requester_groups)) {
+                return Err(refused(
+                    "break_glass_not_allowed",
+                    format!("'{requester}' may not break the glass under policy '{}'", policy.name),
+                ));
+            }
+            if duration > glass.max_duration {
+                return Err(refused(
+                    "duration_too_long",
+                    format!("break-glass access lasts at most {}", glass.max_duration),
+                ));
+            }
+        }
         if !policy.enabled {
             return Err(refused("policy_disabled", format!("policy '{}' is disabled", policy.name)));
         }
@@ -263,6 +316,9 @@ impl AccessRequest {
             created_at: now,
             state: State::Pending,
             auto_approved: false,
+            auto_rule: None,
+            break_glass: raw.break_glass,
+            extensions: Vec::new(),
             approvals: Vec::new(),
             ended: None,
             pending_until,
@@ -380,6 +436,7 @@ mod tests {
         let mut request = build(raw_request()).unwrap();
         let mut policy = policy();
         policy.approval = Approval::Manual {
+            auto_rules: vec![],
             approvers: vec![Member::parse("group:ops").unwrap()],
             required: 2,
             pending_timeout: AccessDuration::minutes(60),
@@ -397,6 +454,7 @@ mod tests {
         let request = build(raw_request()).unwrap();
         let mut policy = policy();
         policy.approval = Approval::Manual {
+            auto_rules: vec![],
             approvers: vec![Member::parse("alice").unwrap()],
             required: 1,
             pending_timeout: AccessDuration::minutes(60),

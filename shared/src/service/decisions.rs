@@ -1,12 +1,16 @@
-//! Approvers' decisions: `POST /api/requests/{id}/approve` and `/deny`.
+//! Decisions on requests: `POST /api/requests/{id}/approve` and `/deny` (approvers), and on
+//! running grants: `/revoke` and `/extend` (the requester, approvers, admins).
 
 use serde::Deserialize;
 
-use super::{Env, request_json, requests};
+use super::{Env, grants, request_json, requests};
 use crate::api::{ApiError, Reply, parse_json};
 use crate::auth::{Caller, Role};
-use crate::domain::request::{ApprovalRecord, Ending, approvals_missing, may_approve};
-use crate::domain::{AccessRequest, Event, Policy};
+use crate::domain::policy::Extensions;
+use crate::domain::request::{ApprovalRecord, Ending, Extension, approvals_missing, may_approve};
+use crate::domain::{AccessDuration, AccessRequest, Event, Policy, State};
+use crate::keys;
+use crate::store;
 use crate::store::Versioned;
 
 #[derive(Deserialize)]
@@ -84,6 +88,100 @@ pub fn deny(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Reply, 
     request.value.state =
         request.value.state.apply(Event::Deny).map_err(|e| ApiError::conflict("invalid_state", e.to_string()))?;
     request.value.ended = Some(Ending { by: caller.principal.to_string(), at: env.now, reason });
+    env.save_request(&mut request)?;
+    grants::forget_open(env, &request.value)?;
+    Ok(Reply::ok(request_json(&request.value)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtendBody {
+    duration: String,
+}
+
+/// Who is acting on a running grant.
+enum Actor {
+    Requester,
+    Approver,
+    Admin,
+}
+
+/// The caller's standing towards a request; others' requests read as absent.
+fn actor(env: &Env, caller: &Caller, request: &AccessRequest) -> Result<Actor, ApiError> {
+    let policy = env.policy(&request.policy).ok().map(|p| p.value);
+    if caller.has(Role::Admin) {
+        Ok(Actor::Admin)
+    } else if caller.has(Role::Approver)
+        && request.requester != caller.principal
+        && policy.as_ref().is_some_and(|p| requests::is_approver(p, caller))
+    {
+        Ok(Actor::Approver)
+    } else if request.requester == caller.principal {
+        Ok(Actor::Requester)
+    } else {
+        Err(ApiError::not_found("request_not_found", format!("no request '{}'", request.id)))
+    }
+}
+
+/// Ends a running (or approved) grant now: the rule is removed before answering.
+pub fn revoke(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
+    let body: DenyBody = parse_json(body, true)?;
+    let reason = note(body.reason)?;
+    let mut request = env.request(id)?;
+    actor(env, caller, &request.value)?;
+    if !matches!(request.value.state, State::Active | State::Approved) {
+        return Err(ApiError::conflict(
+            "invalid_state",
+            format!("request is {}; only active grants can be revoked", request.value.state.name()),
+        ));
+    }
+    let ending = Ending { by: caller.principal.to_string(), at: env.now, reason };
+    grants::close(env, &mut request, Event::Revoke, Some(ending))?;
+    Ok(Reply::ok(request_json(&request.value)))
+}
+
+/// Extends a running grant within the policy's maximum, measured from when it opened.
+pub fn extend(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
+    let body: ExtendBody = parse_json(body, false)?;
+    let by =
+        AccessDuration::parse(&body.duration).map_err(|e| ApiError::bad_request("invalid_duration", e.to_string()))?;
+    let mut request = env.request(id)?;
+    let actor = actor(env, caller, &request.value)?;
+    let policy = env.policy(&request.value.policy)?.value;
+    if matches!(actor, Actor::Requester) && policy.extensions == Extensions::Approval {
+        return Err(ApiError::forbidden(
+            "extension_needs_approval",
+            "this policy has extensions approved: ask an approver to extend the grant",
+        ));
+    }
+    let (State::Active, Some(started), Some(ends_at)) =
+        (request.value.state, request.value.activated_at, request.value.ends_at)
+    else {
+        return Err(ApiError::conflict(
+            "invalid_state",
+            format!("request is {}; only active grants can be extended", request.value.state.name()),
+        ));
+    };
+    let maximum = if request.value.break_glass {
+        policy.break_glass.as_ref().map(|g| g.max_duration)
+    } else {
+        request.value.ports.iter().filter_map(|p| policy.port(p).map(|rule| rule.max_duration)).min()
+    }
+    .ok_or_else(|| ApiError::conflict("policy_changed", "the policy no longer covers these ports"))?;
+    let new_end = ends_at + by.as_delta();
+    let total = new_end - started;
+    if total > maximum.as_delta() {
+        let total_minutes = total.num_minutes();
+        return Err(ApiError::unprocessable(
+            "extension_too_long",
+            format!(
+                "the grant would last {total_minutes} minutes in all; the policy allows {maximum} from when it opened"
+            ),
+        ));
+    }
+    store::add_to_list(env.kv, &keys::due(new_end), request.value.id.as_str(), usize::MAX)?;
+    request.value.ends_at = Some(new_end);
+    request.value.extensions.push(Extension { by: caller.principal.clone(), at: env.now, by_duration: by });
     env.save_request(&mut request)?;
     Ok(Reply::ok(request_json(&request.value)))
 }

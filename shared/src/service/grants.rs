@@ -123,8 +123,7 @@ pub fn finish_close(env: &Env, request: &mut Versioned<AccessRequest>) -> Result
             request.value.closed_at = Some(env.now);
             request.value.arm_attempts = 0;
             env.save_request(request)?;
-            let grants = keys::grants_of(&request.value.policy, &request.value.requester);
-            store::remove_from_list(env.kv, &grants, request.value.id.as_str())?;
+            forget_open(env, &request.value)?;
             store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
             Ok(())
         }
@@ -153,7 +152,15 @@ fn activate(env: &Env, request: &mut Versioned<AccessRequest>, ends_at: DateTime
     request.value.arm_attempts = 0;
     request.value.last_error = None;
     env.save_request(request)?;
+    store::add_to_list(env.kv, &keys::live(&request.value.policy), request.value.id.as_str(), usize::MAX)?;
     store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
+    Ok(())
+}
+
+/// Drops an ended request from the open and live indexes.
+pub fn forget_open(env: &Env, request: &AccessRequest) -> Result<(), ApiError> {
+    store::remove_from_list(env.kv, &keys::open_of(&request.policy, &request.requester), request.id.as_str())?;
+    store::remove_from_list(env.kv, &keys::live(&request.policy), request.id.as_str())?;
     Ok(())
 }
 
@@ -161,13 +168,10 @@ fn activate(env: &Env, request: &mut Versioned<AccessRequest>, ends_at: DateTime
 /// same policy loses the ports the new one covers. Its rule is narrowed to what remains, or
 /// removed when nothing does (recorded as "newer request initiated", as Azure does).
 fn supersede_older_grants(env: &Env, request: &mut Versioned<AccessRequest>, policy: &Policy) -> Result<(), ApiError> {
-    let key = keys::grants_of(&request.value.policy, &request.value.requester);
+    let key = keys::open_of(&request.value.policy, &request.value.requester);
     let newer = request.value.id.as_str().to_owned();
     for id in store::read_list(env.kv, &key)? {
-        let Ok(mut older) = env.request(&id) else {
-            store::remove_from_list(env.kv, &key, &id)?;
-            continue;
-        };
+        let Ok(mut older) = env.request(&id) else { continue };
         if older.value.state != State::Active || older.value.id == request.value.id {
             continue;
         }
@@ -182,7 +186,6 @@ fn supersede_older_grants(env: &Env, request: &mut Versioned<AccessRequest>, pol
             Ok(ports) => narrow(env, &mut older, policy, ports)?,
         }
     }
-    store::add_to_list(env.kv, &key, &newer, usize::MAX)?;
     Ok(())
 }
 
@@ -208,6 +211,7 @@ fn fail(env: &Env, request: &mut Versioned<AccessRequest>, reason: String) -> Re
     request.value.last_error = Some(reason);
     request.value.closed_at = Some(env.now);
     env.save_request(request)?;
+    forget_open(env, &request.value)?;
     store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
     Ok(())
 }

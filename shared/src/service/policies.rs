@@ -151,3 +151,69 @@ fn revoke_grants(env: &Env, caller: &Caller, policy: &PolicyName) -> Result<usiz
     }
     Ok(revoked)
 }
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvaluateBody {
+    principal: String,
+    #[serde(default)]
+    groups: Vec<String>,
+    request: serde_json::Value,
+}
+
+/// A dry run: would this principal's request be allowed, auto-approved, and by which rule?
+/// Checks everything a real request is checked against; changes nothing.
+pub fn evaluate(env: &Env, caller: &Caller, name: &str, body: &[u8]) -> Result<Reply, ApiError> {
+    if !caller.has(Role::Admin) && !caller.has(Role::Approver) {
+        return Err(ApiError::forbidden("role_required", "evaluating policies needs the admin or approver role"));
+    }
+    let name = parse_name(name)?;
+    let policy = env.policy(&name)?.value;
+    let body: EvaluateBody = parse_json(body, false)?;
+    let principal = crate::domain::Principal::parse(&body.principal)
+        .map_err(|e| ApiError::bad_request("invalid_principal", e.to_string()))?;
+    let groups: Vec<crate::domain::GroupName> = body
+        .groups
+        .iter()
+        .map(|g| crate::domain::GroupName::parse(g).map_err(|e| ApiError::bad_request("invalid_group", e.to_string())))
+        .collect::<Result<_, _>>()?;
+    let mut raw = body.request;
+    raw["policy"] = json!(name);
+    let raw: crate::domain::RawRequest =
+        serde_json::from_value(raw).map_err(|e| ApiError::bad_request("invalid_body", format!("request: {e}")))?;
+    let id = RequestId::parse("dry-run").expect("a valid id");
+    let request = match AccessRequest::from_raw(raw, &policy, &principal, &groups, None, id, env.now) {
+        Ok(request) => request,
+        Err(refused) => {
+            let error = super::requests::refusal(refused);
+            return Ok(Reply::ok(json!({"allowed": false, "code": error.code, "reason": error.message})));
+        }
+    };
+    let (decision, verdicts) = if request.break_glass {
+        (crate::domain::decide::Decision::AutoApproved { rule: None }, Vec::new())
+    } else {
+        crate::domain::decide::decide(&request, &policy, &groups, env.now)
+    };
+    let rules: Vec<serde_json::Value> = verdicts
+        .into_iter()
+        .map(|(rule, verdict)| json!({"rule": rule, "matched": verdict.is_ok(), "why_not": verdict.err()}))
+        .collect();
+    let answer = match decision {
+        crate::domain::decide::Decision::AutoApproved { rule } => {
+            let reason = if request.break_glass {
+                "break-glass self-activation".to_owned()
+            } else {
+                rule.as_ref().map_or_else(
+                    || "the policy approves every valid request".to_owned(),
+                    |r| format!("auto-approval rule '{r}' matches"),
+                )
+            };
+            json!({"allowed": true, "auto_approved": true, "rule": rule, "reason": reason, "rules": rules})
+        }
+        crate::domain::decide::Decision::NeedsApprovals { required } => json!({
+            "allowed": true, "auto_approved": false, "required_approvals": required,
+            "reason": format!("no auto-approval rule matches: {required} approval(s) needed"), "rules": rules,
+        }),
+    };
+    Ok(Reply::ok(answer))
+}

@@ -8,15 +8,28 @@ use super::grants::{self, RECENT_CAP};
 use super::{Env, request_json};
 use crate::api::{ApiError, Reply, parse_json};
 use crate::auth::{Caller, Role};
-use crate::domain::request::{Ending, RawRequest};
-use crate::domain::{AccessRequest, Approval, Event, Policy, PolicyName, RequestError, RequestId};
+use crate::domain::decide::{Decision, decide};
+use crate::domain::request::{Ending, RawRequest, approvals_missing, may_approve};
+use crate::domain::{AccessRequest, Approval, Event, Policy, PolicyName, RequestError, RequestId, State};
 use crate::keys;
 use crate::store::{self, Versioned};
 
 /// The most requests one listing returns.
 const MAX_LIST: usize = 200;
 
-/// Creates a request; under an auto-approving policy, opens the rule before answering.
+/// Maps a refusal from the domain to its HTTP status.
+pub fn refusal(error: RequestError) -> ApiError {
+    match error {
+        RequestError::Malformed { code, message } => ApiError::bad_request(code, message),
+        RequestError::Refused { code: code @ ("not_a_requester" | "break_glass_not_allowed"), message } => {
+            ApiError::forbidden(code, message)
+        }
+        RequestError::Refused { code, message } => ApiError::unprocessable(code, message),
+    }
+}
+
+/// Creates a request. It is approved at once when the policy says so (auto mode, a matching
+/// auto-approval rule, or break-glass), and then its rule is opened before answering.
 pub fn create(
     env: &Env,
     caller: &Caller,
@@ -31,21 +44,83 @@ pub fn create(
     let name =
         PolicyName::parse(&raw.policy).map_err(|e| ApiError::bad_request("invalid_policy_name", e.to_string()))?;
     let policy = env.policy(&name)?.value;
-    let request = AccessRequest::from_raw(raw, &policy, &caller.principal, &caller.groups, caller_ip, id, env.now)
-        .map_err(|e| match e {
-            RequestError::Malformed { code, message } => ApiError::bad_request(code, message),
-            RequestError::Refused { code: code @ "not_a_requester", message } => ApiError::forbidden(code, message),
-            RequestError::Refused { code, message } => ApiError::unprocessable(code, message),
-        })?;
-    let key = keys::request(&request.id);
-    let version = store::save(env.kv, &key, &request, None)?;
+    let mut request = AccessRequest::from_raw(raw, &policy, &caller.principal, &caller.groups, caller_ip, id, env.now)
+        .map_err(refusal)?;
+    check_duplicates_and_quotas(env, &request, &policy)?;
+    let decision = if request.break_glass {
+        Decision::AutoApproved { rule: None }
+    } else {
+        decide(&request, &policy, &caller.groups, env.now).0
+    };
+    if let Decision::AutoApproved { rule } = &decision {
+        request.auto_rule = rule.clone();
+        request.pending_until = None;
+    }
+    let version = store::save(env.kv, &keys::request(&request.id), &request, None)?;
     let mut request = Versioned { value: request, version };
-    store::add_to_list(env.kv, keys::RECENT_REQUESTS, request.value.id.as_str(), RECENT_CAP)?;
-    store::add_to_list(env.kv, &keys::requests_by(&caller.principal), request.value.id.as_str(), RECENT_CAP)?;
-    if policy.approval == Approval::Auto {
-        approve_and_open(env, &mut request, &policy)?;
+    let id = request.value.id.as_str().to_owned();
+    store::add_to_list(env.kv, keys::RECENT_REQUESTS, &id, RECENT_CAP)?;
+    store::add_to_list(env.kv, &keys::requests_by(&caller.principal), &id, RECENT_CAP)?;
+    store::add_to_list(env.kv, &keys::open_of(&policy.name, &caller.principal), &id, usize::MAX)?;
+    if request.value.break_glass {
+        eprintln!(
+            "BREAK-GLASS: {} opened {:?} on {} from {} for {}: {}",
+            caller.principal,
+            request.value.ports,
+            policy.name,
+            request.value.source,
+            request.value.duration,
+            request.value.justification
+        );
+    }
+    match decision {
+        Decision::AutoApproved { .. } => approve_and_open(env, &mut request, &policy)?,
+        Decision::NeedsApprovals { .. } => {
+            if let Some(deadline) = request.value.pending_until {
+                // The sweep times the request out from the same due index that ends grants.
+                store::add_to_list(env.kv, &keys::due(deadline), &id, usize::MAX)?;
+            }
+        }
     }
     Ok(Reply::created(request_json(&request.value)))
+}
+
+/// Refuses a second pending request for the same ports, and requests beyond the quotas.
+/// Grants this request would replace (same person, overlapping ports) do not count.
+fn check_duplicates_and_quotas(env: &Env, request: &AccessRequest, policy: &Policy) -> Result<(), ApiError> {
+    let mut running = 0;
+    for id in store::read_list(env.kv, &keys::open_of(&policy.name, &request.requester))? {
+        let Ok(other) = env.request(&id) else { continue };
+        let other = other.value;
+        let overlaps = other.ports.iter().any(|p| request.ports.iter().any(|q| q == p));
+        match other.state {
+            State::Pending if other.ports == request.ports => {
+                return Err(ApiError::conflict(
+                    "duplicate_request",
+                    format!("request {} already asks for these ports and is pending", other.id),
+                ));
+            }
+            State::Active | State::Approved if !overlaps => running += 1,
+            _ => {}
+        }
+    }
+    if running >= usize::from(policy.quotas.per_requester) {
+        return Err(ApiError::unprocessable(
+            "quota_exceeded",
+            format!(
+                "at most {} concurrent grants per requester under policy '{}'",
+                policy.quotas.per_requester, policy.name
+            ),
+        ));
+    }
+    let live = store::read_list(env.kv, &keys::live(&policy.name))?.len();
+    if live >= usize::from(policy.quotas.per_vm) {
+        return Err(ApiError::unprocessable(
+            "quota_exceeded",
+            format!("policy '{}' already has {live} concurrent grants, its limit", policy.name),
+        ));
+    }
+    Ok(())
 }
 
 /// Approves a pending request and opens its rule (ARM failures stay queued for the sweep).
@@ -53,22 +128,26 @@ pub fn approve_and_open(env: &Env, request: &mut Versioned<AccessRequest>, polic
     request.value.state =
         request.value.state.apply(Event::Approve).map_err(|e| ApiError::conflict("invalid_state", e.to_string()))?;
     request.value.approved_at = Some(env.now);
-    request.value.auto_approved = policy.approval == Approval::Auto;
+    request.value.auto_approved = request.value.approvals.is_empty();
     env.save_request(request)?;
     grants::open(env, request, Some(policy))
 }
 
 /// Whether a caller may see a request: its requester, admins, auditors, and the approvers of
 /// its policy.
-fn may_read(env: &Env, caller: &Caller, request: &AccessRequest) -> bool {
+pub fn may_read(env: &Env, caller: &Caller, request: &AccessRequest) -> bool {
     if request.requester == caller.principal || caller.has(Role::Admin) || caller.has(Role::Auditor) {
         return true;
     }
-    caller.has(Role::Approver)
-        && env.policy(&request.policy).is_ok_and(|policy| match &policy.value.approval {
-            Approval::Manual { approvers, .. } => approvers.iter().any(|m| m.covers(&caller.principal, &caller.groups)),
-            Approval::Auto => false,
-        })
+    caller.has(Role::Approver) && env.policy(&request.policy).is_ok_and(|policy| is_approver(&policy.value, caller))
+}
+
+/// Whether the caller is listed among a policy's approvers.
+pub fn is_approver(policy: &Policy, caller: &Caller) -> bool {
+    match &policy.approval {
+        Approval::Manual { approvers, .. } => approvers.iter().any(|m| m.covers(&caller.principal, &caller.groups)),
+        Approval::Auto => false,
+    }
 }
 
 /// One request; others' requests read as absent unless the caller may see them.
@@ -80,8 +159,19 @@ pub fn get(env: &Env, caller: &Caller, id: &str) -> Result<Reply, ApiError> {
     Ok(Reply::ok(request_json(&request.value)))
 }
 
-/// Recent requests, newest first: the caller's own with `mine`, else every one they may see.
-pub fn list(env: &Env, caller: &Caller, state: Option<&str>, mine: bool) -> Result<Reply, ApiError> {
+/// What `GET /api/requests` filters on.
+pub struct ListFilter<'a> {
+    /// Only requests in this state.
+    pub state: Option<&'a str>,
+    /// Only the caller's own.
+    pub mine: bool,
+    /// Only pending requests the caller can still approve (`awaiting=me`).
+    pub awaiting_me: bool,
+}
+
+/// Recent requests, newest first: the caller's own with `mine`, what waits for the caller with
+/// `awaiting=me`, else every one they may see.
+pub fn list(env: &Env, caller: &Caller, filter: ListFilter) -> Result<Reply, ApiError> {
     const STATES: [&str; 10] = [
         "pending",
         "approved",
@@ -94,32 +184,46 @@ pub fn list(env: &Env, caller: &Caller, state: Option<&str>, mine: bool) -> Resu
         "timed_out",
         "failed",
     ];
-    if let Some(state) = state.filter(|s| !STATES.contains(s)) {
+    if let Some(state) = filter.state.filter(|s| !STATES.contains(s)) {
         return Err(ApiError::bad_request(
             "invalid_state_filter",
             format!("unknown state '{state}'; use one of {}", STATES.join(", ")),
         ));
     }
     let sees_others = [Role::Admin, Role::Auditor, Role::Approver].iter().any(|r| caller.has(*r));
-    let index =
-        if mine || !sees_others { keys::requests_by(&caller.principal) } else { keys::RECENT_REQUESTS.to_owned() };
+    let index = if filter.mine || !sees_others {
+        keys::requests_by(&caller.principal)
+    } else {
+        keys::RECENT_REQUESTS.to_owned()
+    };
     let mut requests = Vec::new();
     for id in store::read_list(env.kv, &index)?.iter().rev() {
         let Ok(id) = RequestId::parse(id) else { continue };
         let Some(request) = store::load::<AccessRequest>(env.kv, &keys::request(&id))? else { continue };
         let request = request.value;
-        if state.is_some_and(|s| s != request.state.name())
-            || (mine && request.requester != caller.principal)
-            || !may_read(env, caller, &request)
-        {
-            continue;
-        }
-        requests.push(request_json(&request));
-        if requests.len() == MAX_LIST {
-            break;
+        let wanted = filter.state.is_none_or(|s| s == request.state.name())
+            && (!filter.mine || request.requester == caller.principal)
+            && (!filter.awaiting_me || awaits(env, caller, &request))
+            && may_read(env, caller, &request);
+        if wanted {
+            requests.push(request_json(&request));
+            if requests.len() == MAX_LIST {
+                break;
+            }
         }
     }
     Ok(Reply::ok(json!({ "requests": requests })))
+}
+
+/// Whether a request waits for this caller's approval.
+fn awaits(env: &Env, caller: &Caller, request: &AccessRequest) -> bool {
+    request.state == State::Pending
+        && caller.has(Role::Approver)
+        && !request.approvals.iter().any(|a| a.by == caller.principal)
+        && env.policy(&request.policy).is_ok_and(|p| {
+            may_approve(request, &p.value, &caller.principal, &caller.groups).is_ok()
+                && approvals_missing(request, &p.value) > 0
+        })
 }
 
 /// The requester (or an admin) withdraws a pending request.
@@ -140,5 +244,6 @@ pub fn cancel(env: &Env, caller: &Caller, id: &str) -> Result<Reply, ApiError> {
     })?;
     request.value.ended = Some(Ending { by: caller.principal.to_string(), at: env.now, reason: None });
     env.save_request(&mut request)?;
+    grants::forget_open(env, &request.value)?;
     Ok(Reply::ok(request_json(&request.value)))
 }

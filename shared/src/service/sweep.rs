@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::{Env, grants};
 use crate::api::ApiError;
+use crate::domain::request::Ending;
 use crate::domain::{AccessRequest, Event, RequestId, State};
 use crate::keys;
 use crate::store::{self, StoreError, Versioned};
@@ -25,6 +26,8 @@ pub struct SweepReport {
     pub retrying: usize,
     /// Requests that ended as `failed`.
     pub failed: usize,
+    /// Pending requests that waited too long for approval.
+    pub timed_out: usize,
     /// Records that could not be read or saved (reported, skipped).
     pub skipped: usize,
     /// Due minutes read.
@@ -95,9 +98,24 @@ fn load(env: &Env, id: &str, report: &mut SweepReport) -> Option<Versioned<Acces
     }
 }
 
-/// Closes one due grant; `false` when it could not be handled and must be seen again.
+/// Closes one due grant, or times out a request that waited too long for approval; `false`
+/// when it could not be handled and must be seen again.
 fn process_due(env: &Env, id: &str, report: &mut SweepReport) -> bool {
     let Some(mut request) = load(env, id, report) else { return true };
+    if request.value.state == State::Pending && request.value.pending_until.is_some_and(|deadline| deadline <= env.now)
+    {
+        return match time_out(env, &mut request) {
+            Ok(()) => {
+                report.timed_out += 1;
+                true
+            }
+            Err(error) => {
+                eprintln!("sweep: timing out {id}: {}", error.internal.as_deref().unwrap_or(&error.message));
+                report.skipped += 1;
+                false
+            }
+        };
+    }
     let due = request.value.ends_at.is_some_and(|end| end <= env.now);
     if request.value.state != State::Active || !due {
         return true;
@@ -146,6 +164,18 @@ fn finish_arm_work(env: &Env, id: &str, report: &mut SweepReport) {
             report.skipped += 1;
         }
     }
+}
+
+fn time_out(env: &Env, request: &mut Versioned<AccessRequest>) -> Result<(), ApiError> {
+    request.value.state =
+        request.value.state.apply(Event::TimeOut).map_err(|e| ApiError::conflict("invalid_state", e.to_string()))?;
+    request.value.ended = Some(Ending {
+        by: "system".into(),
+        at: env.now,
+        reason: Some("no decision before the pending timeout".into()),
+    });
+    env.save_request(request)?;
+    grants::forget_open(env, &request.value)
 }
 
 fn tally(request: &AccessRequest, report: &mut SweepReport) {
