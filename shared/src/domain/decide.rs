@@ -123,6 +123,15 @@ pub enum Decision {
     },
 }
 
+/// One auto-approval rule's verdict on a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleVerdict {
+    /// The rule.
+    pub rule: String,
+    /// Why it did not match (`None`: it matched).
+    pub why_not: Option<String>,
+}
+
 /// Decides how a request is approved, and explains each auto-approval rule's verdict in order
 /// (stopping at the first match).
 pub fn decide(
@@ -130,15 +139,15 @@ pub fn decide(
     policy: &Policy,
     groups: &[GroupName],
     now: DateTime<Utc>,
-) -> (Decision, Vec<(String, Result<(), String>)>) {
+) -> (Decision, Vec<RuleVerdict>) {
     match &policy.approval {
         Approval::Auto => (Decision::AutoApproved { rule: None }, Vec::new()),
         Approval::Manual { required, auto_rules, .. } => {
             let mut verdicts = Vec::new();
             for rule in auto_rules {
-                let verdict = rule.check(request, groups, now);
-                let matched = verdict.is_ok();
-                verdicts.push((rule.name.clone(), verdict));
+                let why_not = rule.check(request, groups, now).err();
+                let matched = why_not.is_none();
+                verdicts.push(RuleVerdict { rule: rule.name.clone(), why_not });
                 if matched {
                     return (Decision::AutoApproved { rule: Some(rule.name.clone()) }, verdicts);
                 }
