@@ -196,7 +196,7 @@ pub fn evaluate(env: &Env, caller: &Caller, name: &str, body: &[u8]) -> Result<R
     };
     let rules: Vec<serde_json::Value> = verdicts
         .into_iter()
-        .map(|(rule, verdict)| json!({"rule": rule, "matched": verdict.is_ok(), "why_not": verdict.err()}))
+        .map(|v| json!({"rule": v.rule, "matched": v.why_not.is_none(), "why_not": v.why_not}))
         .collect();
     let answer = match decision {
         crate::domain::decide::Decision::AutoApproved { rule } => {
