@@ -9,8 +9,6 @@ use crate::auth::{Caller, Role};
 use crate::domain::policy::Extensions;
 use crate::domain::request::{ApprovalRecord, Ending, Extension, approvals_missing, may_approve};
 use crate::domain::{AccessDuration, AccessRequest, Event, Policy, State};
-use crate::keys;
-use crate::store;
 use crate::store::Versioned;
 
 #[derive(Deserialize)]
@@ -179,7 +177,7 @@ pub fn extend(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Reply
             ),
         ));
     }
-    store::add_to_list(env.kv, &keys::due(new_end), request.value.id.as_str(), usize::MAX)?;
+    super::sweep::schedule(env, new_end, &request.value.id)?;
     request.value.ends_at = Some(new_end);
     request.value.extensions.push(Extension { by: caller.principal.clone(), at: env.now, by_duration: by });
     env.save_request(&mut request)?;

@@ -137,15 +137,7 @@ pub fn finish_close(env: &Env, request: &mut Versioned<AccessRequest>) -> Result
 fn activate(env: &Env, request: &mut Versioned<AccessRequest>, ends_at: DateTime<Utc>) -> Result<(), ApiError> {
     // The due entry goes first: once it exists, the sweep will close the rule whatever
     // happens to the rest of this call.
-    store::add_to_list(env.kv, &keys::due(ends_at), request.value.id.as_str(), usize::MAX)?;
-    if store::load::<DateTime<Utc>>(env.kv, keys::SWEEP_CURSOR)?.is_none() {
-        let start = super::sweep::minute_floor(env.now) - TimeDelta::minutes(1);
-        // Losing this race to another activation is fine: either cursor is early enough.
-        match store::save(env.kv, keys::SWEEP_CURSOR, &start, None) {
-            Ok(_) | Err(store::StoreError::Conflict { .. }) => {}
-            Err(other) => return Err(other.into()),
-        }
-    }
+    super::sweep::schedule(env, ends_at, &request.value.id)?;
     transition(request, Event::RuleOpened)?;
     request.value.activated_at = Some(env.now);
     request.value.ends_at = Some(ends_at);

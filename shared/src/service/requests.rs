@@ -78,7 +78,7 @@ pub fn create(
         Decision::NeedsApprovals { .. } => {
             if let Some(deadline) = request.value.pending_until {
                 // The sweep times the request out from the same due index that ends grants.
-                store::add_to_list(env.kv, &keys::due(deadline), &id, usize::MAX)?;
+                super::sweep::schedule(env, deadline, &request.value.id)?;
             }
         }
     }

@@ -39,6 +39,22 @@ pub fn minute_floor(at: DateTime<Utc>) -> DateTime<Utc> {
     at.duration_trunc(TimeDelta::minutes(1)).unwrap_or(at)
 }
 
+/// Lists a request in the due index for the minute of `at`, so the sweep looks at it then
+/// (a grant's end, a pending request's timeout). The first entry ever also starts the sweep's
+/// cursor, which is what makes the sweep read the index at all.
+pub fn schedule(env: &Env, at: DateTime<Utc>, id: &RequestId) -> Result<(), ApiError> {
+    store::add_to_list(env.kv, &keys::due(at), id.as_str(), usize::MAX)?;
+    if store::load::<DateTime<Utc>>(env.kv, keys::SWEEP_CURSOR)?.is_none() {
+        let start = minute_floor(env.now.min(at)) - TimeDelta::minutes(1);
+        // Losing this race to another writer is fine: either cursor is early enough.
+        match store::save(env.kv, keys::SWEEP_CURSOR, &start, None) {
+            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Runs one sweep at `env.now`.
 pub fn sweep(env: &Env) -> Result<SweepReport, ApiError> {
     let mut report = SweepReport::default();

@@ -222,3 +222,15 @@ fn invalid_requests_store_nothing_and_call_no_arm() {
     assert_eq!(world.kv.keys(), before);
     assert_eq!(world.arm.calls.get(), 0);
 }
+
+#[test]
+fn regression_a_pending_timeout_alone_starts_the_sweep_cursor() {
+    let mut manual_policy = manual(1);
+    manual_policy["approval"]["pending_timeout"] = json!("PT5M");
+    let world = World::new(manual_policy);
+    world.create("r1", raw_request()).unwrap();
+    assert!(world.kv.keys().contains(&keys::SWEEP_CURSOR.to_owned()), "no cursor: the sweep would never look");
+    let report = world.at(at(6), sweep::sweep).unwrap();
+    assert_eq!(report.timed_out, 1);
+    assert_eq!(world.state("r1"), "timed_out");
+}

@@ -7,6 +7,7 @@
 //! - `security`: authentication, self-approval, forged Spin headers, the sweep secret.
 //! - `identity`: OIDC bearer tokens, real signed ones, good and bad.
 //! - `faults`: ARM failures are retried, never lost.
+//! - `workflow`: auto-approval rules, timeouts, revoke, extend, break-glass, quotas, dry runs.
 //! - `azure`: parity with Azure's JIT: VM resolution, baseline deny rules, rules it does not
 //!   own, identities, and the ARM cost of a grant.
 
@@ -17,3 +18,4 @@ mod lifecycle;
 mod security;
 mod support;
 mod validation;
+mod workflow;

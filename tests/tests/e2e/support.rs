@@ -15,13 +15,16 @@ pub const BOB: &str = "demo-bob";
 pub const CAROL: &str = "carol-key";
 /// An approver in `ops`.
 pub const DAVE: &str = "dave-key";
+/// A requester on call (group `oncall`), allowed to break the glass where policies say so.
+pub const ERIN: &str = "erin-key";
 
-const KEYS: [DemoKey; 5] = [
+const KEYS: [DemoKey; 6] = [
     DemoKey { key: ADMIN, principal: "admin", groups: &[], roles: &["admin", "auditor"] },
     DemoKey { key: ALICE, principal: "alice", groups: &["devs"], roles: &["requester"] },
     DemoKey { key: BOB, principal: "bob", groups: &["ops"], roles: &["approver"] },
     DemoKey { key: CAROL, principal: "carol", groups: &["devs", "ops"], roles: &["requester", "approver"] },
     DemoKey { key: DAVE, principal: "dave", groups: &["ops"], roles: &["approver"] },
+    DemoKey { key: ERIN, principal: "erin", groups: &["oncall"], roles: &["requester"] },
 ];
 
 /// The audience tokens are minted for.
