@@ -245,3 +245,17 @@ async fn awaiting(world: &World, key: &str) -> Vec<String> {
     let (_, body) = world.call("GET", "/api/requests?awaiting=me", Some(key), None).await;
     body["requests"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_complete_policy_in_the_readme_is_accepted_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let after = readme.split("A complete policy:").nth(1).expect("the README shows a complete policy");
+    let block = after.split("```json").nth(1).unwrap().split("```").next().unwrap();
+    let mut documented: Value = serde_json::from_str(block).expect("the README's policy is valid JSON");
+    documented["vm"] = json!(portcullis_host::emulator::DEMO_VM);
+    let world = World::start().await;
+    let (status, stored) = world.put_policy("documented", &documented).await;
+    assert_eq!(status, 201, "{stored}");
+    assert_eq!(stored["approval"]["auto_rules"][0]["name"], "devs-office-hours-ssh");
+    assert_eq!(stored["justification_pattern"], "^(INC|CHG)-\\d+");
+}
