@@ -2,25 +2,19 @@
 //! opens the NSG rule; a revoke removes it at once; an extend moves its end.
 //! Routes: `/api/requests/:id/{approve,deny,revoke,extend}`.
 
-use shared::api::{ApiError, Reply};
+use shared::api::ApiError;
 use shared::service::decisions;
-use shared::spin::{Ctx, respond, segments};
+use shared::spin::{segments, serve_api};
 use spin_sdk::http::{Method, Request, Response};
 use spin_sdk::http_component;
 
 #[http_component]
 fn handle(request: Request) -> Response {
-    respond(route(&request))
-}
-
-fn route(request: &Request) -> Result<Reply, ApiError> {
-    let ctx = Ctx::load()?;
-    let caller = ctx.authenticate(request)?;
-    ctx.run(|env| match (request.method(), segments(request, "/api").as_slice()) {
-        (Method::Post, ["requests", id, "approve"]) => decisions::approve(env, &caller, id, request.body()),
-        (Method::Post, ["requests", id, "deny"]) => decisions::deny(env, &caller, id, request.body()),
-        (Method::Post, ["requests", id, "revoke"]) => decisions::revoke(env, &caller, id, request.body()),
-        (Method::Post, ["requests", id, "extend"]) => decisions::extend(env, &caller, id, request.body()),
+    serve_api(&request, |_, env, caller| match (request.method(), segments(&request, "/api").as_slice()) {
+        (Method::Post, ["requests", id, "approve"]) => decisions::approve(env, caller, id, request.body()),
+        (Method::Post, ["requests", id, "deny"]) => decisions::deny(env, caller, id, request.body()),
+        (Method::Post, ["requests", id, "revoke"]) => decisions::revoke(env, caller, id, request.body()),
+        (Method::Post, ["requests", id, "extend"]) => decisions::extend(env, caller, id, request.body()),
         (_, ["requests", _, "approve" | "deny" | "revoke" | "extend"]) => {
             Err(ApiError::method_not_allowed("decisions are POSTed"))
         }

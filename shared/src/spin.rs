@@ -176,6 +176,17 @@ impl Ctx {
     }
 }
 
+/// Serves an authenticated API call: reads configuration, authenticates the caller, runs
+/// `route` with the ports wired up, and renders the outcome. Every `/api` component is this
+/// plus its route table.
+pub fn serve_api(request: &Request, route: impl FnOnce(&Ctx, &Env, &Caller) -> Result<Reply, ApiError>) -> Response {
+    let outcome = Ctx::load().and_then(|ctx| {
+        let caller = ctx.authenticate(request)?;
+        ctx.run(|env| route(&ctx, env, &caller))
+    });
+    respond(outcome)
+}
+
 /// The path below `prefix` as segments (`/api/requests/x/approve` -> `["requests", "x", "approve"]`).
 pub fn segments<'a>(request: &'a Request, prefix: &str) -> Vec<&'a str> {
     let path = request.path();
