@@ -132,10 +132,15 @@ pub fn delete(env: &Env, caller: &Caller, name: &str, revoke: bool) -> Result<Re
     Ok(Reply::ok(json!({ "deleted": name, "revoked": revoked })))
 }
 
-/// Ends every running grant under a policy now; answers how many.
+/// Ends every running grant under a policy now; answers how many. Reads the policy's live
+/// index (active grants) and the ARM work queue (approved ones still opening), never a
+/// capped recent list, so no grant can be missed however old it is.
 fn revoke_grants(env: &Env, caller: &Caller, policy: &PolicyName) -> Result<usize, ApiError> {
+    let mut ids = store::read_list(env.kv, &keys::live(policy))?;
+    ids.extend(store::read_list(env.kv, keys::ARM_WORK)?);
+    ids.dedup();
     let mut revoked = 0;
-    for id in store::read_list(env.kv, keys::RECENT_REQUESTS)? {
+    for id in ids {
         let Ok(id) = RequestId::parse(&id) else { continue };
         let Some(mut request) = store::load::<AccessRequest>(env.kv, &keys::request(&id))? else { continue };
         if request.value.policy != *policy || !matches!(request.value.state, State::Active | State::Approved) {

@@ -234,3 +234,22 @@ fn regression_a_pending_timeout_alone_starts_the_sweep_cursor() {
     assert_eq!(report.timed_out, 1);
     assert_eq!(world.state("r1"), "timed_out");
 }
+
+#[test]
+fn regression_revoking_a_policy_finds_grants_older_than_the_recent_list() {
+    let world = World::new(policy_json());
+    world.create("old", raw_request()).unwrap();
+    // A busy system pushes the grant out of the capped list of recent requests.
+    let newer: Vec<String> = (0..1000).map(|n| format!("n{n}")).collect();
+    crate::store::save(
+        &world.kv,
+        keys::RECENT_REQUESTS,
+        &newer,
+        crate::store::load::<Vec<String>>(&world.kv, keys::RECENT_REQUESTS).unwrap().map(|v| v.version),
+    )
+    .unwrap();
+    let reply = world.at(at(1), |env| policies::delete(env, &admin(), "demo-vm", true)).unwrap();
+    assert_eq!(reply.body["revoked"], 1);
+    assert_eq!(world.state("old"), "revoked");
+    assert!(world.allow_rules().is_empty());
+}
