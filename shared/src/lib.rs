@@ -7,11 +7,13 @@
 //! - [`arm`]: the Azure Resource Manager client for NSG security rules, over the [`http`] port.
 //! - [`service`]: the operations the components expose (policies, requests, decisions, sweep).
 //! - [`api`]: the JSON error contract shared by every HTTP answer.
+//! - [`audit`]: the audit trail's hash chain, verification and checkpoints.
 //! - `spin` (feature `spin`): adapters that implement the ports with spin-sdk.
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod arm;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod domain;
