@@ -1,9 +1,9 @@
 //! The key-value port: raw get/set/delete, and versioned JSON documents on top of it.
 //!
-//! Spin's `key-value@2.0.0` has no transactions; documents carry a `version` that a writer
-//! checks before it writes, so a lost race shows up as [`StoreError::Conflict`] instead of a
-//! silent overwrite. (The check and the write are two calls: a true compare-and-swap needs
-//! `wasi:keyvalue/atomics`, which this port can adopt without changing its callers.)
+//! Spin's `key-value@2.0.0` has no transactions; documents carry a `version`, and a writer
+//! replaces the exact bytes it read through [`KvStore::compare_and_swap`] (on Spin,
+//! `wasi:keyvalue/atomics`), so a lost race shows up as [`StoreError::Conflict`] instead of a
+//! silent overwrite.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -19,6 +19,9 @@ pub trait KvStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Removes `key`; absent keys are fine.
     fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Writes `value` at `key` only if it still holds `expected` (`None`: the key is absent),
+    /// as one atomic step; answers whether it wrote.
+    fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError>;
 }
 
 /// A store failure.
@@ -69,22 +72,25 @@ pub fn load<T: DeserializeOwned>(kv: &dyn KvStore, key: &str) -> Result<Option<V
 /// Writes a document if it is still at `expected` (`None`: it must not exist yet) and returns
 /// the new version.
 pub fn save<T: Serialize>(kv: &dyn KvStore, key: &str, value: &T, expected: Option<u64>) -> Result<u64, StoreError> {
-    let current = match kv.get(key)? {
+    let stored = kv.get(key)?;
+    let current = match &stored {
         None => None,
         Some(bytes) => {
-            let envelope: Envelope<serde_json::Value> = serde_json::from_slice(&bytes)
+            let envelope: Envelope<serde::de::IgnoredAny> = serde_json::from_slice(bytes)
                 .map_err(|e| StoreError::Corrupt { key: key.to_owned(), reason: e.to_string() })?;
             Some(envelope.version)
         }
     };
+    let conflict = || StoreError::Conflict { key: key.to_owned() };
     if current != expected {
-        return Err(StoreError::Conflict { key: key.to_owned() });
+        return Err(conflict());
     }
     let version = expected.map_or(1, |v| v + 1);
     let bytes =
         serde_json::to_vec(&Envelope { version, doc: value }).map_err(|e| StoreError::Backend(e.to_string()))?;
-    kv.set(key, &bytes)?;
-    Ok(version)
+    // The bytes just read, not only the version: a writer that raced us between the read and
+    // this call makes the swap fail.
+    if kv.compare_and_swap(key, stored.as_deref(), &bytes)? { Ok(version) } else { Err(conflict()) }
 }
 
 /// Attempts at a read-modify-write before a conflict is reported.
@@ -180,6 +186,18 @@ impl KvStore for MemStore {
         self.map.borrow_mut().remove(key);
         Ok(())
     }
+
+    fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
+        if self.fail_writes.get() {
+            return Err(StoreError::Backend("injected write failure".into()));
+        }
+        let mut map = self.map.borrow_mut();
+        if map.get(key).map(Vec::as_slice) != expected {
+            return Ok(false);
+        }
+        map.insert(key.to_owned(), value.to_vec());
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
@@ -194,6 +212,16 @@ mod tests {
         assert_eq!(save(&kv, "k", &"c", Some(1)), Ok(2));
         assert_eq!(save(&kv, "k", &"d", Some(1)), Err(StoreError::Conflict { key: "k".into() }));
         assert_eq!(load::<String>(&kv, "k").unwrap().unwrap(), Versioned { value: "c".into(), version: 2 });
+    }
+
+    #[test]
+    fn compare_and_swap_writes_only_over_the_expected_value() {
+        let kv = MemStore::default();
+        assert_eq!(kv.compare_and_swap("k", Some(b"x"), b"a"), Ok(false), "absent is not 'x'");
+        assert_eq!(kv.compare_and_swap("k", None, b"a"), Ok(true));
+        assert_eq!(kv.compare_and_swap("k", None, b"b"), Ok(false), "present is not absent");
+        assert_eq!(kv.compare_and_swap("k", Some(b"a"), b"c"), Ok(true));
+        assert_eq!(kv.get("k"), Ok(Some(b"c".to_vec())));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The wasmtime side: the engine, compiled components, a fresh store per invocation, and
 //! the Spin interfaces the guests import (key-value, variables) plus WASI and outbound HTTP.
 
+mod wasi_keyvalue;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -335,6 +337,7 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         key_value::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
         variables::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        wasi_keyvalue::add_to_linker(&mut linker)?;
         let mut components = HashMap::new();
         for (id, def) in &manifest.component {
             let path = manifest.source_path(manifest_dir, id, guest_dir);
