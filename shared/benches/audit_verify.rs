@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use chrono::{TimeDelta, TimeZone, Utc};
-use shared::audit::{AuditEvent, Subject, verify};
+use shared::audit::{AuditEvent, Outcome, Subject, verify};
 
 const EVENTS: u64 = 100_000;
 
@@ -21,7 +21,7 @@ fn main() {
             action: ["request.created", "request.approved", "rule.put", "rule.deleted"][(n % 4) as usize].into(),
             subject: Subject { request: Some(format!("{n:024x}")), policy: Some("demo-vm".into()) },
             source_ip: Some("203.0.113.7".into()),
-            outcome: "ok".into(),
+            outcome: Outcome::Ok,
             details: serde_json::json!({"ports": [22], "duration": "PT1H", "arm_request_id": "00000000-0000-0000-0000-000000000000"}),
             prev_hash: String::new(),
             hash: String::new(),

@@ -14,6 +14,9 @@
 //! | `cache/jwks` | the OIDC issuer's key set and when it was fetched |
 //! | `open/<policy>/<principal>` | ids of a requester's pending and active requests under a policy |
 //! | `live/<policy>` | ids of a policy's active grants |
+//! | `audit/head` | the audit trail's last event, moved by compare-and-swap |
+//! | `audit/e/<seq>` | audit event number `seq` (from 1, contiguous) |
+//! | `audit/checkpoint` | the latest signed checkpoint of the audit trail |
 
 use chrono::{DateTime, Utc};
 
@@ -61,4 +64,14 @@ pub fn open_of(policy: &PolicyName, principal: &Principal) -> String {
 /// A policy's active grants (the per-VM quota).
 pub fn live(policy: &PolicyName) -> String {
     format!("live/{policy}")
+}
+
+/// The audit trail's head: its last event.
+pub const AUDIT_HEAD: &str = "audit/head";
+/// The latest signed audit checkpoint.
+pub const AUDIT_CHECKPOINT: &str = "audit/checkpoint";
+
+/// Audit event number `seq`.
+pub fn audit_event(seq: u64) -> String {
+    format!("audit/e/{seq}")
 }

@@ -1,10 +1,10 @@
-//! The tamper-evident audit trail's core: events, their hash chain, verification that names
-//! the first broken link, and HMAC checkpoints that make a cut-off tail detectable.
+//! The hash chain: events, verification that names the first broken link, and HMAC
+//! checkpoints that make a cut-off tail detectable.
 //!
 //! Each event's hash is SHA-256 over its canonical JSON (every field but `hash`, in a fixed
 //! order, with `prev_hash` set to the previous event's hash), so changing, deleting or
-//! reordering any event breaks the chain at that point. Pure: storage and wiring into the
-//! service build on this, and the same code verifies an exported JSON Lines file offline.
+//! reordering any event breaks the chain at that point. Pure: the same code verifies the
+//! stored trail and an exported JSON Lines file offline.
 
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
@@ -25,6 +25,18 @@ pub struct Subject {
     pub policy: Option<String>,
 }
 
+/// How the audited step ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// It happened.
+    Ok,
+    /// It was not allowed (authentication, authorization, policy).
+    Refused,
+    /// It was tried and failed (ARM, the store).
+    Failed,
+}
+
 /// One audited fact, as stored and exported.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,8 +54,8 @@ pub struct AuditEvent {
     /// The caller's address, when there was a caller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_ip: Option<String>,
-    /// `ok`, `refused` or `failed`.
-    pub outcome: String,
+    /// How it ended.
+    pub outcome: Outcome,
     /// Anything else worth keeping (never secrets or tokens).
     pub details: serde_json::Value,
     /// The previous event's hash ([`GENESIS`] for the first).
@@ -61,7 +73,7 @@ struct Canonical<'a> {
     action: &'a str,
     subject: &'a Subject,
     source_ip: &'a Option<String>,
-    outcome: &'a str,
+    outcome: Outcome,
     details: &'a serde_json::Value,
     prev_hash: &'a str,
 }
@@ -76,7 +88,7 @@ impl AuditEvent {
             action: &self.action,
             subject: &self.subject,
             source_ip: &self.source_ip,
-            outcome: &self.outcome,
+            outcome: self.outcome,
             details: &self.details,
             prev_hash: &self.prev_hash,
         };
@@ -114,15 +126,32 @@ pub struct Verification {
     pub broken: Option<Break>,
 }
 
-/// Walks events in order from `start` (`None`: the chain's beginning; else the sequence number
-/// and hash of the event just before the first one given), stopping at the first broken link.
-pub fn verify<I: IntoIterator<Item = AuditEvent>>(events: I, start: Option<(u64, String)>) -> Verification {
-    let mut report = Verification { head: start, ..Verification::default() };
-    for event in events {
-        let (expected_seq, expected_prev) = match &report.head {
-            Some((seq, hash)) => (seq + 1, hash.as_str()),
-            None => (1, GENESIS),
-        };
+/// Checks events one at a time, in order, remembering the last good link: the walk over the
+/// stored trail and over an export share it.
+#[derive(Clone, Debug, Default)]
+pub struct Verifier {
+    report: Verification,
+}
+
+impl Verifier {
+    /// Starts at the chain's beginning (`None`) or after the event with this sequence number
+    /// and hash.
+    pub fn new(start: Option<(u64, String)>) -> Self {
+        Self { report: Verification { head: start, ..Verification::default() } }
+    }
+
+    /// The sequence number the next event must carry.
+    pub fn expected_seq(&self) -> u64 {
+        self.report.head.as_ref().map_or(1, |(seq, _)| seq + 1)
+    }
+
+    /// Checks the next event; `false` once the chain is broken (later events are ignored).
+    pub fn push(&mut self, event: AuditEvent) -> bool {
+        if self.report.broken.is_some() {
+            return false;
+        }
+        let expected_seq = self.expected_seq();
+        let expected_prev = self.report.head.as_ref().map_or(GENESIS, |(_, hash)| hash.as_str());
         let reason = if event.seq != expected_seq {
             Some(format!("expected event {expected_seq}, found {}: an event is missing or out of order", event.seq))
         } else if event.prev_hash != expected_prev {
@@ -133,13 +162,48 @@ pub fn verify<I: IntoIterator<Item = AuditEvent>>(events: I, start: Option<(u64,
             None
         };
         if let Some(reason) = reason {
-            report.broken = Some(Break { seq: expected_seq, reason });
-            return report;
+            self.fail(expected_seq, reason);
+            return false;
         }
-        report.checked += 1;
-        report.head = Some((event.seq, event.hash));
+        self.report.checked += 1;
+        self.report.head = Some((event.seq, event.hash));
+        true
     }
-    report
+
+    /// Records a break found outside the chain itself (a missing or unreadable record); the
+    /// first break stands.
+    pub fn fail(&mut self, seq: u64, reason: String) {
+        if self.report.broken.is_none() {
+            self.report.broken = Some(Break { seq, reason });
+        }
+    }
+
+    /// The last good event's sequence number and hash.
+    pub fn last(&self) -> Option<&(u64, String)> {
+        self.report.head.as_ref()
+    }
+
+    /// Whether a break was found.
+    pub fn is_broken(&self) -> bool {
+        self.report.broken.is_some()
+    }
+
+    /// The report so far.
+    pub fn finish(self) -> Verification {
+        self.report
+    }
+}
+
+/// Walks events in order from `start` (`None`: the chain's beginning; else the sequence number
+/// and hash of the event just before the first one given), stopping at the first broken link.
+pub fn verify<I: IntoIterator<Item = AuditEvent>>(events: I, start: Option<(u64, String)>) -> Verification {
+    let mut verifier = Verifier::new(start);
+    for event in events {
+        if !verifier.push(event) {
+            break;
+        }
+    }
+    verifier.finish()
 }
 
 /// A signed statement that the chain had reached `seq` with `hash`: a truncated tail shows as
@@ -200,7 +264,7 @@ mod tests {
             action: "request.created".into(),
             subject: Subject { request: Some(format!("r{n}")), policy: Some("demo-vm".into()) },
             source_ip: Some("203.0.113.7".into()),
-            outcome: "ok".into(),
+            outcome: Outcome::Ok,
             details: serde_json::json!({"ports": [22], "duration": "PT1H"}),
             prev_hash: String::new(),
             hash: String::new(),

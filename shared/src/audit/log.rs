@@ -1,0 +1,357 @@
+//! The stored trail: appending under concurrent instances, and reading it back by sequence
+//! number (pages, ranges, verification) without ever listing the store.
+//!
+//! `audit/head` holds the last event in full and moves by compare-and-swap: an appender reads
+//! it, seals its event after it and swaps it in, retrying when another instance got there
+//! first, so sequence numbers are contiguous and the chain never forks. Every event is also
+//! written to `audit/e/<seq>` right after its swap; an appender that dies in between leaves
+//! its event in the head, and the next appender copies it to its key before moving on, so no
+//! event is lost. One append costs two reads, one compare-and-swap and one write.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::chain::{AuditEvent, Checkpoint, Outcome, Subject, Verification, Verifier};
+use crate::keys;
+use crate::store::{self, KvStore, StoreError};
+
+/// Swaps tried before an append gives up (each failure means another event went in first).
+const APPEND_ATTEMPTS: usize = 64;
+
+/// An audited fact before the trail numbers, times and seals it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    /// A principal, or `system`.
+    pub actor: String,
+    /// What happened (`request.created`, `rule.put`...).
+    pub action: &'static str,
+    /// What it happened to.
+    pub subject: Subject,
+    /// The caller's address, when there was a caller.
+    pub source_ip: Option<String>,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Anything else worth keeping (never secrets or tokens).
+    pub details: serde_json::Value,
+}
+
+impl Record {
+    fn into_event(self, at: DateTime<Utc>) -> AuditEvent {
+        AuditEvent {
+            seq: 0,
+            at,
+            actor: self.actor,
+            action: self.action.to_owned(),
+            subject: self.subject,
+            source_ip: self.source_ip,
+            outcome: self.outcome,
+            details: self.details,
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+}
+
+/// How often the trail signs its head, and with what key.
+#[derive(Clone, Copy, Debug)]
+pub struct Checkpointing<'a> {
+    /// The HMAC key (a secret variable).
+    pub key: &'a [u8],
+    /// A checkpoint every this many events.
+    pub every: u64,
+}
+
+/// Appends a record at `now` (or at the last event's time, if that is later: times never go
+/// backwards along the chain, whatever the instances' clocks say) and answers the sealed event.
+pub fn append(
+    kv: &dyn KvStore,
+    record: Record,
+    now: DateTime<Utc>,
+    checkpointing: Option<Checkpointing>,
+) -> Result<AuditEvent, StoreError> {
+    for _ in 0..APPEND_ATTEMPTS {
+        let head_bytes = kv.get(keys::AUDIT_HEAD)?;
+        let last = head_bytes.as_deref().map(|bytes| parse(keys::AUDIT_HEAD, bytes)).transpose()?;
+        if let (Some(last), Some(bytes)) = (&last, &head_bytes) {
+            archive(kv, last.seq, bytes)?;
+        }
+        let at = last.as_ref().map_or(now, |last| now.max(last.at));
+        let event = record.clone().into_event(at).seal(last.as_ref().map(|l| (l.seq, l.hash.as_str())));
+        let bytes = serde_json::to_vec(&event).map_err(|e| StoreError::Backend(e.to_string()))?;
+        if !kv.compare_and_swap(keys::AUDIT_HEAD, head_bytes.as_deref(), &bytes)? {
+            continue;
+        }
+        kv.set(&keys::audit_event(event.seq), &bytes)?;
+        if let Some(checkpointing) = checkpointing.filter(|c| c.every > 0 && event.seq % c.every == 0) {
+            save_checkpoint(kv, &Checkpoint::sign(checkpointing.key, event.seq, &event.hash))?;
+        }
+        return Ok(event);
+    }
+    Err(StoreError::Conflict { key: keys::AUDIT_HEAD.to_owned() })
+}
+
+/// Copies the head to its own key unless its appender already did.
+fn archive(kv: &dyn KvStore, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+    let key = keys::audit_event(seq);
+    if kv.get(&key)?.is_none() {
+        kv.set(&key, bytes)?;
+    }
+    Ok(())
+}
+
+fn parse(key: &str, bytes: &[u8]) -> Result<AuditEvent, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { key: key.to_owned(), reason: e.to_string() })
+}
+
+/// Stores a checkpoint unless a later one is already there.
+pub fn save_checkpoint(kv: &dyn KvStore, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+    store::update::<Checkpoint, _>(kv, keys::AUDIT_CHECKPOINT, |stored| match stored {
+        Some(stored) if stored.seq >= checkpoint.seq => None,
+        _ => Some(checkpoint.clone()),
+    })
+    .map(drop)
+}
+
+/// The latest stored checkpoint.
+pub fn latest_checkpoint(kv: &dyn KvStore) -> Result<Option<Checkpoint>, StoreError> {
+    Ok(store::load::<Checkpoint>(kv, keys::AUDIT_CHECKPOINT)?.map(|v| v.value))
+}
+
+/// The last event, if any.
+pub fn head(kv: &dyn KvStore) -> Result<Option<AuditEvent>, StoreError> {
+    kv.get(keys::AUDIT_HEAD)?.map(|bytes| parse(keys::AUDIT_HEAD, &bytes)).transpose()
+}
+
+/// What the store holds at one sequence number.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Slot {
+    /// A readable event.
+    Event(AuditEvent),
+    /// Nothing: deleted, or never written.
+    Missing,
+    /// Something that is not an event.
+    Unreadable(String),
+}
+
+/// The stored event number `seq`.
+pub fn read(kv: &dyn KvStore, seq: u64) -> Result<Slot, StoreError> {
+    Ok(match kv.get(&keys::audit_event(seq))? {
+        None => Slot::Missing,
+        Some(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(event) => Slot::Event(event),
+            Err(e) => Slot::Unreadable(e.to_string()),
+        },
+    })
+}
+
+/// Events `from..=to` in order, as far as they are readable (missing ones are skipped: the
+/// chain shows the gap).
+pub fn range(kv: &dyn KvStore, from: u64, to: u64) -> impl Iterator<Item = Result<AuditEvent, StoreError>> + '_ {
+    (from.max(1)..=to).filter_map(move |seq| match read(kv, seq) {
+        Ok(Slot::Event(event)) => Some(Ok(event)),
+        Ok(Slot::Missing | Slot::Unreadable(_)) => None,
+        Err(e) => Some(Err(e)),
+    })
+}
+
+/// The result of verifying the stored trail (or a range of it).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StoredVerification {
+    /// The first event checked.
+    pub from: u64,
+    /// The last event checked.
+    pub to: u64,
+    /// The chain walk.
+    #[serde(flatten)]
+    pub chain: Verification,
+    /// The latest checkpoint, when one is configured and stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointStatus>,
+}
+
+/// What became of the latest checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CheckpointStatus {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Whether the trail reaches it, through it, under a genuine signature.
+    pub verified: bool,
+}
+
+/// Walks stored events `from..=to` (clamped to the head), reporting the first broken link by
+/// sequence number: a changed, missing, unreadable or reordered event, a head that is not the
+/// last event, or (with a key) a tail cut off before the latest checkpoint.
+pub fn verify_stored(
+    kv: &dyn KvStore,
+    from: u64,
+    to: Option<u64>,
+    key: Option<&[u8]>,
+) -> Result<StoredVerification, StoreError> {
+    let from = from.max(1);
+    let head = head(kv)?;
+    let last = head.as_ref().map_or(0, |h| h.seq);
+    let to = to.map_or(last, |to| to.min(last));
+    let mut verifier = Verifier::new(None);
+    if from > 1 {
+        match read(kv, from - 1)? {
+            Slot::Event(before) => verifier = Verifier::new(Some((before.seq, before.hash))),
+            Slot::Missing => verifier.fail(from - 1, format!("event {} is missing from the store", from - 1)),
+            Slot::Unreadable(why) => verifier.fail(from - 1, format!("event {} is unreadable: {why}", from - 1)),
+        }
+    }
+    let checkpoint = match key {
+        Some(_) => latest_checkpoint(kv)?,
+        None => None,
+    };
+    let mut at_checkpoint = None;
+    for seq in from..=to {
+        if verifier.is_broken() {
+            break;
+        }
+        match read(kv, seq)? {
+            Slot::Event(event) => {
+                let hash = event.hash.clone();
+                if verifier.push(event) && checkpoint.as_ref().is_some_and(|c| c.seq == seq) {
+                    at_checkpoint = Some(hash);
+                }
+            }
+            Slot::Missing if seq == last => {
+                // Its appender died before archiving it; the head holds it.
+                verifier.push(head.clone().expect("the head exists when there are events"));
+            }
+            Slot::Missing => verifier.fail(seq, format!("event {seq} is missing from the store")),
+            Slot::Unreadable(why) => verifier.fail(seq, format!("event {seq} is unreadable: {why}")),
+        }
+    }
+    if let (Some(head), Some((seq, hash)), false) = (&head, verifier.last(), verifier.is_broken())
+        && *seq == head.seq
+        && *hash != head.hash
+    {
+        verifier.fail(head.seq, "the head is not the stored last event: one of them was replaced".into());
+    }
+    let checkpoint = match (checkpoint, key) {
+        (Some(checkpoint), Some(key)) => {
+            let verified = if !checkpoint.is_genuine(key) {
+                verifier.fail(checkpoint.seq, "the latest checkpoint's signature is not genuine".into());
+                false
+            } else if checkpoint.seq > last {
+                verifier.fail(
+                    last + 1,
+                    format!(
+                        "the trail ends at {last}, before its checkpoint at {}: its tail was cut off",
+                        checkpoint.seq
+                    ),
+                );
+                false
+            } else if let Some(hash) = at_checkpoint {
+                let same = hash == checkpoint.hash;
+                if !same {
+                    verifier.fail(checkpoint.seq, "the event at the checkpoint has another hash".into());
+                }
+                same
+            } else {
+                false
+            };
+            Some(CheckpointStatus { seq: checkpoint.seq, verified })
+        }
+        _ => None,
+    };
+    Ok(StoredVerification { from, to, chain: verifier.finish(), checkpoint })
+}
+
+/// Which events a listing wants.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// At or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// At or before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// By this actor.
+    pub actor: Option<String>,
+    /// This action (`request.created`), or a family of them (`request.`).
+    pub action: Option<String>,
+    /// About this request.
+    pub request: Option<String>,
+    /// About this policy.
+    pub policy: Option<String>,
+}
+
+impl Filter {
+    fn matches(&self, event: &AuditEvent) -> bool {
+        let action_ok = self
+            .action
+            .as_deref()
+            .is_none_or(|wanted| event.action == wanted || (wanted.ends_with('.') && event.action.starts_with(wanted)));
+        action_ok
+            && self.since.is_none_or(|since| event.at >= since)
+            && self.until.is_none_or(|until| event.at <= until)
+            && self.actor.as_deref().is_none_or(|actor| event.actor == actor)
+            && self.request.as_deref().is_none_or(|r| event.subject.request.as_deref() == Some(r))
+            && self.policy.as_deref().is_none_or(|p| event.subject.policy.as_deref() == Some(p))
+    }
+}
+
+/// One page of a listing.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Page {
+    /// Matching events, oldest first.
+    pub events: Vec<AuditEvent>,
+    /// Where the next page starts (pass it back as `cursor`); `None` at the end.
+    pub next_cursor: Option<String>,
+}
+
+/// Events one page reads at most, so a selective filter over a long trail answers in bounded
+/// time and hands back a cursor instead.
+pub const SCAN_BUDGET: u64 = 5_000;
+
+/// Matching events after `cursor` (a sequence number from a previous page), else from the
+/// first event at or after `since` (found by bisection: times never decrease along the chain).
+pub fn page(kv: &dyn KvStore, filter: &Filter, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {
+    let Some(head) = head(kv)? else { return Ok(Page { events: Vec::new(), next_cursor: None }) };
+    let start = match (cursor, filter.since) {
+        (Some(after), _) => after + 1,
+        (None, Some(since)) => first_at_or_after(kv, since, head.seq)?,
+        (None, None) => 1,
+    }
+    .max(1);
+    let end = head.seq.min(start.saturating_add(SCAN_BUDGET - 1));
+    let mut events = Vec::new();
+    let mut last_read = start - 1;
+    for seq in start..=end {
+        last_read = seq;
+        let event = match read(kv, seq)? {
+            Slot::Event(event) => event,
+            Slot::Missing if seq == head.seq => head.clone(),
+            Slot::Missing | Slot::Unreadable(_) => continue,
+        };
+        if filter.until.is_some_and(|until| event.at > until) {
+            return Ok(Page { events, next_cursor: None });
+        }
+        if filter.matches(&event) {
+            events.push(event);
+            if events.len() == limit {
+                break;
+            }
+        }
+    }
+    let next_cursor = (last_read < head.seq).then(|| last_read.to_string());
+    Ok(Page { events, next_cursor })
+}
+
+/// The first sequence number whose event is at or after `since`.
+fn first_at_or_after(kv: &dyn KvStore, since: DateTime<Utc>, last: u64) -> Result<u64, StoreError> {
+    let (mut low, mut high) = (1, last + 1);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        match read(kv, middle)? {
+            Slot::Event(event) if event.at < since => low = middle + 1,
+            Slot::Event(_) => high = middle,
+            // A hole: scan from here rather than guess.
+            Slot::Missing | Slot::Unreadable(_) => return Ok(low),
+        }
+    }
+    Ok(low)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,183 @@
+use std::cell::Cell;
+
+use serde_json::json;
+
+use super::*;
+use crate::audit::export::{Format, line, parse_line};
+use crate::audit::verify;
+use crate::store::MemStore;
+use crate::testing::at;
+
+fn record(n: u64) -> Record {
+    Record {
+        actor: if n % 2 == 0 { "alice".into() } else { "bob".into() },
+        action: if n % 3 == 0 { "rule.put" } else { "request.created" },
+        subject: Subject { request: Some(format!("r{n}")), policy: Some("demo-vm".into()) },
+        source_ip: Some("203.0.113.7".into()),
+        outcome: Outcome::Ok,
+        details: json!({"n": n}),
+    }
+}
+
+const KEY: &[u8] = b"checkpoint key";
+
+fn trail(n: u64) -> MemStore {
+    let kv = MemStore::default();
+    for i in 1..=n {
+        append(&kv, record(i), at(i as i64), Some(Checkpointing { key: KEY, every: 5 })).unwrap();
+    }
+    kv
+}
+
+fn broken_at(kv: &MemStore) -> Option<u64> {
+    verify_stored(kv, 1, None, Some(KEY)).unwrap().chain.broken.map(|b| b.seq)
+}
+
+/// Lets another instance append first on the next `interfere` swaps.
+struct Racing {
+    inner: MemStore,
+    interfere: Cell<usize>,
+}
+
+impl KvStore for Racing {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.inner.set(key, value)
+    }
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key)
+    }
+    fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
+        if key == keys::AUDIT_HEAD && self.interfere.get() > 0 {
+            self.interfere.set(self.interfere.get() - 1);
+            append(&self.inner, record(99), at(0), None)?;
+        }
+        self.inner.compare_and_swap(key, expected, value)
+    }
+}
+
+#[test]
+fn appends_are_numbered_from_one_chained_and_kept_under_their_own_keys() {
+    let kv = trail(7);
+    let events: Vec<AuditEvent> = range(&kv, 1, 7).collect::<Result<_, _>>().unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(verify(events.clone(), None).broken, None);
+    assert_eq!(head(&kv).unwrap().as_ref(), events.last());
+    let report = verify_stored(&kv, 1, None, Some(KEY)).unwrap();
+    assert_eq!((report.chain.checked, report.chain.broken), (7, None));
+    assert_eq!(report.checkpoint, Some(CheckpointStatus { seq: 5, verified: true }));
+}
+
+#[test]
+fn a_lost_race_retries_after_the_winner_so_numbers_stay_contiguous() {
+    let kv = Racing { inner: trail(2), interfere: Cell::new(3) };
+    let event = append(&kv, record(3), at(3), None).unwrap();
+    assert_eq!(event.seq, 6, "three other appends went in first");
+    let events: Vec<AuditEvent> = range(&kv.inner, 1, 6).collect::<Result<_, _>>().unwrap();
+    assert_eq!(events.len(), 6);
+    assert_eq!(verify(events, None).broken, None);
+}
+
+#[test]
+fn times_never_go_backwards_along_the_chain() {
+    let kv = trail(3);
+    let event = append(&kv, record(4), at(-60), None).unwrap();
+    assert_eq!(event.at, at(3), "a lagging clock takes the last event's time");
+}
+
+#[test]
+fn an_event_left_only_in_the_head_is_archived_by_the_next_append() {
+    let kv = trail(3);
+    kv.delete(&keys::audit_event(3)).unwrap();
+    assert_eq!(broken_at(&kv), None, "the head holds event 3");
+    append(&kv, record(4), at(4), None).unwrap();
+    assert!(matches!(read(&kv, 3).unwrap(), Slot::Event(e) if e.seq == 3));
+    assert_eq!(broken_at(&kv), None);
+}
+
+#[test]
+fn tampering_is_reported_at_the_right_sequence_number() {
+    let changed = trail(6);
+    let mut event: serde_json::Value = serde_json::from_slice(&changed.get("audit/e/3").unwrap().unwrap()).unwrap();
+    event["details"]["n"] = json!(42);
+    changed.set("audit/e/3", event.to_string().as_bytes()).unwrap();
+    assert_eq!(broken_at(&changed), Some(3));
+
+    let deleted = trail(6);
+    deleted.delete("audit/e/2").unwrap();
+    assert_eq!(broken_at(&deleted), Some(2));
+
+    let reordered = trail(6);
+    let (second, third) = (reordered.get("audit/e/2").unwrap().unwrap(), reordered.get("audit/e/3").unwrap().unwrap());
+    reordered.set("audit/e/2", &third).unwrap();
+    reordered.set("audit/e/3", &second).unwrap();
+    assert_eq!(broken_at(&reordered), Some(2));
+
+    let garbled = trail(6);
+    garbled.set("audit/e/4", b"{oops").unwrap();
+    assert_eq!(broken_at(&garbled), Some(4));
+
+    // Cutting the tail back to event 3 (head included) shows against the checkpoint at 5.
+    let truncated = trail(6);
+    let third = truncated.get("audit/e/3").unwrap().unwrap();
+    truncated.set(keys::AUDIT_HEAD, &third).unwrap();
+    for seq in 4..=6 {
+        truncated.delete(&keys::audit_event(seq)).unwrap();
+    }
+    let report = verify_stored(&truncated, 1, None, Some(KEY)).unwrap();
+    assert_eq!(report.chain.broken.map(|b| b.seq), Some(4));
+    assert!(verify_stored(&truncated, 1, None, None).unwrap().chain.broken.is_none(), "the chain alone cannot tell");
+
+    // A head swapped for another event is caught too.
+    let replaced = trail(6);
+    let mut forged: AuditEvent = serde_json::from_slice(&replaced.get(keys::AUDIT_HEAD).unwrap().unwrap()).unwrap();
+    forged.actor = "mallory".into();
+    forged.hash = forged.compute_hash();
+    replaced.set(keys::AUDIT_HEAD, &serde_json::to_vec(&forged).unwrap()).unwrap();
+    assert_eq!(broken_at(&replaced), Some(6));
+}
+
+#[test]
+fn a_range_verifies_from_the_event_before_it() {
+    let kv = trail(9);
+    let report = verify_stored(&kv, 4, Some(6), None).unwrap();
+    assert_eq!((report.from, report.to, report.chain.checked, report.chain.broken), (4, 6, 3, None));
+    kv.delete("audit/e/3").unwrap();
+    assert_eq!(verify_stored(&kv, 4, Some(6), None).unwrap().chain.broken.map(|b| b.seq), Some(3));
+}
+
+#[test]
+fn pages_filter_and_continue_from_their_cursor() {
+    let kv = trail(12);
+    let filter = Filter { actor: Some("alice".into()), ..Filter::default() };
+    let first = page(&kv, &filter, None, 4).unwrap();
+    assert_eq!(first.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 4, 6, 8]);
+    let cursor = first.next_cursor.unwrap().parse().unwrap();
+    let second = page(&kv, &filter, Some(cursor), 4).unwrap();
+    assert_eq!(second.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [10, 12]);
+    assert_eq!(second.next_cursor, None);
+
+    let window = Filter { since: Some(at(5)), until: Some(at(7)), ..Filter::default() };
+    assert_eq!(page(&kv, &window, None, 100).unwrap().events.iter().map(|e| e.seq).collect::<Vec<_>>(), [5, 6, 7]);
+    let family = Filter { action: Some("rule.".into()), request: Some("r9".into()), ..Filter::default() };
+    assert_eq!(page(&kv, &family, None, 100).unwrap().events.iter().map(|e| e.seq).collect::<Vec<_>>(), [9]);
+    assert_eq!(page(&MemStore::default(), &filter, None, 4).unwrap(), Page { events: vec![], next_cursor: None });
+}
+
+#[test]
+fn both_export_formats_read_back_into_a_verifiable_chain() {
+    let kv = trail(4);
+    for format in [Format::JsonLines, Format::CloudEvents] {
+        let text: String = range(&kv, 1, 4).map(|e| line(&e.unwrap(), format)).collect();
+        let events: Vec<AuditEvent> = text.lines().map(|l| parse_line(l).unwrap()).collect();
+        assert_eq!((events.len(), verify(events, None).broken), (4, None), "{format:?}");
+    }
+    let cloud: serde_json::Value =
+        serde_json::from_str(&line(&head(&kv).unwrap().unwrap(), Format::CloudEvents)).unwrap();
+    assert_eq!(
+        (cloud["specversion"].as_str(), cloud["type"].as_str(), cloud["subject"].as_str()),
+        (Some("1.0"), Some("io.portcullis.audit.request.created"), Some("r4"))
+    );
+}
