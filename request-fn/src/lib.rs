@@ -1,16 +1,33 @@
-//! request-fn: policies (admin) and access requests (create, read, list, cancel).
+//! request-fn: policies (admin), access requests (create, read, list, cancel) and the audit
+//! trail (read, export, verify, checkpoint).
 //! Routes: `/api/...` except what approve-fn owns. The rules live in `shared::service`.
 
 use shared::api::{ApiError, query_param};
-use shared::service::{policies, requests};
-use shared::spin::{new_request_id, segments, serve_api};
-use spin_sdk::http::{Method, Request, Response};
+use shared::service::{audit, policies, requests};
+use shared::spin::{answer, new_request_id, segments, serve_api, stream_export};
+use spin_sdk::http::conversions::TryFromIncomingRequest;
+use spin_sdk::http::{IncomingRequest, Method, Request, Response, ResponseOutparam};
 use spin_sdk::http_component;
 
+/// The export streams its body; every other route answers whole.
 #[http_component]
-fn handle(request: Request) -> Response {
+async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
+    let request = match Request::try_from_incoming_request(incoming).await {
+        Ok(request) => request,
+        Err(error) => {
+            let refused = ApiError::bad_request("unreadable_request", format!("cannot read the request: {error}"));
+            return answer(response_out, shared::spin::respond(Err(refused))).await;
+        }
+    };
+    if *request.method() == Method::Get && segments(&request, "/api") == ["audit", "export"] {
+        return stream_export(&request, response_out).await;
+    }
+    answer(response_out, route(&request)).await
+}
+
+fn route(request: &Request) -> Response {
     let query = request.query();
-    serve_api(&request, |ctx, env, caller| match (request.method(), segments(&request, "/api").as_slice()) {
+    serve_api(request, |ctx, env, caller| match (request.method(), segments(request, "/api").as_slice()) {
         (Method::Get, ["policies"]) => policies::list(env, caller),
         (Method::Put, ["policies", name]) => {
             policies::put(env, caller, name, request.body(), policies::wants_revoke(query))
@@ -18,17 +35,21 @@ fn handle(request: Request) -> Response {
         (Method::Get, ["policies", name]) => policies::get(env, caller, name),
         (Method::Delete, ["policies", name]) => policies::delete(env, caller, name, policies::wants_revoke(query)),
         (Method::Post, ["requests"]) => {
-            requests::create(env, caller, ctx.client_ip(&request), new_request_id(), request.body())
+            requests::create(env, caller, ctx.client_ip(request), new_request_id(), request.body())
         }
         (Method::Post, ["policies", name, "evaluate"]) => policies::evaluate(env, caller, name, request.body()),
         (Method::Get, ["requests"]) => {
+            let state = query_param(query, "state");
             let filter = requests::ListFilter {
-                state: query_param(query, "state"),
-                mine: query_param(query, "mine") == Some("true"),
-                awaiting_me: query_param(query, "awaiting") == Some("me"),
+                state: state.as_deref(),
+                mine: query_param(query, "mine").as_deref() == Some("true"),
+                awaiting_me: query_param(query, "awaiting").as_deref() == Some("me"),
             };
             requests::list(env, caller, filter)
         }
+        (Method::Get, ["audit"]) => audit::list(env, caller, query),
+        (Method::Get, ["audit", "verify"]) => audit::verify(env, caller, query),
+        (Method::Post, ["audit", "checkpoint"]) => audit::checkpoint(env, caller),
         (Method::Get, ["requests", id]) => requests::get(env, caller, id),
         (Method::Post, ["requests", id, "cancel"]) => requests::cancel(env, caller, id),
         (
@@ -38,7 +59,9 @@ fn handle(request: Request) -> Response {
             | ["policies", _, "evaluate"]
             | ["requests"]
             | ["requests", _]
-            | ["requests", _, "cancel"],
+            | ["requests", _, "cancel"]
+            | ["audit"]
+            | ["audit", "export" | "verify" | "checkpoint"],
         ) => Err(ApiError::method_not_allowed(format!("{} is not supported on {}", request.method(), request.path()))),
         _ => Err(ApiError::not_found("no_such_route", format!("no API at {}", request.path()))),
     })

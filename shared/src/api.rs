@@ -150,10 +150,12 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8], empty_ok: bool) -> Result<T,
     })
 }
 
-/// A query parameter's value (`state` in `?state=active&mine=true`); values here are plain
-/// words, so no percent-decoding is needed.
-pub fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
-    query.split('&').filter_map(|pair| pair.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
+/// A query parameter's value (`state` in `?state=active&mine=true`), percent-decoded; `None`
+/// when absent or not UTF-8.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    let (_, value) = query.split('&').filter_map(|pair| pair.split_once('=')).find(|(k, _)| *k == name)?;
+    let value = value.replace('+', " ");
+    percent_encoding::percent_decode_str(&value).decode_utf8().ok().map(|v| v.into_owned())
 }
 
 #[cfg(test)]
@@ -177,6 +179,7 @@ mod tests {
         assert_eq!(parse_json::<Body>(b"{", false).unwrap_err().code, "invalid_json");
         assert_eq!(parse_json::<Body>(br#"{"n":"x"}"#, false).unwrap_err().code, "invalid_body");
         assert_eq!(parse_json::<Body>(b"", false).unwrap_err().code, "invalid_json");
-        assert_eq!(query_param("state=active&mine=true", "mine"), Some("true"));
+        assert_eq!(query_param("state=active&mine=true", "mine").as_deref(), Some("true"));
+        assert_eq!(query_param("since=2026-01-01T00%3A00%3A00Z", "since").as_deref(), Some("2026-01-01T00:00:00Z"));
     }
 }

@@ -99,6 +99,17 @@ pub struct Config {
     pub limits: PolicyLimits,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// The audit trail's checkpoints.
+    pub audit: AuditSettings,
+}
+
+/// How the audit trail signs its head.
+#[derive(Clone, Debug, Default)]
+pub struct AuditSettings {
+    /// The HMAC key of checkpoints; `None`: no checkpoints.
+    pub checkpoint_key: Option<Secret>,
+    /// A checkpoint every this many events.
+    pub checkpoint_every: u64,
 }
 
 impl Config {
@@ -167,6 +178,14 @@ impl Config {
             .filter(|p| !p.is_empty())
             .map(|p| p.parse::<IpNet>().with_context(|| format!("trusted_proxies: '{p}' is not a CIDR prefix")))
             .collect::<Result<_>>()?;
+        let audit = AuditSettings {
+            checkpoint_key: vars.get("audit_checkpoint_key").filter(|k| !k.is_empty()).map(Secret::new),
+            checkpoint_every: optional("audit_checkpoint_every", "1000")
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .context("variable 'audit_checkpoint_every' must be a positive number")?,
+        };
         Ok(Self {
             arm: ArmSettings {
                 identity,
@@ -190,6 +209,7 @@ impl Config {
             deny_priorities,
             limits: PolicyLimits { max_duration },
             trusted_proxies,
+            audit,
         })
     }
 }

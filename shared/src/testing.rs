@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use serde_json::json;
 
-use crate::arm::{Access, Arm, ArmError, ExistingRule, SecurityRule, VmNetwork};
+use crate::arm::{Access, Arm, ArmError, ArmReceipt, ExistingRule, SecurityRule, VmNetwork};
 use crate::config::{ArmSettings, Identity, Secret};
 use crate::domain::policy::{PolicyLimits, RawPolicy};
 use crate::domain::{AccessDuration, NsgId, Policy, PolicyName, Port, PortSet, Protocol, SourcePrefix, VmId};
@@ -134,21 +134,25 @@ impl FakeArm {
         self.calls.set(self.calls.get() + 1);
         self.outcomes.borrow_mut().pop_front().unwrap_or(Ok(()))
     }
+
+    fn receipt(&self) -> ArmReceipt {
+        ArmReceipt { request_id: Some(format!("fake-arm-{}", self.calls.get())) }
+    }
 }
 
 impl Arm for FakeArm {
-    fn put_rule(&self, _nsg: &NsgId, rule: &SecurityRule) -> Result<(), ArmError> {
+    fn put_rule(&self, _nsg: &NsgId, rule: &SecurityRule) -> Result<ArmReceipt, ArmError> {
         self.scripted()?;
         let mut rules = self.rules.borrow_mut();
         rules.retain(|r| r.name != rule.name);
         rules.push(rule.clone());
-        Ok(())
+        Ok(self.receipt())
     }
 
-    fn delete_rule(&self, _nsg: &NsgId, name: &str) -> Result<(), ArmError> {
+    fn delete_rule(&self, _nsg: &NsgId, name: &str) -> Result<ArmReceipt, ArmError> {
         self.scripted()?;
         self.rules.borrow_mut().retain(|r| r.name != name);
-        Ok(())
+        Ok(self.receipt())
     }
 
     fn list_rules(&self, _nsg: &NsgId) -> Result<Vec<ExistingRule>, ArmError> {

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use chrono::{TimeZone, Utc};
-use shared::audit::{AuditEvent, Checkpoint, Subject};
+use shared::audit::{AuditEvent, Checkpoint, Outcome, Subject};
 
 fn chain(n: u64) -> Vec<AuditEvent> {
     let mut events: Vec<AuditEvent> = Vec::new();
@@ -16,7 +16,7 @@ fn chain(n: u64) -> Vec<AuditEvent> {
             action: "request.created".into(),
             subject: Subject { request: Some(format!("r{i}")), policy: Some("demo-vm".into()) },
             source_ip: None,
-            outcome: "ok".into(),
+            outcome: Outcome::Ok,
             details: serde_json::json!({}),
             prev_hash: String::new(),
             hash: String::new(),

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{Arm, ArmError, COMPUTE_API_VERSION, ExistingRule, NETWORK_API_VERSION, SecurityRule, VmNetwork, token};
+use super::{
+    Arm, ArmError, ArmReceipt, COMPUTE_API_VERSION, ExistingRule, NETWORK_API_VERSION, SecurityRule, VmNetwork, token,
+};
 use crate::config::ArmSettings;
 use crate::domain::{NsgId, VmId};
 use crate::http::{Clock, HttpClient, HttpError, HttpRequest, HttpResponse, Method};
@@ -135,7 +137,12 @@ impl<'a> ArmClient<'a> {
                     retry_after(&response).unwrap_or(backoff)
                 }
                 Err(HttpError::Refused(reason)) => {
-                    return Err(ArmError::Refused { status: 0, code: "OutboundRefused".into(), message: reason });
+                    return Err(ArmError::Refused {
+                        status: 0,
+                        code: "OutboundRefused".into(),
+                        message: reason,
+                        request_id: None,
+                    });
                 }
                 Err(error) => {
                     last = error.to_string();
@@ -163,7 +170,12 @@ impl<'a> ArmClient<'a> {
                 "Succeeded" => return Ok(()),
                 "Failed" | "Canceled" => {
                     let detail = status.error.unwrap_or_default();
-                    return Err(ArmError::Refused { status: 200, code: detail.code, message: detail.message });
+                    return Err(ArmError::Refused {
+                        status: 200,
+                        code: detail.code,
+                        message: detail.message,
+                        request_id: response.header("x-ms-request-id").map(str::to_owned),
+                    });
                 }
                 _ => wait = retry_after(&response).unwrap_or(DEFAULT_POLL),
             }
@@ -187,25 +199,26 @@ impl<'a> ArmClient<'a> {
 }
 
 impl Arm for ArmClient<'_> {
-    fn put_rule(&self, nsg: &NsgId, rule: &SecurityRule) -> Result<(), ArmError> {
+    fn put_rule(&self, nsg: &NsgId, rule: &SecurityRule) -> Result<ArmReceipt, ArmError> {
         let response = self.call(Method::Put, &self.rule_url(nsg, &rule.name), Some(&rule.to_arm_body()))?;
-        match response.header("azure-asyncoperation") {
-            Some(url) => self.poll_async_operation(url, retry_after(&response).unwrap_or(DEFAULT_POLL)),
-            None => Ok(()),
+        if let Some(url) = response.header("azure-asyncoperation") {
+            self.poll_async_operation(url, retry_after(&response).unwrap_or(DEFAULT_POLL))?;
         }
+        Ok(receipt(&response))
     }
 
-    fn delete_rule(&self, nsg: &NsgId, name: &str) -> Result<(), ArmError> {
+    fn delete_rule(&self, nsg: &NsgId, name: &str) -> Result<ArmReceipt, ArmError> {
         let response = match self.call(Method::Delete, &self.rule_url(nsg, name), None) {
-            Err(ArmError::Refused { status: 404, .. }) => return Ok(()),
+            Err(ArmError::Refused { status: 404, request_id, .. }) => return Ok(ArmReceipt { request_id }),
             other => other?,
         };
         let first_wait = retry_after(&response).unwrap_or(DEFAULT_POLL);
         match (response.status, response.header("azure-asyncoperation"), response.header("location")) {
-            (202, Some(url), _) => self.poll_async_operation(url, first_wait),
-            (202, None, Some(url)) => self.poll_location(url, first_wait),
-            _ => Ok(()),
+            (202, Some(url), _) => self.poll_async_operation(url, first_wait)?,
+            (202, None, Some(url)) => self.poll_location(url, first_wait)?,
+            _ => {}
         }
+        Ok(receipt(&response))
     }
 
     fn list_rules(&self, nsg: &NsgId) -> Result<Vec<ExistingRule>, ArmError> {
@@ -231,8 +244,12 @@ impl Arm for ArmClient<'_> {
     }
 
     fn resolve_vm(&self, vm: &VmId) -> Result<VmNetwork, ArmError> {
-        let not_protectable =
-            |message: String| ArmError::Refused { status: 422, code: "VmNotProtectable".into(), message };
+        let not_protectable = |message: String| ArmError::Refused {
+            status: 422,
+            code: "VmNotProtectable".into(),
+            message,
+            request_id: None,
+        };
         let vm_doc = self.get_json(&self.resource_url(vm.as_str(), COMPUTE_API_VERSION))?;
         let nics = vm_doc["properties"]["networkProfile"]["networkInterfaces"].as_array().cloned().unwrap_or_default();
         let primary = |items: &[serde_json::Value]| {
@@ -261,6 +278,10 @@ impl Arm for ArmClient<'_> {
     }
 }
 
+fn receipt(response: &HttpResponse) -> ArmReceipt {
+    ArmReceipt { request_id: response.header("x-ms-request-id").map(str::to_owned) }
+}
+
 /// Maps an error answer to what the caller should do about it.
 fn classify(response: &HttpResponse) -> ArmError {
     let body: ArmErrorBody = serde_json::from_slice(&response.body).unwrap_or_default();
@@ -273,9 +294,12 @@ fn classify(response: &HttpResponse) -> ArmError {
         400 if codes.contains(&"SecurityRuleConflict") => ArmError::PriorityConflict,
         408 | 429 | 500..=599 => ArmError::Transient(format!("ARM answered {} {}", response.status, body.error.code)),
         409 if busy => ArmError::Transient(format!("ARM answered 409 {}", body.error.code)),
-        status => {
-            ArmError::Refused { status, code: body.error.code, message: body.error.message.chars().take(300).collect() }
-        }
+        status => ArmError::Refused {
+            status,
+            code: body.error.code,
+            message: body.error.message.chars().take(300).collect(),
+            request_id: response.header("x-ms-request-id").map(str::to_owned),
+        },
     }
 }
 

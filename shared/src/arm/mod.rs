@@ -102,18 +102,37 @@ pub enum ArmError {
         code: String,
         /// ARM's message.
         message: String,
+        /// ARM's `x-ms-request-id` of the refusing answer, for Azure support.
+        request_id: Option<String>,
     },
     /// Worth trying again later: throttling, server errors, timeouts, operations still running.
     #[error("ARM is unavailable for now: {0}")]
     Transient(String),
 }
 
+/// What ARM said of a write that succeeded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ArmReceipt {
+    /// ARM's `x-ms-request-id` of the write, which the audit trail keeps.
+    pub request_id: Option<String>,
+}
+
+impl ArmError {
+    /// ARM's request id, when ARM answered.
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            Self::Refused { request_id, .. } => request_id.as_deref(),
+            Self::PriorityConflict | Self::Transient(_) => None,
+        }
+    }
+}
+
 /// The ARM operations the service needs.
 pub trait Arm {
     /// Creates or updates a rule and waits until ARM reports it in place.
-    fn put_rule(&self, nsg: &NsgId, rule: &SecurityRule) -> Result<(), ArmError>;
+    fn put_rule(&self, nsg: &NsgId, rule: &SecurityRule) -> Result<ArmReceipt, ArmError>;
     /// Deletes a rule and waits until it is gone; an absent rule is success.
-    fn delete_rule(&self, nsg: &NsgId, name: &str) -> Result<(), ArmError>;
+    fn delete_rule(&self, nsg: &NsgId, name: &str) -> Result<ArmReceipt, ArmError>;
     /// The rules on an NSG (to find a free priority).
     fn list_rules(&self, nsg: &NsgId) -> Result<Vec<ExistingRule>, ArmError>;
     /// Resolves a VM to its NIC, private IP and NSG.

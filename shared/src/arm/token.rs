@@ -106,7 +106,7 @@ pub(super) fn token(
                 .chars()
                 .take(300)
                 .collect();
-            return Err(ArmError::Refused { status, code, message });
+            return Err(ArmError::Refused { status, code, message, request_id: None });
         }
     }
     let parsed: TokenResponse = serde_json::from_slice(&response.body)

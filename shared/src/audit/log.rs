@@ -82,7 +82,7 @@ pub fn append(
             continue;
         }
         kv.set(&keys::audit_event(event.seq), &bytes)?;
-        if let Some(checkpointing) = checkpointing.filter(|c| c.every > 0 && event.seq % c.every == 0) {
+        if let Some(checkpointing) = checkpointing.filter(|c| c.every > 0 && event.seq.is_multiple_of(c.every)) {
             save_checkpoint(kv, &Checkpoint::sign(checkpointing.key, event.seq, &event.hash))?;
         }
         return Ok(event);

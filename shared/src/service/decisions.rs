@@ -2,6 +2,7 @@
 //! running grants: `/revoke` and `/extend` (the requester, approvers, admins).
 
 use serde::Deserialize;
+use serde_json::json;
 
 use super::{Env, grants, request_json, requests};
 use crate::api::{ApiError, Reply, parse_json};
@@ -69,11 +70,20 @@ pub fn approve(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Repl
             format!("'{}' has already approved this request", caller.principal),
         ));
     }
-    request.value.approvals.push(ApprovalRecord { by: caller.principal.clone(), at: env.now, comment });
-    if approvals_missing(&request.value, &policy) == 0 {
+    request.value.approvals.push(ApprovalRecord {
+        by: caller.principal.clone(),
+        at: env.now,
+        comment: comment.clone(),
+    });
+    let missing = approvals_missing(&request.value, &policy);
+    if missing == 0 {
         requests::approve_and_open(env, &mut request, &policy)?;
     } else {
-        env.save_request(&mut request)?;
+        env.commit(
+            &mut request,
+            "request.approval_added",
+            json!({ "comment": comment, "approvals_missing": missing }),
+        )?;
     }
     Ok(Reply::ok(request_json(&request.value)))
 }
@@ -85,8 +95,8 @@ pub fn deny(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Reply, 
     let (mut request, _) = decidable(env, caller, id)?;
     request.value.state =
         request.value.state.apply(Event::Deny).map_err(|e| ApiError::conflict("invalid_state", e.to_string()))?;
-    request.value.ended = Some(Ending { by: caller.principal.to_string(), at: env.now, reason });
-    env.save_request(&mut request)?;
+    request.value.ended = Some(Ending { by: caller.principal.to_string(), at: env.now, reason: reason.clone() });
+    env.commit(&mut request, "request.denied", json!({ "reason": reason }))?;
     grants::forget_open(env, &request.value)?;
     Ok(Reply::ok(request_json(&request.value)))
 }
@@ -180,6 +190,6 @@ pub fn extend(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Reply
     super::sweep::schedule(env, new_end, &request.value.id)?;
     request.value.ends_at = Some(new_end);
     request.value.extensions.push(Extension { by: caller.principal.clone(), at: env.now, by_duration: by });
-    env.save_request(&mut request)?;
+    env.commit(&mut request, "request.extended", json!({ "by": by.to_string(), "ends_at": new_end }))?;
     Ok(Reply::ok(request_json(&request.value)))
 }

@@ -3,15 +3,21 @@
 //! Both steps are written so a crash at any point leaves the request where the sweep finds
 //! it: the request is listed under `work/arm` before ARM is called and leaves it only once
 //! ARM confirmed the outcome. A rule that may exist is never forgotten.
+//!
+//! Every ARM write is audited with its outcome and ARM's request id before the state that
+//! depends on it is saved: if that record fails, the request stays where the sweep retries
+//! the (idempotent) write and records it then.
 
 use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::json;
 
-use super::Env;
+use super::{Env, subject_of, subject_of_policy};
 use crate::api::ApiError;
-use crate::arm::{Access, ArmError, SecurityRule};
+use crate::arm::{Access, ArmError, ArmReceipt, SecurityRule};
+use crate::audit::{Outcome, Subject};
 use crate::config::PriorityBand;
 use crate::domain::request::{Ending, RuleRef};
-use crate::domain::{AccessRequest, Event, NsgId, Policy, PortSet, State};
+use crate::domain::{AccessRequest, Event, NsgId, Policy, PolicyName, PortSet, State};
 use crate::keys;
 use crate::store::{self, Versioned};
 
@@ -28,7 +34,12 @@ pub const SUPERSEDED: &str = "newer request initiated";
 
 /// Puts `rule` on the NSG at its priority, or, when that priority is taken, at the first free
 /// one in `band` after it (read from the NSG). Leaves `rule.priority` at the one used.
-pub fn put_in_band(env: &Env, nsg: &NsgId, rule: &mut SecurityRule, band: PriorityBand) -> Result<(), ArmError> {
+pub fn put_in_band(
+    env: &Env,
+    nsg: &NsgId,
+    rule: &mut SecurityRule,
+    band: PriorityBand,
+) -> Result<ArmReceipt, ArmError> {
     for _ in 0..CONFLICT_RETRIES {
         match env.arm.put_rule(nsg, rule) {
             Err(ArmError::PriorityConflict) => {}
@@ -72,9 +83,10 @@ pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&P
     });
     let mut rule = allow_rule(&request.value, policy, &rule_ref, &request.value.ports, ends_at);
     let outcome = put_in_band(env, &rule_ref.nsg, &mut rule, env.config.priorities);
+    record_arm_write(env, "rule.put", subject_of(&request.value), rule_details(&rule_ref.nsg, &rule), &outcome)?;
     request.value.rule = Some(RuleRef { priority: rule.priority, ..rule_ref });
     match outcome {
-        Ok(()) => {
+        Ok(_) => {
             activate(env, request, ends_at)?;
             supersede_older_grants(env, request, policy)
         }
@@ -84,12 +96,45 @@ pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&P
             record_attempt(request, &error);
             if env.now - since > OPEN_GRACE.max(request.value.duration.as_delta()) {
                 transition(request, Event::OpenAbandoned)?;
-                env.save_request(request)?;
+                let reason = format!("the rule could not be opened since {since}: {error}");
+                env.commit(request, "request.abandoned", json!({ "reason": reason }))?;
                 return finish_close(env, request);
             }
             env.save_request(request)
         }
     }
+}
+
+/// What an event about a rule written to an NSG says of it.
+fn rule_details(nsg: &NsgId, rule: &SecurityRule) -> serde_json::Value {
+    json!({
+        "nsg": nsg.as_str(),
+        "rule": rule.name,
+        "priority": rule.priority,
+        "access": match rule.access { Access::Allow => "allow", Access::Deny => "deny" },
+        "protocol": rule.protocol.arm_name(),
+        "ports": rule.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "source": rule.source.map_or_else(|| "*".to_owned(), |s| s.to_string()),
+    })
+}
+
+/// Records an ARM write with its outcome and ARM's request id.
+fn record_arm_write(
+    env: &Env,
+    action: &'static str,
+    subject: Subject,
+    mut details: serde_json::Value,
+    outcome: &Result<ArmReceipt, ArmError>,
+) -> Result<(), ApiError> {
+    let (result, request_id) = match outcome {
+        Ok(receipt) => (Outcome::Ok, receipt.request_id.as_deref()),
+        Err(error) => {
+            details["error"] = json!(error.to_string());
+            (Outcome::Failed, error.request_id())
+        }
+    };
+    details["arm_request_id"] = json!(request_id);
+    env.record(action, subject, result, details).map(drop)
 }
 
 /// Moves an active (or approved) request into `revoking` for `event` and removes its rule.
@@ -102,11 +147,13 @@ pub fn close(
 ) -> Result<(), ApiError> {
     if !matches!(request.value.state, State::Revoking { .. }) {
         transition(request, event)?;
+        let reason = ending.as_ref().and_then(|e| e.reason.clone());
         if ending.is_some() {
             request.value.ended = ending;
         }
         store::add_to_list(env.kv, keys::ARM_WORK, request.value.id.as_str(), usize::MAX)?;
-        env.save_request(request)?;
+        let action = if event == Event::Due { "request.expiring" } else { "request.revoking" };
+        env.commit(request, action, json!({ "reason": reason }))?;
     }
     finish_close(env, request)
 }
@@ -114,7 +161,12 @@ pub fn close(
 /// Removes the rule of a request that is already `revoking`.
 pub fn finish_close(env: &Env, request: &mut Versioned<AccessRequest>) -> Result<(), ApiError> {
     let outcome = match &request.value.rule {
-        Some(rule) => env.arm.delete_rule(&rule.nsg, &rule.name),
+        Some(rule) => {
+            let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
+            let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
+            record_arm_write(env, "rule.deleted", subject_of(&request.value), details, &outcome)?;
+            outcome.map(drop)
+        }
         None => Ok(()),
     };
     match outcome {
@@ -122,7 +174,12 @@ pub fn finish_close(env: &Env, request: &mut Versioned<AccessRequest>) -> Result
             transition(request, Event::RuleClosed)?;
             request.value.closed_at = Some(env.now);
             request.value.arm_attempts = 0;
-            env.save_request(request)?;
+            let action = match request.value.state {
+                State::Expired => "request.expired",
+                State::Revoked => "request.revoked",
+                _ => "request.failed",
+            };
+            env.commit(request, action, json!({}))?;
             forget_open(env, &request.value)?;
             store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
             Ok(())
@@ -143,7 +200,8 @@ fn activate(env: &Env, request: &mut Versioned<AccessRequest>, ends_at: DateTime
     request.value.ends_at = Some(ends_at);
     request.value.arm_attempts = 0;
     request.value.last_error = None;
-    env.save_request(request)?;
+    let rule = request.value.rule.as_ref().map(|r| r.name.clone());
+    env.commit(request, "request.activated", json!({ "ends_at": ends_at, "rule": rule }))?;
     store::add_to_list(env.kv, &keys::live(&request.value.policy), request.value.id.as_str(), usize::MAX)?;
     store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
     Ok(())
@@ -186,10 +244,13 @@ fn supersede_older_grants(env: &Env, request: &mut Versioned<AccessRequest>, pol
 fn narrow(env: &Env, older: &mut Versioned<AccessRequest>, policy: &Policy, ports: PortSet) -> Result<(), ApiError> {
     let (Some(rule_ref), Some(ends_at)) = (older.value.rule.clone(), older.value.ends_at) else { return Ok(()) };
     let rule = allow_rule(&older.value, policy, &rule_ref, &ports, ends_at);
-    match env.arm.put_rule(&rule_ref.nsg, &rule) {
-        Ok(()) => {
+    let outcome = env.arm.put_rule(&rule_ref.nsg, &rule);
+    record_arm_write(env, "rule.put", subject_of(&older.value), rule_details(&rule_ref.nsg, &rule), &outcome)?;
+    match outcome {
+        Ok(_) => {
             older.value.ports = ports;
-            env.save_request(older)
+            let ports: Vec<String> = older.value.ports.iter().map(|p| p.to_string()).collect();
+            env.commit(older, "request.narrowed", json!({ "ports": ports, "reason": SUPERSEDED }))
         }
         Err(error) => {
             eprintln!("narrowing {} after a newer request: {error}", older.value.id);
@@ -200,9 +261,9 @@ fn narrow(env: &Env, older: &mut Versioned<AccessRequest>, policy: &Policy, port
 
 fn fail(env: &Env, request: &mut Versioned<AccessRequest>, reason: String) -> Result<(), ApiError> {
     transition(request, Event::OpenRefused)?;
-    request.value.last_error = Some(reason);
+    request.value.last_error = Some(reason.clone());
     request.value.closed_at = Some(env.now);
-    env.save_request(request)?;
+    env.commit(request, "request.failed", json!({ "reason": reason }))?;
     forget_open(env, &request.value)?;
     store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
     Ok(())
@@ -254,12 +315,12 @@ pub fn baseline_name(policy: &Policy) -> String {
 
 /// Makes sure the policy's baseline deny rule is on its NSG (created or updated to its ports)
 /// and records it on the policy.
-pub fn ensure_baseline(env: &Env, policy: &mut Policy, previous: Option<&RuleRef>) -> Result<(), ArmError> {
+pub fn ensure_baseline(env: &Env, policy: &mut Policy, previous: Option<&RuleRef>) -> Result<(), ApiError> {
     let name = baseline_name(policy);
     let priority = previous
         .filter(|p| p.nsg == policy.nsg)
         .map_or_else(|| preferred_priority(policy.name.as_str(), env.config.deny_priorities), |p| p.priority);
-    let ports = PortSet::new(policy.ports.iter().map(|p| p.port)).map_err(|e| ArmError::Transient(e.to_string()))?;
+    let ports = PortSet::new(policy.ports.iter().map(|p| p.port)).map_err(ApiError::internal)?;
     let mut rule = SecurityRule {
         name: name.clone(),
         priority,
@@ -270,12 +331,17 @@ pub fn ensure_baseline(env: &Env, policy: &mut Policy, previous: Option<&RuleRef
         destination: policy.private_ip,
         ports,
     };
-    put_in_band(env, &policy.nsg, &mut rule, env.config.deny_priorities)?;
+    let outcome = put_in_band(env, &policy.nsg, &mut rule, env.config.deny_priorities);
+    record_arm_write(env, "rule.put", subject_of_policy(&policy.name), rule_details(&policy.nsg, &rule), &outcome)?;
+    outcome?;
     policy.baseline = Some(RuleRef { nsg: policy.nsg.clone(), name, priority: rule.priority });
     Ok(())
 }
 
-/// Removes a baseline deny rule.
-pub fn remove_baseline(env: &Env, baseline: &RuleRef) -> Result<(), ArmError> {
-    env.arm.delete_rule(&baseline.nsg, &baseline.name)
+/// Removes a policy's baseline deny rule.
+pub fn remove_baseline(env: &Env, policy: &PolicyName, baseline: &RuleRef) -> Result<(), ApiError> {
+    let outcome = env.arm.delete_rule(&baseline.nsg, &baseline.name);
+    let details = json!({"nsg": baseline.nsg.as_str(), "rule": baseline.name});
+    record_arm_write(env, "rule.deleted", subject_of_policy(policy), details, &outcome)?;
+    outcome.map(drop).map_err(ApiError::from)
 }

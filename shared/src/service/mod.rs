@@ -1,20 +1,42 @@
 //! The operations the components expose. Each takes an [`Env`] (the ports and the time,
 //! read once per invocation) and the authenticated caller, and returns an API answer.
 
+pub mod audit;
 pub mod decisions;
 pub mod grants;
 pub mod policies;
 pub mod requests;
 pub mod sweep;
 
+use std::net::IpAddr;
+
 use chrono::{DateTime, Utc};
+use serde_json::json;
 
 use crate::api::ApiError;
 use crate::arm::Arm;
+use crate::audit::log::{self, Checkpointing};
+use crate::audit::{AuditEvent, Outcome, Record, Subject};
 use crate::config::Config;
 use crate::domain::{AccessRequest, Policy, PolicyName, RequestId};
 use crate::keys;
 use crate::store::{self, KvStore, Versioned};
+
+/// Who set an invocation off, as the audit trail names them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// The authenticated principal, or `system` (the sweep) or `anonymous`.
+    pub actor: String,
+    /// The caller's address, when there was a caller.
+    pub source_ip: Option<IpAddr>,
+}
+
+impl Origin {
+    /// The service itself (the sweep).
+    pub fn system() -> Self {
+        Self { actor: "system".into(), source_ip: None }
+    }
+}
 
 /// What an operation works with.
 pub struct Env<'a> {
@@ -26,6 +48,8 @@ pub struct Env<'a> {
     pub config: &'a Config,
     /// The time of this invocation.
     pub now: DateTime<Utc>,
+    /// Who the audit trail names for what this invocation does.
+    pub origin: Origin,
 }
 
 impl Env<'_> {
@@ -53,6 +77,63 @@ impl Env<'_> {
             store::save(self.kv, &keys::request(&request.value.id), &request.value, Some(request.version))?;
         Ok(())
     }
+
+    /// Appends an event by this invocation's actor to the audit trail. An event that cannot
+    /// be recorded fails the operation: nothing changes unaudited.
+    pub fn record(
+        &self,
+        action: &'static str,
+        subject: Subject,
+        outcome: Outcome,
+        details: serde_json::Value,
+    ) -> Result<AuditEvent, ApiError> {
+        let record = Record {
+            actor: self.origin.actor.clone(),
+            action,
+            subject,
+            source_ip: self.origin.source_ip.map(|ip| ip.to_string()),
+            outcome,
+            details,
+        };
+        let audit = &self.config.audit;
+        let checkpointing = audit
+            .checkpoint_key
+            .as_ref()
+            .map(|key| Checkpointing { key: key.expose().as_bytes(), every: audit.checkpoint_every });
+        log::append(self.kv, record, self.now, checkpointing)
+            .map_err(|e| ApiError::internal(format!("appending to the audit trail: {e}")))
+    }
+
+    /// Records a change of a request, then saves it: the event is written ahead of the change.
+    /// Should the save then fail (a lost race), a `failed` event with the same action follows,
+    /// so the trail never shows a change that did not happen without saying so.
+    pub fn commit(
+        &self,
+        request: &mut Versioned<AccessRequest>,
+        action: &'static str,
+        mut details: serde_json::Value,
+    ) -> Result<(), ApiError> {
+        let subject = subject_of(&request.value);
+        if let Some(fields) = details.as_object_mut() {
+            fields.insert("state".into(), json!(request.value.state.name()));
+        }
+        self.record(action, subject.clone(), Outcome::Ok, details)?;
+        if let Err(error) = self.save_request(request) {
+            let _ = self.record(action, subject, Outcome::Failed, json!({"error": error.message, "saved": false}));
+            return Err(error);
+        }
+        Ok(())
+    }
+}
+
+/// What an event about a request is about.
+pub fn subject_of(request: &AccessRequest) -> Subject {
+    Subject { request: Some(request.id.to_string()), policy: Some(request.policy.to_string()) }
+}
+
+/// What an event about a policy is about.
+pub fn subject_of_policy(policy: &PolicyName) -> Subject {
+    Subject { request: None, policy: Some(policy.to_string()) }
 }
 
 /// A request as the API shows it.

@@ -6,9 +6,10 @@
 
 use serde_json::json;
 
-use super::{Env, grants};
+use super::{Env, grants, subject_of_policy};
 use crate::api::{ApiError, Reply, parse_json};
 use crate::arm::ArmError;
+use crate::audit::Outcome;
 use crate::auth::{Caller, Role};
 use crate::domain::policy::{Placement, PolicyError, RawPolicy, Resolution};
 use crate::domain::request::Ending;
@@ -66,7 +67,7 @@ fn resolve(env: &Env, vm: &VmId) -> Result<Placement, ApiError> {
 
 /// Whether the query asks to end running grants (`?revoke=true`).
 pub fn wants_revoke(query: &str) -> bool {
-    crate::api::query_param(query, "revoke") == Some("true")
+    crate::api::query_param(query, "revoke").as_deref() == Some("true")
 }
 
 /// Creates or replaces a policy.
@@ -85,9 +86,15 @@ pub fn put(env: &Env, caller: &Caller, name: &str, body: &[u8], revoke: bool) ->
     if let Some(previous) =
         previous.filter(|p| policy.baseline.as_ref() != Some(p) && (p.nsg != policy.nsg || !policy.enabled))
     {
-        grants::remove_baseline(env, &previous)?;
+        grants::remove_baseline(env, &name, &previous)?;
     }
-    store::save(env.kv, &key, &policy, existing.as_ref().map(|e| e.version))?;
+    let action = if existing.is_some() { "policy.updated" } else { "policy.created" };
+    let document = serde_json::to_value(&policy).map_err(ApiError::internal)?;
+    env.record(action, subject_of_policy(&name), Outcome::Ok, json!({ "policy": document }))?;
+    if let Err(error) = store::save(env.kv, &key, &policy, existing.as_ref().map(|e| e.version)) {
+        let _ = env.record(action, subject_of_policy(&name), Outcome::Failed, json!({"error": error.to_string()}));
+        return Err(error.into());
+    }
     store::add_to_list(env.kv, keys::POLICIES, name.as_str(), usize::MAX)?;
     let revoked = if revoke && !policy.enabled { revoke_grants(env, caller, &name)? } else { 0 };
     let mut body = serde_json::to_value(&policy).map_err(ApiError::internal)?;
@@ -124,8 +131,9 @@ pub fn delete(env: &Env, caller: &Caller, name: &str, revoke: bool) -> Result<Re
     let name = parse_name(name)?;
     let policy = env.policy(&name)?;
     if let Some(baseline) = &policy.value.baseline {
-        grants::remove_baseline(env, baseline)?;
+        grants::remove_baseline(env, &name, baseline)?;
     }
+    env.record("policy.deleted", subject_of_policy(&name), Outcome::Ok, json!({ "revoke": revoke }))?;
     env.kv.delete(&keys::policy(&name))?;
     store::remove_from_list(env.kv, keys::POLICIES, name.as_str())?;
     let revoked = if revoke { revoke_grants(env, caller, &name)? } else { 0 };

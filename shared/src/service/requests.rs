@@ -7,6 +7,7 @@ use serde_json::json;
 use super::grants::{self, RECENT_CAP};
 use super::{Env, request_json};
 use crate::api::{ApiError, Reply, parse_json};
+use crate::audit::Outcome;
 use crate::auth::{Caller, Role};
 use crate::domain::decide::{Decision, decide};
 use crate::domain::request::{Ending, RawRequest, approvals_missing, may_approve};
@@ -56,7 +57,27 @@ pub fn create(
         request.auto_rule = rule.clone();
         request.pending_until = None;
     }
-    let version = store::save(env.kv, &keys::request(&request.id), &request, None)?;
+    let details = json!({
+        "ports": request.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "protocol": request.protocol.arm_name(),
+        "source": request.source.to_string(),
+        "duration": request.duration.to_string(),
+        "justification": request.justification,
+        "break_glass": request.break_glass,
+        "auto_approved": matches!(decision, Decision::AutoApproved { .. }),
+    });
+    let subject = super::subject_of(&request);
+    env.record("request.created", subject.clone(), Outcome::Ok, details.clone())?;
+    if request.break_glass {
+        env.record("break_glass.used", subject.clone(), Outcome::Ok, details)?;
+    }
+    let version = match store::save(env.kv, &keys::request(&request.id), &request, None) {
+        Ok(version) => version,
+        Err(error) => {
+            let _ = env.record("request.created", subject, Outcome::Failed, json!({"error": error.to_string()}));
+            return Err(error.into());
+        }
+    };
     let mut request = Versioned { value: request, version };
     let id = request.value.id.as_str().to_owned();
     store::add_to_list(env.kv, keys::RECENT_REQUESTS, &id, RECENT_CAP)?;
@@ -129,7 +150,14 @@ pub fn approve_and_open(env: &Env, request: &mut Versioned<AccessRequest>, polic
         request.value.state.apply(Event::Approve).map_err(|e| ApiError::conflict("invalid_state", e.to_string()))?;
     request.value.approved_at = Some(env.now);
     request.value.auto_approved = request.value.approvals.is_empty();
-    env.save_request(request)?;
+    let approvers: Vec<String> = request.value.approvals.iter().map(|a| a.by.to_string()).collect();
+    let details = json!({
+        "auto_approved": request.value.auto_approved,
+        "rule": request.value.auto_rule,
+        "break_glass": request.value.break_glass,
+        "approvers": approvers,
+    });
+    env.commit(request, "request.approved", details)?;
     grants::open(env, request, Some(policy))
 }
 
@@ -243,7 +271,7 @@ pub fn cancel(env: &Env, caller: &Caller, id: &str) -> Result<Reply, ApiError> {
         )
     })?;
     request.value.ended = Some(Ending { by: caller.principal.to_string(), at: env.now, reason: None });
-    env.save_request(&mut request)?;
+    env.commit(&mut request, "request.cancelled", json!({}))?;
     grants::forget_open(env, &request.value)?;
     Ok(Reply::ok(request_json(&request.value)))
 }

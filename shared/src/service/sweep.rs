@@ -190,7 +190,7 @@ fn time_out(env: &Env, request: &mut Versioned<AccessRequest>) -> Result<(), Api
         at: env.now,
         reason: Some("no decision before the pending timeout".into()),
     });
-    env.save_request(request)?;
+    env.commit(request, "request.timed_out", serde_json::json!({}))?;
     grants::forget_open(env, &request.value)
 }
 

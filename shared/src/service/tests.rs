@@ -51,6 +51,7 @@ impl World {
                 deny_priorities: PriorityBand { min: 4000, max: 4096 },
                 limits: limits(),
                 trusted_proxies: vec![],
+                audit: crate::config::AuditSettings { checkpoint_key: None, checkpoint_every: 1000 },
             },
         };
         world.at(at(0), |env| policies::put(env, &admin(), "demo-vm", policy.to_string().as_bytes(), false)).unwrap();
@@ -64,7 +65,7 @@ impl World {
     }
 
     fn at<T>(&self, now: DateTime<Utc>, f: impl FnOnce(&Env) -> T) -> T {
-        f(&Env { kv: &self.kv, arm: &self.arm, config: &self.config, now })
+        f(&Env { kv: &self.kv, arm: &self.arm, config: &self.config, now, origin: super::Origin::system() })
     }
 
     fn create(&self, id: &str, body: serde_json::Value) -> Result<Reply, ApiError> {
@@ -176,6 +177,7 @@ fn a_refused_rule_fails_the_request_and_leaves_nothing_queued() {
         status: 400,
         code: "SecurityRuleInvalidPortRange".into(),
         message: "no".into(),
+        request_id: Some("arm-req-1".into()),
     }));
     let reply = world.create("r1", raw_request()).unwrap();
     assert_eq!(reply.body["state"], "failed");

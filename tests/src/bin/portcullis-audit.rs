@@ -1,4 +1,5 @@
-//! Verifies an exported audit trail offline: `portcullis-audit verify trail.jsonl`.
+//! Verifies an exported audit trail offline: `portcullis-audit verify trail.jsonl` (JSON Lines
+//! or CloudEvents lines, as `GET /api/audit/export` writes them).
 //! Prints what it checked as JSON and exits 1 at the first broken link (or a failed
 //! checkpoint), naming its sequence number.
 
@@ -8,6 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use shared::audit::export::parse_line;
 use shared::audit::{AuditEvent, Checkpoint, verify};
 
 /// Tools for portcullis's audit trail.
@@ -41,7 +43,7 @@ fn main() -> Result<ExitCode> {
             continue;
         }
         let event: AuditEvent =
-            serde_json::from_str(&line).with_context(|| format!("line {} is not an audit event", number + 1))?;
+            parse_line(&line).with_context(|| format!("line {} is not an audit event", number + 1))?;
         events.push(event);
     }
     let mut report = serde_json::to_value(verify(events.clone(), None))?;

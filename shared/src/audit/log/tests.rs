@@ -10,8 +10,8 @@ use crate::testing::at;
 
 fn record(n: u64) -> Record {
     Record {
-        actor: if n % 2 == 0 { "alice".into() } else { "bob".into() },
-        action: if n % 3 == 0 { "rule.put" } else { "request.created" },
+        actor: if n.is_multiple_of(2) { "alice".into() } else { "bob".into() },
+        action: if n.is_multiple_of(3) { "rule.put" } else { "request.created" },
         subject: Subject { request: Some(format!("r{n}")), policy: Some("demo-vm".into()) },
         source_ip: Some("203.0.113.7".into()),
         outcome: Outcome::Ok,

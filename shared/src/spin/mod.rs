@@ -1,0 +1,179 @@
+//! Spin adapters for the ports, and the request/response plumbing the three components share.
+
+mod export;
+mod http;
+mod store;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+pub use export::{answer, stream_export};
+pub use http::SpinHttp;
+use serde_json::json;
+use spin_sdk::http::{Method, Request, Response};
+pub use store::SpinStore;
+
+use crate::api::{ApiError, Reply};
+use crate::arm::ArmClient;
+use crate::audit::{Outcome, Subject};
+use crate::auth::{self, Caller};
+use crate::config::{Config, Variables};
+use crate::domain::RequestId;
+use crate::http::{Clock, SystemClock};
+use crate::service::{Env, Origin};
+
+/// How long one invocation may spend waiting on ARM (backoff and polling) before it leaves
+/// the rest to the sweep.
+const ARM_WAIT_BUDGET: Duration = Duration::from_secs(15);
+
+/// The component's Spin variables.
+pub struct SpinVariables;
+
+impl Variables for SpinVariables {
+    fn get(&self, name: &str) -> Option<String> {
+        spin_sdk::variables::get(name).ok()
+    }
+}
+
+/// Everything one invocation works with, built from Spin's variables and store.
+pub struct Ctx {
+    kv: SpinStore,
+    http: SpinHttp,
+    clock: SystemClock,
+    /// Configuration, read once.
+    pub config: Config,
+}
+
+impl Ctx {
+    /// Reads configuration and opens the default store; failures are logged, not shown.
+    pub fn load() -> Result<Self, ApiError> {
+        let config = Config::load(&SpinVariables).map_err(|e| ApiError::internal(format!("configuration: {e:#}")))?;
+        let kv = SpinStore::open().map_err(ApiError::internal)?;
+        Ok(Self { kv, http: SpinHttp, clock: SystemClock, config })
+    }
+
+    /// The caller behind the request's bearer credential: an OIDC token when an issuer is
+    /// configured and the credential is a JWT, else an API key.
+    pub fn authenticate(&self, request: &Request) -> Result<Caller, ApiError> {
+        let header = request.header("authorization").and_then(|v| v.as_str());
+        let bearer = header.and_then(|h| h.strip_prefix("Bearer ")).map(str::trim);
+        match (&self.config.oidc, bearer) {
+            (Some(oidc), Some(token)) if auth::oidc::looks_like_jwt(token) => {
+                Ok(auth::oidc::authenticate(token, oidc, &self.kv, &self.http, self.clock.now())?)
+            }
+            _ => Ok(self.config.api_keys.authenticate(header)?),
+        }
+    }
+
+    /// The caller's IP address (see [`auth::client_ip`]).
+    pub fn client_ip(&self, request: &Request) -> Option<IpAddr> {
+        let peer = request.header("spin-client-addr").and_then(|v| v.as_str());
+        let forwarded = request.header("x-forwarded-for").and_then(|v| v.as_str());
+        auth::client_ip(peer, forwarded, &self.config.trusted_proxies)
+    }
+
+    /// The ARM client of this invocation.
+    pub fn arm(&self) -> ArmClient<'_> {
+        ArmClient::new(&self.http, &self.kv, &self.clock, &self.config.arm, ARM_WAIT_BUDGET)
+    }
+
+    /// The ports wired up, the time read once, and who the audit trail will name.
+    pub fn env<'a>(&'a self, arm: &'a ArmClient<'a>, origin: Origin) -> Env<'a> {
+        Env { kv: &self.kv, arm, config: &self.config, now: self.clock.now(), origin }
+    }
+
+    /// Runs an operation for `origin` (see [`Ctx::env`]).
+    pub fn run<T>(&self, origin: Origin, operation: impl FnOnce(&Env) -> T) -> T {
+        let arm = self.arm();
+        operation(&self.env(&arm, origin))
+    }
+
+    /// Authenticates an API call; a failed attempt at a change is audited (as `anonymous`,
+    /// with the reason but never the credential).
+    pub fn caller(&self, request: &Request) -> Result<(Caller, Origin), ApiError> {
+        let source_ip = self.client_ip(request);
+        match self.authenticate(request) {
+            Ok(caller) => {
+                let origin = Origin { actor: caller.principal.to_string(), source_ip };
+                Ok((caller, origin))
+            }
+            Err(error) => {
+                if error.status == 401 && is_change(request) {
+                    self.record_refusal(
+                        request,
+                        Origin { actor: "anonymous".into(), source_ip },
+                        "auth.failed",
+                        &error,
+                    );
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Audits a refused attempt at a change; a failure to record goes to the log, and the
+    /// caller gets the refusal either way.
+    pub fn record_refusal(&self, request: &Request, origin: Origin, action: &'static str, error: &ApiError) {
+        let details = json!({
+            "method": request.method().to_string(),
+            "path": request.path().chars().take(200).collect::<String>(),
+            "code": error.code,
+            "reason": error.message,
+        });
+        let recorded = self.run(origin, |env| env.record(action, Subject::default(), Outcome::Refused, details));
+        if let Err(failure) = recorded {
+            eprintln!("could not audit {action}: {}", failure.internal.unwrap_or(failure.message));
+        }
+    }
+}
+
+/// Whether a call asks for a change (anything but reads).
+fn is_change(request: &Request) -> bool {
+    !matches!(request.method(), Method::Get | Method::Head | Method::Options)
+}
+
+/// Serves an authenticated API call: reads configuration, authenticates the caller, runs
+/// `route` with the ports wired up, and renders the outcome. Every `/api` component is this
+/// plus its route table. Refused attempts at changes (401, 403) are audited.
+pub fn serve_api(request: &Request, route: impl FnOnce(&Ctx, &Env, &Caller) -> Result<Reply, ApiError>) -> Response {
+    let outcome = Ctx::load().and_then(|ctx| {
+        let (caller, origin) = ctx.caller(request)?;
+        let outcome = ctx.run(origin.clone(), |env| route(&ctx, env, &caller));
+        if let Err(error) = &outcome
+            && error.status == 403
+            && is_change(request)
+        {
+            ctx.record_refusal(request, origin, "auth.forbidden", error);
+        }
+        outcome
+    });
+    respond(outcome)
+}
+
+/// The path below `prefix` as segments (`/api/requests/x/approve` -> `["requests", "x", "approve"]`).
+pub fn segments<'a>(request: &'a Request, prefix: &str) -> Vec<&'a str> {
+    let path = request.path();
+    let path = path.strip_prefix(prefix).unwrap_or(path);
+    path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect()
+}
+
+/// A fresh request id: 96 random bits as hex.
+pub fn new_request_id() -> RequestId {
+    let bytes = wasi::random::random::get_random_bytes(12);
+    RequestId::parse(&hex::encode(bytes)).expect("hex is a valid id")
+}
+
+/// Renders an operation's outcome; a 5xx's cause goes to stderr (the host's log), never to
+/// the client.
+pub fn respond(result: Result<Reply, ApiError>) -> Response {
+    let (status, body) = match result {
+        Ok(reply) => (reply.status, reply.body),
+        Err(error) => {
+            if let Some(cause) = &error.internal {
+                eprintln!("error {}: {cause}", error.code);
+            }
+            (error.status, error.body())
+        }
+    };
+    Response::builder().status(status).header("content-type", "application/json").body(body.to_string()).build()
+}
