@@ -193,13 +193,28 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let ((status, response_headers, body), delivery) = {
+    let ((status, mut response_headers, body), delivery) = {
         let mut state = state.lock().unwrap();
-        let answer = state.handle(&method, &uri, &headers, &body);
+        let mut answer = state.handle(&method, &uri, &headers, &body);
         let recorded = if matches!(answer.1, Delivery::Drop) { 0 } else { answer.0.0 };
-        state.calls.push(Call { method: method.to_string(), path: uri.path().to_owned(), status: recorded });
+        // ARM names every answer, errors and successes alike.
+        let request_id = match answer.0.1.iter().find(|(name, _)| name == "x-ms-request-id") {
+            Some((_, id)) => id.clone(),
+            None => {
+                let id = uuid::Uuid::new_v4().to_string();
+                answer.0.1.push(("x-ms-request-id".into(), id.clone()));
+                id
+            }
+        };
+        state.calls.push(Call {
+            method: method.to_string(),
+            path: uri.path().to_owned(),
+            status: recorded,
+            request_id,
+        });
         answer
     };
+    response_headers.dedup();
     match delivery {
         Delivery::Now => {}
         Delivery::After(delay) => tokio::time::sleep(delay).await,

@@ -17,6 +17,8 @@ pub struct Call {
     pub path: String,
     /// The status answered.
     pub status: u16,
+    /// The `x-ms-request-id` answered.
+    pub request_id: String,
 }
 
 /// What a fault does to a call.

@@ -109,6 +109,11 @@ impl Host {
     pub fn dump_store(&self) -> Vec<(String, String)> {
         self.app.runtime.dump_store()
     }
+
+    /// The key-value store itself, for tests that play an attacker with write access to it.
+    pub fn store(&self) -> &kv::KvBackend {
+        self.app.runtime.kv()
+    }
 }
 
 impl Drop for Host {

@@ -452,6 +452,11 @@ impl Runtime {
         }
     }
 
+    /// The key-value store behind every component.
+    pub fn kv(&self) -> &KvBackend {
+        &self.kv
+    }
+
     /// Every key and value of the default store (values as text), for failure reports.
     pub fn dump_store(&self) -> Vec<(String, String)> {
         let keys = self.kv.keys("default").unwrap_or_default();

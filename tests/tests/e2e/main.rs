@@ -2,6 +2,7 @@
 //! the ARM emulator.
 //!
 //! - `support`: the `World` harness (host + emulator + typed calls + failure report).
+//! - `audit`: the events every action leaves, tampering, concurrency, offline verification, no secrets.
 //! - `lifecycle`: the whole loop: request, approve, open, expire, close.
 //! - `validation`: bad input gets a clear 4xx and changes nothing.
 //! - `security`: authentication, self-approval, forged Spin headers, the sweep secret.
@@ -11,6 +12,7 @@
 //! - `azure`: parity with Azure's JIT: VM resolution, baseline deny rules, rules it does not
 //!   own, identities, and the ARM cost of a grant.
 
+mod audit;
 mod azure;
 mod faults;
 mod identity;

@@ -97,6 +97,33 @@ impl World {
         )
     }
 
+    /// A GET answered as text (exports), with the response headers.
+    pub async fn get_text(&self, path: &str, key: &str) -> (u16, reqwest::header::HeaderMap, String) {
+        let url = format!("{}{path}", self.local.host.url());
+        let response = self.client.get(url).bearer_auth(key).send().await.expect("the host answers");
+        let (status, headers) = (response.status().as_u16(), response.headers().clone());
+        (status, headers, response.text().await.unwrap())
+    }
+
+    /// Audit events matching `query` (`request=...&action=...`), every page followed.
+    pub async fn audit(&self, query: &str) -> Vec<Value> {
+        let mut events = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page_query = match &cursor {
+                Some(cursor) => format!("{query}&cursor={cursor}"),
+                None => query.to_owned(),
+            };
+            let (status, body) = self.call("GET", &format!("/api/audit?{page_query}"), Some(ADMIN), None).await;
+            assert_eq!(status, 200, "{body}");
+            events.extend(body["events"].as_array().unwrap().iter().cloned());
+            match body["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => return events,
+            }
+        }
+    }
+
     pub async fn put_policy(&self, name: &str, policy: &Value) -> (u16, Value) {
         self.call("PUT", &format!("/api/policies/{name}"), Some(ADMIN), Some(&policy.to_string())).await
     }
