@@ -1,22 +1,26 @@
 //! The key layout of the key-value store: the only place a key is spelled.
 //!
+//! Segments are separated by `:`, never `/`: Azure Cosmos DB, the natural multi-instance store
+//! on Azure, refuses keys containing `/`, `\`, `?` or `#` (ids here are letters, digits and
+//! `-_.@`, so no key can contain them), and allows at most 255 characters.
+//!
 //! | key | value |
 //! |---|---|
-//! | `policy/<name>` | a policy |
-//! | `req/<id>` | an access request |
-//! | `idx/policies` | names of all policies |
-//! | `idx/recent` | ids of the most recent requests |
-//! | `idx/by/<principal>` | ids of a requester's recent requests |
-//! | `due/<yyyymmddhhmm>` | ids of requests whose access ends, or whose wait for approval runs out, in that minute (UTC) |
-//! | `work/arm` | ids of requests with unfinished ARM work (open or close) |
-//! | `sweep/cursor` | the last minute the sweep fully processed |
-//! | `cache/arm-token` | the cached ARM access token |
-//! | `cache/jwks` | the OIDC issuer's key set and when it was fetched |
-//! | `open/<policy>/<principal>` | ids of a requester's pending and active requests under a policy |
-//! | `live/<policy>` | ids of a policy's active grants |
-//! | `audit/head` | the audit trail's last event, moved by compare-and-swap |
-//! | `audit/e/<seq>` | audit event number `seq` (from 1, contiguous) |
-//! | `audit/checkpoint` | the latest signed checkpoint of the audit trail |
+//! | `policy:<name>` | a policy |
+//! | `req:<id>` | an access request |
+//! | `idx:policies` | names of all policies |
+//! | `idx:recent` | ids of the most recent requests |
+//! | `idx:by:<principal>` | ids of a requester's recent requests |
+//! | `due:<yyyymmddhhmm>` | ids of requests whose access ends, or whose wait for approval runs out, in that minute (UTC) |
+//! | `work:arm` | ids of requests with unfinished ARM work (open or close) |
+//! | `sweep:cursor` | the last minute the sweep fully processed |
+//! | `cache:arm-token` | the cached ARM access token |
+//! | `cache:jwks` | the OIDC issuer's key set and when it was fetched |
+//! | `open:<policy>:<principal>` | ids of a requester's pending and active requests under a policy |
+//! | `live:<policy>` | ids of a policy's active grants |
+//! | `audit:head` | the audit trail's last event, moved by compare-and-swap |
+//! | `audit:e:<seq>` | audit event number `seq` (from 1, contiguous) |
+//! | `audit:checkpoint` | the latest signed checkpoint of the audit trail |
 
 use chrono::{DateTime, Utc};
 
@@ -24,54 +28,88 @@ use crate::domain::{PolicyName, Principal, RequestId};
 
 /// A policy document.
 pub fn policy(name: &PolicyName) -> String {
-    format!("policy/{name}")
+    format!("policy:{name}")
 }
 
 /// An access request document.
 pub fn request(id: &RequestId) -> String {
-    format!("req/{id}")
+    format!("req:{id}")
 }
 
 /// All policy names.
-pub const POLICIES: &str = "idx/policies";
+pub const POLICIES: &str = "idx:policies";
 /// The most recent requests, newest last.
-pub const RECENT_REQUESTS: &str = "idx/recent";
+pub const RECENT_REQUESTS: &str = "idx:recent";
 /// Requests with ARM work outstanding.
-pub const ARM_WORK: &str = "work/arm";
+pub const ARM_WORK: &str = "work:arm";
 /// The sweep's progress through the due index.
-pub const SWEEP_CURSOR: &str = "sweep/cursor";
+pub const SWEEP_CURSOR: &str = "sweep:cursor";
 /// The cached ARM token.
-pub const ARM_TOKEN: &str = "cache/arm-token";
+pub const ARM_TOKEN: &str = "cache:arm-token";
 /// The cached OIDC key set.
-pub const JWKS: &str = "cache/jwks";
+pub const JWKS: &str = "cache:jwks";
 
 /// One requester's recent requests.
 pub fn requests_by(principal: &Principal) -> String {
-    format!("idx/by/{principal}")
+    format!("idx:by:{principal}")
 }
 
 /// The requests whose access ends in the minute of `at`.
 pub fn due(at: DateTime<Utc>) -> String {
-    format!("due/{}", at.format("%Y%m%d%H%M"))
+    format!("due:{}", at.format("%Y%m%d%H%M"))
 }
 
 /// A requester's pending and active requests under one policy (duplicates, quotas, and
 /// replacing an older grant with a newer one).
 pub fn open_of(policy: &PolicyName, principal: &Principal) -> String {
-    format!("open/{policy}/{principal}")
+    format!("open:{policy}:{principal}")
 }
 
 /// A policy's active grants (the per-VM quota).
 pub fn live(policy: &PolicyName) -> String {
-    format!("live/{policy}")
+    format!("live:{policy}")
 }
 
 /// The audit trail's head: its last event.
-pub const AUDIT_HEAD: &str = "audit/head";
+pub const AUDIT_HEAD: &str = "audit:head";
 /// The latest signed audit checkpoint.
-pub const AUDIT_CHECKPOINT: &str = "audit/checkpoint";
+pub const AUDIT_CHECKPOINT: &str = "audit:checkpoint";
 
 /// Audit event number `seq`.
 pub fn audit_event(seq: u64) -> String {
-    format!("audit/e/{seq}")
+    format!("audit:e:{seq}")
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+
+    #[test]
+    fn every_key_suits_cosmos_db_even_for_the_longest_ids() {
+        let policy = PolicyName::parse(&"p".repeat(63)).unwrap();
+        let principal = Principal::parse(&format!("{}@example.com", "a".repeat(116))).unwrap();
+        let request = RequestId::parse(&"r".repeat(40)).unwrap();
+        let keys = [
+            self::policy(&policy),
+            self::request(&request),
+            requests_by(&principal),
+            due(Utc::now()),
+            open_of(&policy, &principal),
+            live(&policy),
+            audit_event(u64::MAX),
+            POLICIES.into(),
+            RECENT_REQUESTS.into(),
+            ARM_WORK.into(),
+            SWEEP_CURSOR.into(),
+            ARM_TOKEN.into(),
+            JWKS.into(),
+            AUDIT_HEAD.into(),
+            AUDIT_CHECKPOINT.into(),
+        ];
+        for key in keys {
+            assert!(key.len() <= 255 && !key.contains(['/', '\\', '?', '#']), "{key}");
+        }
+    }
 }

@@ -239,7 +239,7 @@ mod tests {
     #[test]
     fn corrupt_documents_are_reported_with_their_key() {
         let kv = MemStore::default();
-        kv.set("req/x", b"{not json").unwrap();
-        assert!(matches!(load::<String>(&kv, "req/x"), Err(StoreError::Corrupt { key, .. }) if key == "req/x"));
+        kv.set("req:x", b"{not json").unwrap();
+        assert!(matches!(load::<String>(&kv, "req:x"), Err(StoreError::Corrupt { key, .. }) if key == "req:x"));
     }
 }

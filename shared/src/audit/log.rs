@@ -1,10 +1,10 @@
 //! The stored trail: appending under concurrent instances, and reading it back by sequence
 //! number (pages, ranges, verification) without ever listing the store.
 //!
-//! `audit/head` holds the last event in full and moves by compare-and-swap: an appender reads
+//! `audit:head` holds the last event in full and moves by compare-and-swap: an appender reads
 //! it, seals its event after it and swaps it in, retrying when another instance got there
 //! first, so sequence numbers are contiguous and the chain never forks. Every event is also
-//! written to `audit/e/<seq>` right after its swap; an appender that dies in between leaves
+//! written to `audit:e:<seq>` right after its swap; an appender that dies in between leaves
 //! its event in the head, and the next appender copies it to its key before moving on, so no
 //! event is lost. One append costs two reads, one compare-and-swap and one write.
 

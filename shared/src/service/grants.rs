@@ -1,7 +1,7 @@
 //! Opening and closing NSG rules: the only code that writes to ARM.
 //!
 //! Both steps are written so a crash at any point leaves the request where the sweep finds
-//! it: the request is listed under `work/arm` before ARM is called and leaves it only once
+//! it: the request is listed under `work:arm` before ARM is called and leaves it only once
 //! ARM confirmed the outcome. A rule that may exist is never forgotten.
 //!
 //! Every ARM write is audited with its outcome and ARM's request id before the state that

@@ -1,5 +1,5 @@
 //! The sweep: closes grants whose time is up and finishes ARM work left unfinished.
-//! It reads only the due minutes since its cursor and the `work/arm` list, never the whole
+//! It reads only the due minutes since its cursor and the `work:arm` list, never the whole
 //! store, and one bad record never stops the batch.
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
@@ -149,7 +149,7 @@ fn process_due(env: &Env, id: &str, report: &mut SweepReport) -> bool {
     }
 }
 
-/// Retries the open or close of one request listed under `work/arm`.
+/// Retries the open or close of one request listed under `work:arm`.
 fn finish_arm_work(env: &Env, id: &str, report: &mut SweepReport) {
     let Some(mut request) = load(env, id, report) else {
         // A listed id with no record has nothing left to do.

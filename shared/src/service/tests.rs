@@ -105,7 +105,7 @@ fn auto_approval_opens_the_rule_and_the_sweep_closes_it_after_ends_at() {
     assert_eq!(report.closed, 1);
     assert!(world.allow_rules().is_empty());
     assert_eq!(world.state("r1"), "expired");
-    assert!(!world.kv.keys().iter().any(|k| k.starts_with("due/") || k == keys::ARM_WORK), "{:?}", world.kv.keys());
+    assert!(!world.kv.keys().iter().any(|k| k.starts_with("due:") || k == keys::ARM_WORK), "{:?}", world.kv.keys());
 }
 
 #[test]

@@ -207,7 +207,7 @@ async fn tampering_with_stored_events_is_reported_at_its_sequence_number() {
     let last = verify(&world, "").await["to"].as_u64().unwrap();
     assert!(last >= 8, "{last}");
     let store = world.local.host.store();
-    let key = |seq: u64| format!("audit/e/{seq}");
+    let key = |seq: u64| format!("audit:e:{seq}");
     let original = |seq: u64| store.get("default", &key(seq)).unwrap().unwrap();
 
     let third = original(3);
@@ -369,7 +369,7 @@ async fn no_secret_or_credential_ever_reaches_the_audit_trail() {
         assert!(!export.contains(secret), "'{secret}' leaked into the audit trail");
     }
     // The ARM token cached in the store never appears either.
-    let cached = world.local.host.store().get("default", "cache/arm-token").unwrap().unwrap();
+    let cached = world.local.host.store().get("default", "cache:arm-token").unwrap().unwrap();
     let cached: Value = serde_json::from_slice(&cached).unwrap();
     let access_token = cached["doc"]["access_token"].as_str().or(cached["access_token"].as_str()).unwrap();
     assert!(!export.contains(access_token));

@@ -100,7 +100,7 @@ async fn a_vm_without_an_nsg_or_that_does_not_exist_is_refused_with_the_fix() {
     let ghost = DEMO_VM.replace("demo-vm", "ghost");
     let (status, body) = world.put_policy("ghost", &vm_only(&ghost)).await;
     assert_eq!((status, body["error"]["code"].as_str()), (422, Some("vm_not_found")), "{body}");
-    assert!(world.store_keys().iter().all(|k| !k.starts_with("policy/")), "{:?}", world.store_keys());
+    assert!(world.store_keys().iter().all(|k| !k.starts_with("policy:")), "{:?}", world.store_keys());
 }
 
 #[tokio::test(flavor = "multi_thread")]

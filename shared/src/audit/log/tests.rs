@@ -100,28 +100,28 @@ fn an_event_left_only_in_the_head_is_archived_by_the_next_append() {
 #[test]
 fn tampering_is_reported_at_the_right_sequence_number() {
     let changed = trail(6);
-    let mut event: serde_json::Value = serde_json::from_slice(&changed.get("audit/e/3").unwrap().unwrap()).unwrap();
+    let mut event: serde_json::Value = serde_json::from_slice(&changed.get("audit:e:3").unwrap().unwrap()).unwrap();
     event["details"]["n"] = json!(42);
-    changed.set("audit/e/3", event.to_string().as_bytes()).unwrap();
+    changed.set("audit:e:3", event.to_string().as_bytes()).unwrap();
     assert_eq!(broken_at(&changed), Some(3));
 
     let deleted = trail(6);
-    deleted.delete("audit/e/2").unwrap();
+    deleted.delete("audit:e:2").unwrap();
     assert_eq!(broken_at(&deleted), Some(2));
 
     let reordered = trail(6);
-    let (second, third) = (reordered.get("audit/e/2").unwrap().unwrap(), reordered.get("audit/e/3").unwrap().unwrap());
-    reordered.set("audit/e/2", &third).unwrap();
-    reordered.set("audit/e/3", &second).unwrap();
+    let (second, third) = (reordered.get("audit:e:2").unwrap().unwrap(), reordered.get("audit:e:3").unwrap().unwrap());
+    reordered.set("audit:e:2", &third).unwrap();
+    reordered.set("audit:e:3", &second).unwrap();
     assert_eq!(broken_at(&reordered), Some(2));
 
     let garbled = trail(6);
-    garbled.set("audit/e/4", b"{oops").unwrap();
+    garbled.set("audit:e:4", b"{oops").unwrap();
     assert_eq!(broken_at(&garbled), Some(4));
 
     // Cutting the tail back to event 3 (head included) shows against the checkpoint at 5.
     let truncated = trail(6);
-    let third = truncated.get("audit/e/3").unwrap().unwrap();
+    let third = truncated.get("audit:e:3").unwrap().unwrap();
     truncated.set(keys::AUDIT_HEAD, &third).unwrap();
     for seq in 4..=6 {
         truncated.delete(&keys::audit_event(seq)).unwrap();
@@ -144,7 +144,7 @@ fn a_range_verifies_from_the_event_before_it() {
     let kv = trail(9);
     let report = verify_stored(&kv, 4, Some(6), None).unwrap();
     assert_eq!((report.from, report.to, report.chain.checked, report.chain.broken), (4, 6, 3, None));
-    kv.delete("audit/e/3").unwrap();
+    kv.delete("audit:e:3").unwrap();
     assert_eq!(verify_stored(&kv, 4, Some(6), None).unwrap().chain.broken.map(|b| b.seq), Some(3));
 }
 
