@@ -10,11 +10,49 @@ use crate::auth::{ApiKeys, Caller, Role};
 use crate::config::{Config, PriorityBand};
 use crate::domain::{GroupName, Principal, RequestId};
 use crate::keys;
-use crate::store::MemStore;
+use std::cell::Cell;
+
+use crate::audit::log;
+use crate::store::{KvStore, MemStore, StoreError};
 use crate::testing::{FakeArm, arm_settings, at, limits, policy_json, raw_request};
 
+/// An in-memory store whose audit appends can be made to fail after a number of successes.
+#[derive(Default)]
+struct TestStore {
+    mem: MemStore,
+    audit_budget: Cell<Option<usize>>,
+}
+
+impl TestStore {
+    fn keys(&self) -> Vec<String> {
+        self.mem.keys()
+    }
+}
+
+impl KvStore for TestStore {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.mem.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.mem.set(key, value)
+    }
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.mem.delete(key)
+    }
+    fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
+        if key == keys::AUDIT_HEAD {
+            match self.audit_budget.get() {
+                Some(0) => return Err(StoreError::Backend("injected audit failure".into())),
+                Some(n) => self.audit_budget.set(Some(n - 1)),
+                None => {}
+            }
+        }
+        self.mem.compare_and_swap(key, expected, value)
+    }
+}
+
 struct World {
-    kv: MemStore,
+    kv: TestStore,
     arm: FakeArm,
     config: Config,
 }
@@ -40,7 +78,7 @@ fn bob() -> Caller {
 impl World {
     fn new(policy: serde_json::Value) -> Self {
         let world = Self {
-            kv: MemStore::default(),
+            kv: TestStore::default(),
             arm: FakeArm::default(),
             config: Config {
                 arm: arm_settings(),
@@ -254,4 +292,37 @@ fn regression_revoking_a_policy_finds_grants_older_than_the_recent_list() {
     assert_eq!(reply.body["revoked"], 1);
     assert_eq!(world.state("old"), "revoked");
     assert!(world.allow_rules().is_empty());
+}
+
+#[test]
+fn a_change_whose_event_cannot_be_recorded_does_not_happen() {
+    let world = World::new(policy_json());
+    world.kv.audit_budget.set(Some(0));
+    let error = world.create("r1", raw_request()).unwrap_err();
+    assert_eq!(error.status, 500);
+    assert!(!world.kv.keys().contains(&keys::request(&RequestId::parse("r1").unwrap())));
+    assert_eq!((world.arm.calls.get(), world.allow_rules().len()), (0, 0), "nothing reached ARM");
+}
+
+#[test]
+fn an_arm_write_that_cannot_be_recorded_is_redone_and_recorded_by_the_sweep() {
+    let world = World::new(policy_json());
+    // request.created and request.approved are recorded; the record of the PUT fails.
+    world.kv.audit_budget.set(Some(2));
+    assert_eq!(world.create("r1", raw_request()).unwrap_err().status, 500);
+    assert_eq!(world.state("r1"), "approved", "not activated without its record");
+    assert!(world.kv.keys().contains(&keys::ARM_WORK.to_owned()), "queued for the sweep");
+
+    world.kv.audit_budget.set(None);
+    let report = world.at(at(1), sweep::sweep).unwrap();
+    assert_eq!((report.opened, world.state("r1").as_str()), (1, "active"));
+    let events: Vec<_> = log::range(&world.kv, 1, 100).map(Result::unwrap).collect();
+    let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions[actions.len() - 4..],
+        ["request.created", "request.approved", "rule.put", "request.activated"],
+        "{actions:?}"
+    );
+    assert_eq!(events.iter().rev().nth(1).unwrap().details["arm_request_id"], "fake-arm-2", "the redone PUT");
+    assert_eq!(log::verify_stored(&world.kv, 1, None, None).unwrap().chain.broken, None);
 }

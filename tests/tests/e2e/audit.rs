@@ -378,3 +378,43 @@ async fn no_secret_or_credential_ever_reaches_the_audit_trail() {
 fn local_sweep_secret() -> &'static str {
     portcullis_host::local::DEMO_SWEEP_SECRET
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_arm_writes_and_policy_changes_are_recorded_with_their_outcome() {
+    let world = World::start().await;
+    world.auto_policy().await;
+    let (_, request) = world.request(ALICE, &ssh("PT1H")).await;
+    let id = id(&request);
+    world.advance_minutes(61);
+    world.inject(portcullis_host::emulator::Fault::new("DELETE", 400, "InvalidRequestFormat", u32::MAX));
+    world.tick().await;
+    world.local.emulator.clear_faults();
+    world.advance_minutes(1);
+    world.tick().await;
+    let deletes: Vec<Value> = world
+        .audit(&format!("request={id}&action=rule.deleted"))
+        .await
+        .into_iter()
+        .filter(|e| e["actor"] == "system")
+        .collect();
+    assert_eq!(deletes.len(), 2, "{deletes:?}");
+    assert_eq!(deletes[0]["outcome"], "failed");
+    assert!(deletes[0]["details"]["error"].as_str().unwrap().contains("InvalidRequestFormat"), "{}", deletes[0]);
+    let refused = world.local.emulator.calls().into_iter().find(|c| c.status == 400).unwrap();
+    assert_eq!(deletes[0]["details"]["arm_request_id"], refused.request_id, "ARM's id of the refusal");
+    assert_eq!(deletes[1]["outcome"], "ok");
+
+    let mut changed = policy(json!({"mode": "auto"}));
+    changed["ports"][0]["max_duration"] = json!("PT2H");
+    assert_eq!(world.put_policy("demo-vm", &changed).await.0, 200);
+    assert_eq!(world.call("DELETE", "/api/policies/demo-vm", Some(ADMIN), None).await.0, 200);
+    let events = world.audit("policy=demo-vm&action=policy.").await;
+    assert_eq!(
+        summary(&events).into_iter().map(|(_, action, _)| action).collect::<Vec<_>>(),
+        ["policy.created", "policy.updated", "policy.deleted"]
+    );
+    assert_eq!(events[1]["details"]["policy"]["ports"][0]["max_duration"], "PT2H");
+    let baseline = world.audit("policy=demo-vm&action=rule.deleted").await;
+    assert_eq!(baseline.last().unwrap()["details"]["rule"], "jit-deny-demo-vm");
+    assert_eq!(verify(&world, "").await["valid"], true);
+}
