@@ -12,6 +12,7 @@ use crate::config::{ArmSettings, Identity, Secret};
 use crate::domain::policy::{PolicyLimits, RawPolicy};
 use crate::domain::{AccessDuration, NsgId, Policy, PolicyName, Port, PortSet, Protocol, SourcePrefix, VmId};
 use crate::http::{Clock, HttpClient, HttpError, HttpRequest, HttpResponse};
+use crate::store::{KvStore, MemStore, StoreError};
 
 pub const VM: &str = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/demo-rg/providers/Microsoft.Compute/virtualMachines/demo-vm";
 pub const NSG: &str = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/demo-rg/providers/Microsoft.Network/networkSecurityGroups/demo-nsg";
@@ -166,6 +167,56 @@ impl Arm for FakeArm {
 
     fn resolve_vm(&self, _vm: &VmId) -> Result<VmNetwork, ArmError> {
         Ok(VmNetwork { nic: "nic".into(), private_ip: "10.0.0.4".parse().unwrap(), nsg: Some(nsg()) })
+    }
+}
+
+/// What runs before each compare-and-swap of a [`HookedStore`].
+pub type SwapHook = Box<dyn FnMut(&MemStore, &str) -> Result<(), StoreError>>;
+
+/// An in-memory store that runs a hook before each compare-and-swap: to let a rival writer in
+/// first, or to fail.
+#[derive(Default)]
+pub struct HookedStore {
+    pub mem: MemStore,
+    hook: RefCell<Option<SwapHook>>,
+}
+
+impl HookedStore {
+    pub fn over(mem: MemStore) -> Self {
+        Self { mem, hook: RefCell::default() }
+    }
+
+    pub fn before_swap(&self, hook: impl FnMut(&MemStore, &str) -> Result<(), StoreError> + 'static) {
+        *self.hook.borrow_mut() = Some(Box::new(hook));
+    }
+
+    pub fn clear_hook(&self) {
+        *self.hook.borrow_mut() = None;
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        self.mem.keys()
+    }
+}
+
+impl KvStore for HookedStore {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.mem.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.mem.set(key, value)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.mem.delete(key)
+    }
+
+    fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
+        if let Some(hook) = self.hook.borrow_mut().as_mut() {
+            hook(&self.mem, key)?;
+        }
+        self.mem.compare_and_swap(key, expected, value)
     }
 }
 

@@ -6,53 +6,16 @@ use serde_json::json;
 use super::{Env, decisions, policies, requests, sweep};
 use crate::api::{ApiError, Reply};
 use crate::arm::{Access, ArmError, SecurityRule};
+use crate::audit::log;
 use crate::auth::{ApiKeys, Caller, Role};
 use crate::config::{Config, PriorityBand};
 use crate::domain::{GroupName, Principal, RequestId};
 use crate::keys;
-use std::cell::Cell;
-
-use crate::audit::log;
-use crate::store::{KvStore, MemStore, StoreError};
-use crate::testing::{FakeArm, arm_settings, at, limits, policy_json, raw_request};
-
-/// An in-memory store whose audit appends can be made to fail after a number of successes.
-#[derive(Default)]
-struct TestStore {
-    mem: MemStore,
-    audit_budget: Cell<Option<usize>>,
-}
-
-impl TestStore {
-    fn keys(&self) -> Vec<String> {
-        self.mem.keys()
-    }
-}
-
-impl KvStore for TestStore {
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.mem.get(key)
-    }
-    fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.mem.set(key, value)
-    }
-    fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.mem.delete(key)
-    }
-    fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
-        if key == keys::AUDIT_HEAD {
-            match self.audit_budget.get() {
-                Some(0) => return Err(StoreError::Backend("injected audit failure".into())),
-                Some(n) => self.audit_budget.set(Some(n - 1)),
-                None => {}
-            }
-        }
-        self.mem.compare_and_swap(key, expected, value)
-    }
-}
+use crate::store::StoreError;
+use crate::testing::{FakeArm, HookedStore, arm_settings, at, limits, policy_json, raw_request};
 
 struct World {
-    kv: TestStore,
+    kv: HookedStore,
     arm: FakeArm,
     config: Config,
 }
@@ -78,7 +41,7 @@ fn bob() -> Caller {
 impl World {
     fn new(policy: serde_json::Value) -> Self {
         let world = Self {
-            kv: TestStore::default(),
+            kv: HookedStore::default(),
             arm: FakeArm::default(),
             config: Config {
                 arm: arm_settings(),
@@ -115,6 +78,19 @@ impl World {
     /// The grants' allow rules (the baseline deny rule aside).
     fn allow_rules(&self) -> Vec<SecurityRule> {
         self.arm.rules.borrow().iter().filter(|r| r.access == Access::Allow).cloned().collect()
+    }
+
+    /// Lets `successes` more audit appends through, then fails every one.
+    fn fail_audit_after(&self, successes: usize) {
+        let mut left = successes;
+        self.kv.before_swap(move |_, key| match key {
+            keys::AUDIT_HEAD if left == 0 => Err(StoreError::Backend("injected audit failure".into())),
+            keys::AUDIT_HEAD => {
+                left -= 1;
+                Ok(())
+            }
+            _ => Ok(()),
+        });
     }
 
     fn state(&self, id: &str) -> String {
@@ -297,7 +273,7 @@ fn regression_revoking_a_policy_finds_grants_older_than_the_recent_list() {
 #[test]
 fn a_change_whose_event_cannot_be_recorded_does_not_happen() {
     let world = World::new(policy_json());
-    world.kv.audit_budget.set(Some(0));
+    world.fail_audit_after(0);
     let error = world.create("r1", raw_request()).unwrap_err();
     assert_eq!(error.status, 500);
     assert!(!world.kv.keys().contains(&keys::request(&RequestId::parse("r1").unwrap())));
@@ -308,12 +284,12 @@ fn a_change_whose_event_cannot_be_recorded_does_not_happen() {
 fn an_arm_write_that_cannot_be_recorded_is_redone_and_recorded_by_the_sweep() {
     let world = World::new(policy_json());
     // request.created and request.approved are recorded; the record of the PUT fails.
-    world.kv.audit_budget.set(Some(2));
+    world.fail_audit_after(2);
     assert_eq!(world.create("r1", raw_request()).unwrap_err().status, 500);
     assert_eq!(world.state("r1"), "approved", "not activated without its record");
     assert!(world.kv.keys().contains(&keys::ARM_WORK.to_owned()), "queued for the sweep");
 
-    world.kv.audit_budget.set(None);
+    world.kv.clear_hook();
     let report = world.at(at(1), sweep::sweep).unwrap();
     assert_eq!((report.opened, world.state("r1").as_str()), (1, "active"));
     let events: Vec<_> = log::range(&world.kv, 1, 100).map(Result::unwrap).collect();

@@ -1,12 +1,10 @@
-use std::cell::Cell;
-
 use serde_json::json;
 
 use super::*;
 use crate::audit::export::{Format, line, parse_line};
 use crate::audit::verify;
 use crate::store::MemStore;
-use crate::testing::at;
+use crate::testing::{HookedStore, at};
 
 fn record(n: u64) -> Record {
     Record {
@@ -33,31 +31,6 @@ fn broken_at(kv: &MemStore) -> Option<u64> {
     verify_stored(kv, 1, None, Some(KEY)).unwrap().chain.broken.map(|b| b.seq)
 }
 
-/// Lets another instance append first on the next `interfere` swaps.
-struct Racing {
-    inner: MemStore,
-    interfere: Cell<usize>,
-}
-
-impl KvStore for Racing {
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(key)
-    }
-    fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.inner.set(key, value)
-    }
-    fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.inner.delete(key)
-    }
-    fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
-        if key == keys::AUDIT_HEAD && self.interfere.get() > 0 {
-            self.interfere.set(self.interfere.get() - 1);
-            append(&self.inner, record(99), at(0), None)?;
-        }
-        self.inner.compare_and_swap(key, expected, value)
-    }
-}
-
 #[test]
 fn appends_are_numbered_from_one_chained_and_kept_under_their_own_keys() {
     let kv = trail(7);
@@ -72,10 +45,18 @@ fn appends_are_numbered_from_one_chained_and_kept_under_their_own_keys() {
 
 #[test]
 fn a_lost_race_retries_after_the_winner_so_numbers_stay_contiguous() {
-    let kv = Racing { inner: trail(2), interfere: Cell::new(3) };
+    let kv = HookedStore::over(trail(2));
+    let mut rivals = 3;
+    kv.before_swap(move |mem, key| {
+        if key == keys::AUDIT_HEAD && rivals > 0 {
+            rivals -= 1;
+            append(mem, record(99), at(0), None)?;
+        }
+        Ok(())
+    });
     let event = append(&kv, record(3), at(3), None).unwrap();
     assert_eq!(event.seq, 6, "three other appends went in first");
-    let events: Vec<AuditEvent> = range(&kv.inner, 1, 6).collect::<Result<_, _>>().unwrap();
+    let events: Vec<AuditEvent> = range(&kv.mem, 1, 6).collect::<Result<_, _>>().unwrap();
     assert_eq!(events.len(), 6);
     assert_eq!(verify(events, None).broken, None);
 }
