@@ -120,10 +120,20 @@ pub struct Break {
 pub struct Verification {
     /// Events checked.
     pub checked: u64,
-    /// The last good event's sequence number and hash.
+    /// The last good event's sequence number and hash (`{"seq":..,"hash":..}` in JSON).
+    #[serde(serialize_with = "link")]
     pub head: Option<(u64, String)>,
     /// The first broken link, if any.
     pub broken: Option<Break>,
+}
+
+fn link<S: serde::Serializer>(head: &Option<(u64, String)>, serializer: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Link<'a> {
+        seq: u64,
+        hash: &'a str,
+    }
+    head.as_ref().map(|(seq, hash)| Link { seq: *seq, hash }).serialize(serializer)
 }
 
 /// Checks events one at a time, in order, remembering the last good link: the walk over the
