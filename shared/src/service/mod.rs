@@ -104,25 +104,34 @@ impl Env<'_> {
             .map_err(|e| ApiError::internal(format!("appending to the audit trail: {e}")))
     }
 
-    /// Records a change of a request, then saves it: the event is written ahead of the change.
-    /// Should the save then fail (a lost race), a `failed` event with the same action follows,
-    /// so the trail never shows a change that did not happen without saying so.
+    /// Records a change, then makes it: the event is written ahead of the change, and a change
+    /// whose event cannot be written is not made. Should the change then fail (a lost race), a
+    /// `failed` event with the same action follows, so the trail never shows a change that did
+    /// not happen without saying so.
+    pub fn audited<T>(
+        &self,
+        action: &'static str,
+        subject: Subject,
+        details: serde_json::Value,
+        change: impl FnOnce() -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        self.record(action, subject.clone(), Outcome::Ok, details)?;
+        change().inspect_err(|error| {
+            let _ = self.record(action, subject, Outcome::Failed, json!({"error": error.message, "saved": false}));
+        })
+    }
+
+    /// Records a change of a request (with the state it moves to), then saves it.
     pub fn commit(
         &self,
         request: &mut Versioned<AccessRequest>,
         action: &'static str,
         mut details: serde_json::Value,
     ) -> Result<(), ApiError> {
-        let subject = subject_of(&request.value);
         if let Some(fields) = details.as_object_mut() {
             fields.insert("state".into(), json!(request.value.state.name()));
         }
-        self.record(action, subject.clone(), Outcome::Ok, details)?;
-        if let Err(error) = self.save_request(request) {
-            let _ = self.record(action, subject, Outcome::Failed, json!({"error": error.message, "saved": false}));
-            return Err(error);
-        }
-        Ok(())
+        self.audited(action, subject_of(&request.value), details, || self.save_request(request))
     }
 }
 

@@ -90,11 +90,9 @@ pub fn put(env: &Env, caller: &Caller, name: &str, body: &[u8], revoke: bool) ->
     }
     let action = if existing.is_some() { "policy.updated" } else { "policy.created" };
     let document = serde_json::to_value(&policy).map_err(ApiError::internal)?;
-    env.record(action, subject_of_policy(&name), Outcome::Ok, json!({ "policy": document }))?;
-    if let Err(error) = store::save(env.kv, &key, &policy, existing.as_ref().map(|e| e.version)) {
-        let _ = env.record(action, subject_of_policy(&name), Outcome::Failed, json!({"error": error.to_string()}));
-        return Err(error.into());
-    }
+    env.audited(action, subject_of_policy(&name), json!({ "policy": document }), || {
+        Ok(store::save(env.kv, &key, &policy, existing.as_ref().map(|e| e.version))?)
+    })?;
     store::add_to_list(env.kv, keys::POLICIES, name.as_str(), usize::MAX)?;
     let revoked = if revoke && !policy.enabled { revoke_grants(env, caller, &name)? } else { 0 };
     let mut body = serde_json::to_value(&policy).map_err(ApiError::internal)?;

@@ -67,17 +67,12 @@ pub fn create(
         "auto_approved": matches!(decision, Decision::AutoApproved { .. }),
     });
     let subject = super::subject_of(&request);
-    env.record("request.created", subject.clone(), Outcome::Ok, details.clone())?;
     if request.break_glass {
-        env.record("break_glass.used", subject.clone(), Outcome::Ok, details)?;
+        env.record("break_glass.used", subject.clone(), Outcome::Ok, details.clone())?;
     }
-    let version = match store::save(env.kv, &keys::request(&request.id), &request, None) {
-        Ok(version) => version,
-        Err(error) => {
-            let _ = env.record("request.created", subject, Outcome::Failed, json!({"error": error.to_string()}));
-            return Err(error.into());
-        }
-    };
+    let version = env.audited("request.created", subject, details, || {
+        Ok(store::save(env.kv, &keys::request(&request.id), &request, None)?)
+    })?;
     let mut request = Versioned { value: request, version };
     let id = request.value.id.as_str().to_owned();
     store::add_to_list(env.kv, keys::RECENT_REQUESTS, &id, RECENT_CAP)?;
