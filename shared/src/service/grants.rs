@@ -90,19 +90,29 @@ pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&P
             activate(env, request, ends_at)?;
             supersede_older_grants(env, request, policy)
         }
-        Err(error @ ArmError::Refused { .. }) => fail(env, request, error.to_string()),
+        Err(error @ ArmError::Refused { .. }) => {
+            // An earlier attempt may have put the rule before this one was refused (a timeout
+            // that succeeded after all, a crash before its record): remove it to be sure.
+            record_attempt(request, &error);
+            abandon(env, request, format!("ARM refused the rule: {error}"))
+        }
         Err(error @ (ArmError::Transient(_) | ArmError::PriorityConflict)) => {
             let since = request.value.approved_at.unwrap_or(request.value.created_at);
             record_attempt(request, &error);
             if env.now - since > OPEN_GRACE.max(request.value.duration.as_delta()) {
-                transition(request, Event::OpenAbandoned)?;
-                let reason = format!("the rule could not be opened since {since}: {error}");
-                env.commit(request, "request.abandoned", json!({ "reason": reason }))?;
-                return finish_close(env, request);
+                return abandon(env, request, format!("the rule could not be opened since {since}: {error}"));
             }
             env.save_request(request)
         }
     }
+}
+
+/// Gives up opening a rule and removes whatever an attempt may have left on the NSG; the
+/// request ends `failed` once ARM confirms the rule is gone.
+fn abandon(env: &Env, request: &mut Versioned<AccessRequest>, reason: String) -> Result<(), ApiError> {
+    transition(request, Event::OpenAbandoned)?;
+    env.commit(request, "request.abandoned", json!({ "reason": reason }))?;
+    finish_close(env, request)
 }
 
 /// What an event about a rule written to an NSG says of it.

@@ -123,3 +123,27 @@ async fn one_write_in_two_failing_still_opens_every_grant() {
     let failed = calls.iter().filter(|c| c.method == "PUT" && c.status == 500).count();
     assert!(failed >= 1 && failed == puts / 2, "{failed} of {puts} failed: {:?}", world.arm_calls());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_put_that_timed_out_but_succeeded_is_removed_when_the_retry_is_refused() {
+    let world = World::with_variables(&[("arm_timeout", "PT1S")]).await;
+    world.auto_policy().await;
+    // The first PUT lands on the NSG but answers too late; the retry is refused outright.
+    world.inject(Fault::of(Some("PUT"), FaultKind::Slow(Duration::from_secs(3)), 1));
+    world.inject(Fault::new("PUT", 403, "AuthorizationFailed", 1));
+    let (status, body) = world.request(ALICE, &ssh("PT1H")).await;
+    assert_eq!((status, body["state"].as_str()), (201, Some("failed")), "{body}");
+    assert!(body["last_error"].as_str().unwrap().contains("AuthorizationFailed"), "{body}");
+    assert!(world.jit_rules().is_empty(), "the rule the slow PUT created is gone: {:?}", world.jit_rules());
+    let actions: Vec<String> = world
+        .audit(&format!("request={}", id(&body)))
+        .await
+        .iter()
+        .map(|e| format!("{} {}", e["action"].as_str().unwrap(), e["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions[2..],
+        ["rule.put failed", "request.abandoned ok", "rule.deleted ok", "request.failed ok"],
+        "{actions:?}"
+    );
+}
