@@ -6,12 +6,12 @@ use serde_json::json;
 use super::{Env, decisions, policies, requests, sweep};
 use crate::api::{ApiError, Reply};
 use crate::arm::{Access, ArmError, SecurityRule};
-use crate::audit::log;
+use crate::audit::{Outcome, log};
 use crate::auth::{ApiKeys, Caller, Role};
 use crate::config::{Config, PriorityBand};
 use crate::domain::{GroupName, Principal, RequestId};
 use crate::keys;
-use crate::store::StoreError;
+use crate::store::{KvStore, StoreError};
 use crate::testing::{FakeArm, HookedStore, arm_settings, at, limits, policy_json, raw_request};
 
 struct World {
@@ -301,4 +301,26 @@ fn an_arm_write_that_cannot_be_recorded_is_redone_and_recorded_by_the_sweep() {
     );
     assert_eq!(events.iter().rev().nth(1).unwrap().details["arm_request_id"], "fake-arm-2", "the redone PUT");
     assert_eq!(log::verify_stored(&world.kv, 1, None, None).unwrap().chain.broken, None);
+}
+
+#[test]
+fn a_change_that_loses_a_race_after_its_event_is_followed_by_a_failed_event() {
+    let world = World::new(manual(1));
+    world.create("r1", raw_request()).unwrap();
+    // A rival instance rewrites the request between this call's read and its swap.
+    let request_key = keys::request(&RequestId::parse("r1").unwrap());
+    let mut rival = true;
+    world.kv.before_swap(move |mem, key| {
+        if key == request_key && std::mem::take(&mut rival) {
+            let bytes = mem.get(key)?.expect("the request exists");
+            mem.set(key, &[bytes.as_slice(), b" "].concat())?;
+        }
+        Ok(())
+    });
+    let error = world.at(at(1), |env| decisions::deny(env, &bob(), "r1", b"")).unwrap_err();
+    assert_eq!(error.code, "concurrent_update");
+    let events: Vec<_> = log::range(&world.kv, 1, 100).map(Result::unwrap).collect();
+    let last: Vec<_> = events.iter().rev().take(2).rev().map(|e| (e.action.as_str(), e.outcome)).collect();
+    assert_eq!(last, [("request.denied", Outcome::Ok), ("request.denied", Outcome::Failed)]);
+    assert_eq!(world.state("r1"), "pending", "the rival's version stands");
 }
