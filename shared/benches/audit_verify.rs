@@ -36,6 +36,9 @@ impl KvStore for Counting {
         self.swaps.set(self.swaps.get() + 1);
         self.inner.compare_and_swap(key, expected, value)
     }
+    fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        self.inner.increment(key, delta)
+    }
 }
 
 fn record(n: u64) -> Record {

@@ -45,6 +45,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// Whether another writer changed the record first (the caller may reload and retry).
+    pub fn is_concurrent_update(&self) -> bool {
+        self.code == "concurrent_update"
+    }
+
     fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into(), internal: None }
     }
@@ -144,6 +149,10 @@ impl From<ArmError> for ApiError {
 /// `empty_ok`, for endpoints whose fields are all optional.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8], empty_ok: bool) -> Result<T, ApiError> {
     let body = if empty_ok && body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
+    // serde reads a struct from an array too, field by field: `[]` would pass as `{}`.
+    if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|first| *first != b'{') {
+        return Err(ApiError::bad_request("invalid_body", "the request body must be a JSON object"));
+    }
     serde_json::from_slice(body).map_err(|e| {
         let code = if e.is_syntax() || e.is_eof() { "invalid_json" } else { "invalid_body" };
         ApiError::bad_request(code, format!("request body: {e}"))
@@ -161,6 +170,22 @@ pub fn query_param(query: &str, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bodies_must_be_objects_even_where_an_array_would_fill_the_fields() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Body {
+            #[serde(default)]
+            comment: Option<String>,
+        }
+        for body in [&b"[]"[..], b" [\"x\"]", b"\"text\"", b"1"] {
+            let error = parse_json::<Body>(body, true).unwrap_err();
+            assert_eq!((error.status, error.code), (400, "invalid_body"), "{}", String::from_utf8_lossy(body));
+        }
+        assert!(parse_json::<Body>(b"", true).is_ok());
+        assert!(parse_json::<Body>(b" {\"comment\": \"ok\"}", true).is_ok());
+    }
 
     #[test]
     fn internal_errors_hide_their_cause_from_the_body() {

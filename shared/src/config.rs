@@ -101,6 +101,41 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// The audit trail's checkpoints.
     pub audit: AuditSettings,
+    /// The reconciler and the health check.
+    pub drift: DriftSettings,
+}
+
+/// What the reconciler does with a grant whose rule is missing from its NSG.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MissingRule {
+    /// Record it (`drift.rule_missing`) and leave the grant as it is.
+    Report,
+    /// Put the rule back for the rest of the grant.
+    Reput,
+    /// End the grant as `revoked`.
+    Revoke,
+}
+
+/// How the sweep checks that the NSGs match what portcullis believes.
+#[derive(Clone, Copy, Debug)]
+pub struct DriftSettings {
+    /// How often each policy's NSG is listed (its rules compared) and its grants re-checked.
+    pub every: chrono::TimeDelta,
+    /// What to do with a grant whose rule is missing.
+    pub missing_rule: MissingRule,
+    /// The health check fails when the last sweep is older than this, or a grant has been
+    /// open longer than this past its end.
+    pub max_sweep_age: chrono::TimeDelta,
+}
+
+impl Default for DriftSettings {
+    fn default() -> Self {
+        Self {
+            every: chrono::TimeDelta::minutes(5),
+            missing_rule: MissingRule::Report,
+            max_sweep_age: chrono::TimeDelta::minutes(3),
+        }
+    }
 }
 
 /// How the audit trail signs its head.
@@ -186,7 +221,23 @@ impl Config {
                 .filter(|n| *n > 0)
                 .context("variable 'audit_checkpoint_every' must be a positive number")?,
         };
+        let delta = |name: &str, default: &str| -> Result<chrono::TimeDelta> {
+            let value =
+                AccessDuration::parse(&optional(name, default)).with_context(|| format!("variable '{name}'"))?;
+            Ok(value.as_delta())
+        };
+        let drift = DriftSettings {
+            every: delta("reconcile_every", "PT5M")?,
+            missing_rule: match optional("drift_missing_rule", "report").as_str() {
+                "report" => MissingRule::Report,
+                "reput" => MissingRule::Reput,
+                "revoke" => MissingRule::Revoke,
+                other => bail!("drift_missing_rule '{other}' is not one of report, reput, revoke"),
+            },
+            max_sweep_age: delta("health_max_sweep_age", "PT3M")?,
+        };
         Ok(Self {
+            drift,
             arm: ArmSettings {
                 identity,
                 identity_endpoint: optional(

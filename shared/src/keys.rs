@@ -11,13 +11,18 @@
 //! | `idx:policies` | names of all policies |
 //! | `idx:recent` | ids of the most recent requests |
 //! | `idx:by:<principal>` | ids of a requester's recent requests |
-//! | `due:<yyyymmddhhmm>` | ids of requests whose access ends, or whose wait for approval runs out, in that minute (UTC) |
-//! | `work:arm` | ids of requests with unfinished ARM work (open or close) |
+//! | `due:<yyyymmddhhmm>:n` | a counter (`increment` only): slots taken in that minute's due index |
+//! | `due:<yyyymmddhhmm>:<k>` | slot `k`: the id of a request whose access ends, or whose wait for approval runs out, in that minute (UTC) |
+//! | `work:arm` | ids of requests with unfinished ARM work (open or close), and due ids the sweep must see again |
 //! | `sweep:cursor` | the last minute the sweep fully processed |
+//! | `sweep:status` | when the last sweep ran and what it left (the health check reads it) |
+//! | `drift:<policy>` | the reconciler's last scan of a policy's NSG and what it found |
+//! | `reconcile:next` | where the reconciler's round over the policies goes on |
 //! | `cache:arm-token` | the cached ARM access token |
 //! | `cache:jwks` | the OIDC issuer's key set and when it was fetched |
 //! | `open:<policy>:<principal>` | ids of a requester's pending and active requests under a policy |
-//! | `live:<policy>` | ids of a policy's active grants |
+//! | `live:<policy>` | ids of a policy's active grants (until their rule is confirmed gone) |
+//! | `pending:<policy>` | ids of a policy's requests waiting for approval |
 //! | `audit:head` | the audit trail's last event, moved by compare-and-swap |
 //! | `audit:e:<seq>` | audit event number `seq` (from 1, contiguous) |
 //! | `audit:checkpoint` | the latest signed checkpoint of the audit trail |
@@ -54,10 +59,30 @@ pub fn requests_by(principal: &Principal) -> String {
     format!("idx:by:{principal}")
 }
 
-/// The requests whose access ends in the minute of `at`.
-pub fn due(at: DateTime<Utc>) -> String {
-    format!("due:{}", at.format("%Y%m%d%H%M"))
+/// How many slots the due index of the minute of `at` has handed out (a counter).
+pub fn due_count(at: DateTime<Utc>) -> String {
+    format!("due:{}:n", at.format("%Y%m%d%H%M"))
 }
+
+/// Slot `slot` (from 1) of the due index of the minute of `at`: one request id.
+pub fn due_slot(at: DateTime<Utc>, slot: i64) -> String {
+    format!("due:{}:{slot}", at.format("%Y%m%d%H%M"))
+}
+
+/// A policy's requests waiting for approval (cancelled when it is disabled or deleted).
+pub fn pending(policy: &PolicyName) -> String {
+    format!("pending:{policy}")
+}
+
+/// The reconciler's last scan of a policy's NSG.
+pub fn drift(policy: &PolicyName) -> String {
+    format!("drift:{policy}")
+}
+
+/// When the last sweep ran and the backlog it left.
+pub const SWEEP_STATUS: &str = "sweep:status";
+/// Where the reconciler's round over the policies goes on.
+pub const RECONCILE_NEXT: &str = "reconcile:next";
 
 /// A requester's pending and active requests under one policy (duplicates, quotas, and
 /// replacing an older grant with a newer one).
@@ -95,7 +120,12 @@ mod tests {
             self::policy(&policy),
             self::request(&request),
             requests_by(&principal),
-            due(Utc::now()),
+            due_count(Utc::now()),
+            due_slot(Utc::now(), i64::MAX),
+            pending(&policy),
+            drift(&policy),
+            SWEEP_STATUS.into(),
+            RECONCILE_NEXT.into(),
             open_of(&policy, &principal),
             live(&policy),
             audit_event(u64::MAX),

@@ -22,6 +22,10 @@ pub trait KvStore {
     /// Writes `value` at `key` only if it still holds `expected` (`None`: the key is absent),
     /// as one atomic step; answers whether it wrote.
     fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError>;
+    /// Adds `delta` to the counter at `key` (absent: 0) as one atomic step and answers the sum;
+    /// `delta` 0 reads a counter. Keys touched by `increment` hold nothing but counters (each
+    /// backend stores them its own way).
+    fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError>;
 }
 
 /// A store failure.
@@ -132,16 +136,29 @@ pub fn add_to_list(kv: &dyn KvStore, key: &str, id: &str, cap: usize) -> Result<
     .map(drop)
 }
 
-/// Removes an id from an index list; deletes the list when it becomes empty.
+/// Removes an id from an index list. An emptied list stays, as `[]`: deleting the key would
+/// erase an id another writer added in between (a delete cannot be conditional), and a list
+/// that always exists never meets a backend's non-atomic create (see [`create_list`]).
 pub fn remove_from_list(kv: &dyn KvStore, key: &str, id: &str) -> Result<(), StoreError> {
-    let remaining = update::<Vec<String>, _>(kv, key, |list| {
+    update::<Vec<String>, _>(kv, key, |list| {
         let mut list = list?;
         let before = list.len();
         list.retain(|x| x != id);
         (list.len() != before).then_some(list)
-    })?;
-    if remaining.is_some_and(|list| list.is_empty()) {
-        kv.delete(key)?;
+    })
+    .map(drop)
+}
+
+/// Creates an empty index list unless it exists. Spin's SQLite store makes a swap over an
+/// absent key an upsert, so two first writers of one list would both win and one id would be
+/// lost; lists that matter are therefore created empty before anything can be added to them
+/// (when their policy is created), and are never deleted.
+pub fn create_list(kv: &dyn KvStore, key: &str) -> Result<(), StoreError> {
+    if kv.get(key)?.is_none() {
+        match save::<Vec<String>>(kv, key, &Vec::new(), None) {
+            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Err(other) => return Err(other),
+        }
     }
     Ok(())
 }
@@ -155,6 +172,7 @@ pub fn read_list(kv: &dyn KvStore, key: &str) -> Result<Vec<String>, StoreError>
 #[derive(Default)]
 pub struct MemStore {
     map: RefCell<BTreeMap<String, Vec<u8>>>,
+    counters: RefCell<BTreeMap<String, i64>>,
     /// When set, `set` and `delete` fail with a backend error.
     pub fail_writes: std::cell::Cell<bool>,
 }
@@ -198,6 +216,16 @@ impl KvStore for MemStore {
         map.insert(key.to_owned(), value.to_vec());
         Ok(true)
     }
+
+    fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        if self.fail_writes.get() && delta != 0 {
+            return Err(StoreError::Backend("injected write failure".into()));
+        }
+        let mut counters = self.counters.borrow_mut();
+        let counter = counters.entry(key.to_owned()).or_default();
+        *counter += delta;
+        Ok(*counter)
+    }
 }
 
 #[cfg(test)]
@@ -225,7 +253,7 @@ mod tests {
     }
 
     #[test]
-    fn lists_add_once_cap_and_disappear_when_emptied() {
+    fn lists_add_once_cap_and_stay_when_emptied() {
         let kv = MemStore::default();
         for id in ["a", "b", "a", "c"] {
             add_to_list(&kv, "l", id, 2).unwrap();
@@ -233,7 +261,36 @@ mod tests {
         assert_eq!(read_list(&kv, "l").unwrap(), ["b", "c"]);
         remove_from_list(&kv, "l", "b").unwrap();
         remove_from_list(&kv, "l", "c").unwrap();
-        assert!(kv.keys().is_empty());
+        assert_eq!(kv.keys(), ["l"], "an emptied list is kept, never deleted");
+        assert!(read_list(&kv, "l").unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_id_added_while_another_is_removed_is_kept() {
+        // The old remove saved `[]` and then deleted the key without a condition: an id added
+        // between the two was erased. A rival adds "b" right before the remove's swap.
+        let kv = crate::testing::HookedStore::default();
+        add_to_list(&kv, "l", "a", usize::MAX).unwrap();
+        let mut once = true;
+        kv.before_swap(move |mem, _| {
+            if std::mem::take(&mut once) {
+                add_to_list(mem, "l", "b", usize::MAX)?;
+            }
+            Ok(())
+        });
+        remove_from_list(&kv, "l", "a").unwrap();
+        kv.clear_hook();
+        assert_eq!(read_list(&kv, "l").unwrap(), ["b"]);
+    }
+
+    #[test]
+    fn creating_a_list_never_overwrites_one_that_exists() {
+        let kv = MemStore::default();
+        add_to_list(&kv, "l", "a", usize::MAX).unwrap();
+        create_list(&kv, "l").unwrap();
+        create_list(&kv, "m").unwrap();
+        assert_eq!(read_list(&kv, "l").unwrap(), ["a"]);
+        assert!(kv.get("m").unwrap().is_some());
     }
 
     #[test]

@@ -77,6 +77,17 @@ pub fn rule() -> SecurityRule {
     }
 }
 
+/// A clock that stays at one instant (an invocation whose ARM calls take no time).
+pub struct FixedClock(pub DateTime<Utc>);
+
+impl Clock for FixedClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.0
+    }
+
+    fn sleep(&self, _: Duration) {}
+}
+
 /// A clock whose sleeps only add up.
 #[derive(Default)]
 pub struct FakeClock {
@@ -161,7 +172,17 @@ impl Arm for FakeArm {
             .rules
             .borrow()
             .iter()
-            .map(|r| ExistingRule { name: r.name.clone(), priority: r.priority, inbound: true })
+            .map(|r| ExistingRule {
+                name: r.name.clone(),
+                priority: r.priority,
+                inbound: true,
+                allow: r.access == Access::Allow,
+                description: r.description.clone(),
+                protocol: r.protocol.arm_name().to_owned(),
+                sources: vec![r.source.map_or_else(|| "*".to_owned(), |s| s.to_string())],
+                destinations: vec![r.destination.to_string()],
+                ports: r.ports.iter().map(|p| p.to_string()).collect(),
+            })
             .collect())
     }
 
@@ -179,11 +200,22 @@ pub type SwapHook = Box<dyn FnMut(&MemStore, &str) -> Result<(), StoreError>>;
 pub struct HookedStore {
     pub mem: MemStore,
     hook: RefCell<Option<SwapHook>>,
+    /// Keys whose reads fail with a backend error (a timeout, a throttled Cosmos read).
+    pub unreadable: RefCell<Vec<String>>,
 }
 
 impl HookedStore {
     pub fn over(mem: MemStore) -> Self {
-        Self { mem, hook: RefCell::default() }
+        Self { mem, ..Self::default() }
+    }
+
+    /// Makes every read of `key` fail until [`HookedStore::heal`].
+    pub fn fail_reads_of(&self, key: &str) {
+        self.unreadable.borrow_mut().push(key.to_owned());
+    }
+
+    pub fn heal(&self) {
+        self.unreadable.borrow_mut().clear();
     }
 
     pub fn before_swap(&self, hook: impl FnMut(&MemStore, &str) -> Result<(), StoreError> + 'static) {
@@ -201,6 +233,9 @@ impl HookedStore {
 
 impl KvStore for HookedStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if self.unreadable.borrow().iter().any(|k| k == key) {
+            return Err(StoreError::Backend(format!("injected read failure of '{key}'")));
+        }
         self.mem.get(key)
     }
 
@@ -217,6 +252,10 @@ impl KvStore for HookedStore {
             hook(&self.mem, key)?;
         }
         self.mem.compare_and_swap(key, expected, value)
+    }
+
+    fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        self.mem.increment(key, delta)
     }
 }
 

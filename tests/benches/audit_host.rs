@@ -35,6 +35,9 @@ impl KvStore for Backend<'_> {
     fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
         self.0.compare_and_swap("default", key, expected, value).map_err(backend)
     }
+    fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        self.0.increment("default", key, delta).map_err(backend)
+    }
 }
 
 #[tokio::main]

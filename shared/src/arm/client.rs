@@ -232,10 +232,28 @@ impl Arm for ArmClient<'_> {
             let page = self.get_json(&next)?;
             for rule in page["value"].as_array().into_iter().flatten() {
                 let properties = &rule["properties"];
+                let text = |field: &str| properties[field].as_str().unwrap_or_default().to_owned();
+                // ARM gives either the single field or the list, never both.
+                let many = |one: &str, list: &str| -> Vec<String> {
+                    let mut values: Vec<String> = properties[list]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect();
+                    values.extend(properties[one].as_str().filter(|v| !v.is_empty()).map(str::to_owned));
+                    values
+                };
                 rules.push(ExistingRule {
                     name: rule["name"].as_str().unwrap_or_default().to_owned(),
                     priority: properties["priority"].as_u64().and_then(|p| u16::try_from(p).ok()).unwrap_or(0),
                     inbound: properties["direction"].as_str() == Some("Inbound"),
+                    allow: properties["access"].as_str() == Some("Allow"),
+                    description: text("description"),
+                    protocol: text("protocol"),
+                    sources: many("sourceAddressPrefix", "sourceAddressPrefixes"),
+                    destinations: many("destinationAddressPrefix", "destinationAddressPrefixes"),
+                    ports: many("destinationPortRange", "destinationPortRanges"),
                 });
             }
             url = page["nextLink"].as_str().map(str::to_owned);

@@ -65,8 +65,8 @@ impl SecurityRule {
     }
 }
 
-/// A rule already on an NSG, as far as choosing a priority is concerned.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A rule already on an NSG: what choosing a priority and the reconciler need to know.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct ExistingRule {
     /// Its name.
     pub name: String,
@@ -74,6 +74,37 @@ pub struct ExistingRule {
     pub priority: u16,
     /// `Inbound` or `Outbound`.
     pub inbound: bool,
+    /// Whether it allows (else denies).
+    pub allow: bool,
+    /// Its description.
+    pub description: String,
+    /// Its protocol as ARM spells it (`Tcp`, `Udp`, `*`).
+    pub protocol: String,
+    /// Source prefixes (`sourceAddressPrefix` and `sourceAddressPrefixes`; `*`, `Internet`...).
+    pub sources: Vec<String>,
+    /// Destination prefixes.
+    pub destinations: Vec<String>,
+    /// Destination port ranges (`22`, `1000-2000`, `*`).
+    pub ports: Vec<String>,
+}
+
+impl ExistingRule {
+    /// Whether the rule's destination ports include `port`.
+    pub fn covers_port(&self, port: u16) -> bool {
+        self.ports.iter().any(|range| match range.split_once('-') {
+            _ if range == "*" => true,
+            Some((low, high)) => {
+                low.trim().parse::<u16>().is_ok_and(|l| l <= port)
+                    && high.trim().parse::<u16>().is_ok_and(|h| port <= h)
+            }
+            None => range.trim().parse::<u16>() == Ok(port),
+        })
+    }
+
+    /// Whether anyone on the internet matches its sources.
+    pub fn from_anywhere(&self) -> bool {
+        self.sources.iter().any(|s| matches!(s.as_str(), "*" | "Internet" | "0.0.0.0/0" | "::/0" | "Any"))
+    }
 }
 
 /// Where a VM sits on the network, as ARM describes it.

@@ -25,12 +25,20 @@ impl SourcePrefix {
     /// so `203.0.113.7/24` fails with a message naming `203.0.113.0/24`.
     pub fn parse(input: &str) -> Result<Self, PrefixError> {
         let err = |reason: String| PrefixError { input: input.chars().take(64).collect(), reason };
-        if let Ok(addr) = input.parse::<IpAddr>() {
-            return Ok(Self::host(addr));
-        }
-        let net: IpNet = input
-            .parse()
-            .map_err(|_| err("expected an IPv4 or IPv6 address or CIDR prefix, e.g. 203.0.113.0/24".into()))?;
+        let expected = || err("expected an IPv4 or IPv6 address or CIDR prefix, e.g. 203.0.113.0/24".into());
+        let (address, length) = match input.split_once('/') {
+            Some((address, length)) => (address, Some(length)),
+            None => (input, None),
+        };
+        // The standard parser refuses leading zeros (`010.0.0.1`), which some tools read as
+        // octal; ipnet's own parser would accept them, so it is not used on the address.
+        let address: IpAddr = address.parse().map_err(|_| expected())?;
+        let Some(length) = length else { return Ok(Self::host(address)) };
+        let canonical = !length.is_empty()
+            && length.bytes().all(|b| b.is_ascii_digit())
+            && !(length.len() > 1 && length.starts_with('0'));
+        let length: u8 = length.parse().ok().filter(|_| canonical).ok_or_else(expected)?;
+        let net = IpNet::new(address, length).map_err(|_| err(format!("prefix length {length} is too long")))?;
         if net.trunc() != net {
             return Err(err(format!("host bits are set; did you mean {}?", net.trunc())));
         }
@@ -153,6 +161,17 @@ mod tests {
     #[test]
     fn whole_internet_needs_the_word_any() {
         assert!(AllowedSource::try_from("0.0.0.0/0".to_string()).is_err());
+    }
+
+    #[test]
+    fn leading_zeros_are_refused_in_prefixes_as_in_addresses() {
+        for input in ["010.0.0.1", "010.0.0.1/32", "10.0.0.0/024", "10.0.0.0/+24", "10.0.0.0/", "10.0.0.0/33"] {
+            assert!(SourcePrefix::parse(input).is_err(), "{input}");
+            assert!(AllowedSource::try_from(input.to_string()).is_err(), "{input}");
+        }
+        assert_eq!(SourcePrefix::parse("10.0.0.1/32").unwrap().to_string(), "10.0.0.1/32");
+        assert_eq!(SourcePrefix::parse("2001:db8::/32").unwrap().to_string(), "2001:db8::/32");
+        assert_eq!(SourcePrefix::parse("0.0.0.0/0").unwrap().to_string(), "0.0.0.0/0");
         assert!(AllowedSource::try_from("::/0".to_string()).is_err());
         assert!(AllowedSource::try_from("any".to_string()).unwrap().admits(&p("0.0.0.0/0")));
     }

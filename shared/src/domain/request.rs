@@ -160,9 +160,15 @@ pub struct AccessRequest {
     /// When access actually closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closed_at: Option<DateTime<Utc>>,
-    /// The NSG rule, once a priority was chosen.
+    /// The NSG rule: set when the request is approved, before any call to ARM, so every
+    /// close knows what to delete whatever became of the PUT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<RuleRef>,
+    /// While set and in the future, a PUT of the rule may be in flight: a close deletes the
+    /// rule but is not final before then (or before the opener saw its PUT's answer), so a
+    /// rule that lands after a racing close is deleted too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub put_lease_until: Option<DateTime<Utc>>,
     /// ARM attempts made for the current step (opening or closing).
     #[serde(default)]
     pub arm_attempts: u32,
@@ -327,6 +333,7 @@ impl AccessRequest {
             ends_at: None,
             closed_at: None,
             rule: None,
+            put_lease_until: None,
             arm_attempts: 0,
             last_error: None,
         })
@@ -335,6 +342,11 @@ impl AccessRequest {
     /// The NSG rule name for this request: `jit-<id>`, within ARM's 80 characters.
     pub fn rule_name(&self) -> String {
         format!("jit-{}", self.id)
+    }
+
+    /// Whether a PUT of the rule may still be in flight at `now`.
+    pub fn put_in_flight(&self, now: DateTime<Utc>) -> bool {
+        self.put_lease_until.is_some_and(|until| until > now)
     }
 }
 

@@ -56,6 +56,12 @@ fn decidable(env: &Env, caller: &Caller, id: &str) -> Result<(Versioned<AccessRe
             format!("request is {}; only pending requests can be decided", request.value.state.name()),
         ));
     }
+    if request.value.pending_until.is_some_and(|deadline| deadline <= env.now) {
+        return Err(ApiError::conflict(
+            "request_timed_out",
+            "the request waited longer than the policy's pending_timeout; it can no longer be decided",
+        ));
+    }
     Ok((request, policy))
 }
 
@@ -64,6 +70,10 @@ pub fn approve(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Repl
     let body: ApproveBody = parse_json(body, true)?;
     let comment = note(body.comment)?;
     let (mut request, policy) = decidable(env, caller, id)?;
+    // The policy as it is now, not as it was when the request was made.
+    grants::still_allowed(&request.value, &policy).map_err(|why| {
+        ApiError::conflict("policy_changed", format!("the policy no longer allows this request: {why}"))
+    })?;
     if request.value.approvals.iter().any(|a| a.by == caller.principal) {
         return Err(ApiError::conflict(
             "already_approved",
@@ -117,15 +127,13 @@ enum Actor {
 /// The caller's standing towards a request; others' requests read as absent.
 fn actor(env: &Env, caller: &Caller, request: &AccessRequest) -> Result<Actor, ApiError> {
     let policy = env.policy(&request.policy).ok().map(|p| p.value);
-    if caller.has(Role::Admin) {
-        Ok(Actor::Admin)
-    } else if caller.has(Role::Approver)
-        && request.requester != caller.principal
-        && policy.as_ref().is_some_and(|p| requests::is_approver(p, caller))
-    {
-        Ok(Actor::Approver)
-    } else if request.requester == caller.principal {
+    // Requester first: an admin or approver acting on their own grant acts as its requester.
+    if request.requester == caller.principal {
         Ok(Actor::Requester)
+    } else if caller.has(Role::Admin) {
+        Ok(Actor::Admin)
+    } else if caller.has(Role::Approver) && policy.as_ref().is_some_and(|p| requests::is_approver(p, caller)) {
+        Ok(Actor::Approver)
     } else {
         Err(ApiError::not_found("request_not_found", format!("no request '{}'", request.id)))
     }
@@ -170,12 +178,34 @@ pub fn extend(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Reply
             format!("request is {}; only active grants can be extended", request.value.state.name()),
         ));
     };
-    let maximum = if request.value.break_glass {
-        policy.break_glass.as_ref().map(|g| g.max_duration)
-    } else {
-        request.value.ports.iter().filter_map(|p| policy.port(p).map(|rule| rule.max_duration)).min()
+    if matches!(actor, Actor::Requester) {
+        // A requester who may no longer ask under this policy may not stretch what they hold.
+        let eligible = policy.enabled
+            && (policy.requesters.is_empty()
+                || policy.requesters.iter().any(|m| m.covers(&caller.principal, &caller.groups)))
+            && (!request.value.break_glass
+                || policy
+                    .break_glass
+                    .as_ref()
+                    .is_some_and(|g| g.members.iter().any(|m| m.covers(&caller.principal, &caller.groups))));
+        if !eligible {
+            return Err(ApiError::forbidden(
+                "not_a_requester",
+                format!("'{}' may no longer request access under policy '{}'", caller.principal, policy.name),
+            ));
+        }
     }
-    .ok_or_else(|| ApiError::conflict("policy_changed", "the policy no longer covers these ports"))?;
+    grants::still_allowed(&request.value, &policy).map_err(|why| {
+        ApiError::conflict("policy_changed", format!("the policy no longer allows this grant: {why}"))
+    })?;
+    // The smallest of every limit that applies: each port's, break-glass's, the service's.
+    let port_limits = request.value.ports.iter().filter_map(|p| policy.port(p).map(|rule| rule.max_duration));
+    let glass_limit = request.value.break_glass.then(|| policy.break_glass.as_ref().map(|g| g.max_duration)).flatten();
+    let maximum = port_limits
+        .chain(glass_limit)
+        .chain(std::iter::once(env.config.limits.max_duration))
+        .min()
+        .expect("the service's maximum is always there");
     let new_end = ends_at + by.as_delta();
     let total = new_end - started;
     if total > maximum.as_delta() {

@@ -4,6 +4,12 @@
 //! it: the request is listed under `work:arm` before ARM is called and leaves it only once
 //! ARM confirmed the outcome. A rule that may exist is never forgotten.
 //!
+//! Opens and closes can race (a revoke while the PUT is in flight, expiry during a re-PUT).
+//! The rule's name is fixed at approval, so every close deletes it whether or not a PUT was
+//! confirmed; an opener holds a PUT lease in the request while its PUT may land, and a close
+//! becomes final only when no lease is held; an opener that loses its save reloads and, if
+//! the request is closing or closed, deletes the rule it just put.
+//!
 //! Every ARM write is audited with its outcome and ARM's request id before the state that
 //! depends on it is saved: if that record fails, the request stays where the sweep retries
 //! the (idempotent) write and records it then.
@@ -27,6 +33,11 @@ const CONFLICT_RETRIES: usize = 3;
 /// How long an approved request may keep failing to open before it is abandoned (and any
 /// rule that may have been created is removed).
 const OPEN_GRACE: TimeDelta = TimeDelta::minutes(15);
+/// How long a PUT of an allow rule may be in flight: far beyond what one invocation waits on
+/// ARM (a 15 s budget plus one call's timeout), so a holder that died is outlived.
+pub const PUT_LEASE: TimeDelta = TimeDelta::minutes(3);
+/// Reloads after a lost race before a step gives up with 409 (each means another writer won).
+const SETTLE_ATTEMPTS: usize = 5;
 /// Cap of the most-recent index lists.
 pub(crate) const RECENT_CAP: usize = 1000;
 /// Why a replaced grant ended (Azure's `NewerRequestInitiated`).
@@ -68,49 +79,198 @@ fn preferred_priority(key: &str, band: PriorityBand) -> u16 {
     band.min + (hash % u32::from(band.max - band.min + 1)) as u16
 }
 
-/// Puts the allow rule of an approved request and activates it, or records why not.
-pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&Policy>) -> Result<(), ApiError> {
-    debug_assert_eq!(request.value.state, State::Approved);
-    store::add_to_list(env.kv, keys::ARM_WORK, request.value.id.as_str(), usize::MAX)?;
-    let Some(policy) = policy else {
-        return fail(env, request, "the policy was deleted before the rule could be opened".into());
-    };
-    let ends_at = env.now + request.value.duration.as_delta();
-    let rule_ref = request.value.rule.clone().unwrap_or_else(|| RuleRef {
+/// The rule a request's grant will have: named from its id, on its policy's NSG. Fixed when
+/// the request is approved, before ARM is called.
+pub fn rule_ref(env: &Env, request: &AccessRequest, policy: &Policy) -> RuleRef {
+    RuleRef {
         nsg: policy.nsg.clone(),
-        name: request.value.rule_name(),
-        priority: preferred_priority(request.value.id.as_str(), env.config.priorities),
-    });
-    let mut rule = allow_rule(&request.value, policy, &rule_ref, &request.value.ports, ends_at);
+        name: request.rule_name(),
+        priority: preferred_priority(request.id.as_str(), env.config.priorities),
+    }
+}
+
+/// Marks an approved request as about to be opened: its rule is named and a PUT lease taken,
+/// and it is listed under `work:arm`, all before ARM is called. The caller saves it.
+pub fn prepare_open(env: &Env, request: &mut AccessRequest, policy: &Policy) -> Result<(), ApiError> {
+    store::add_to_list(env.kv, keys::ARM_WORK, request.id.as_str(), usize::MAX)?;
+    if request.rule.is_none() {
+        request.rule = Some(rule_ref(env, request, policy));
+    }
+    request.put_lease_until = Some(env.fresh_now() + PUT_LEASE);
+    Ok(())
+}
+
+/// Runs `step`, and when another writer saved the request first, reloads it and runs `step`
+/// again on what that writer left: every step here is written for whatever state it finds.
+fn retrying(
+    env: &Env,
+    request: &mut Versioned<AccessRequest>,
+    mut step: impl FnMut(&mut Versioned<AccessRequest>) -> Result<(), ApiError>,
+) -> Result<(), ApiError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match step(request) {
+            Err(error) if error.is_concurrent_update() && attempt < SETTLE_ATTEMPTS => {
+                *request = env.request(request.value.id.as_str())?;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Puts the allow rule of an approved request and activates it, or records why not. The
+/// request holds a PUT lease (see [`prepare_open`]) unless this is the sweep's retry, which
+/// takes one first, and only once the previous holder's has run out.
+pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&Policy>) -> Result<(), ApiError> {
+    if request.value.state != State::Approved {
+        return Ok(());
+    }
+    let Some(policy) = policy else {
+        return abandon(env, request, "the policy was deleted before the rule could be opened".into());
+    };
+    if let Err(why) = still_allowed(&request.value, policy) {
+        return abandon(env, request, format!("the policy no longer allows it: {why}"));
+    }
+    if !request.value.put_in_flight(env.fresh_now()) {
+        // The sweep's retry (the last holder is done or dead): name the rule and take the
+        // lease in the store before the PUT; of two sweeps, the one whose save wins PUTs.
+        prepare_open(env, &mut request.value, policy)?;
+        env.save_request(request)?;
+    }
+    let rule_ref = request.value.rule.clone().expect("named when approved");
+    let mut rule = allow_rule(
+        &request.value,
+        policy,
+        &rule_ref,
+        &request.value.ports,
+        env.now + request.value.duration.as_delta(),
+    );
     let outcome = put_in_band(env, &rule_ref.nsg, &mut rule, env.config.priorities);
     record_arm_write(env, "rule.put", subject_of(&request.value), rule_details(&rule_ref.nsg, &rule), &outcome)?;
-    request.value.rule = Some(RuleRef { priority: rule.priority, ..rule_ref });
+    let priority = rule.priority;
     match outcome {
         Ok(_) => {
-            activate(env, request, ends_at)?;
-            supersede_older_grants(env, request, policy)
+            retrying(env, request, |request| settle_opened(env, request, priority))?;
+            if request.value.state == State::Active {
+                supersede_older_grants(env, request, policy)?;
+            }
+            Ok(())
         }
-        Err(error @ ArmError::Refused { .. }) => {
+        Err(error @ ArmError::Refused { .. }) => retrying(env, request, |request| {
+            if request.value.state != State::Approved {
+                return settle_foreign(env, request);
+            }
             // An earlier attempt may have put the rule before this one was refused (a timeout
             // that succeeded after all, a crash before its record): remove it to be sure.
             record_attempt(request, &error);
+            request.value.put_lease_until = None;
             abandon(env, request, format!("ARM refused the rule: {error}"))
-        }
-        Err(error @ (ArmError::Transient(_) | ArmError::PriorityConflict)) => {
+        }),
+        Err(error @ (ArmError::Transient(_) | ArmError::PriorityConflict)) => retrying(env, request, |request| {
+            if request.value.state != State::Approved {
+                return settle_foreign(env, request);
+            }
             let since = request.value.approved_at.unwrap_or(request.value.created_at);
             record_attempt(request, &error);
+            // This PUT is over, landed or not: the sweep may retry from its next tick.
+            request.value.put_lease_until = None;
             if env.now - since > OPEN_GRACE.max(request.value.duration.as_delta()) {
                 return abandon(env, request, format!("the rule could not be opened since {since}: {error}"));
             }
             env.save_request(request)
+        }),
+    }
+}
+
+/// Saves what a PUT that ARM confirmed achieved, on the request as it is now: still approved,
+/// it becomes active; already active (another opener), nothing to do; closing or closed
+/// meanwhile, the rule just put has no owner and is removed.
+fn settle_opened(env: &Env, request: &mut Versioned<AccessRequest>, priority: u16) -> Result<(), ApiError> {
+    if request.value.state != State::Approved {
+        return settle_foreign(env, request);
+    }
+    // The grant runs from when its rule is confirmed, on a fresh clock: the PUT took time.
+    let opened_at = env.fresh_now();
+    let ends_at = opened_at + request.value.duration.as_delta();
+    // The due entry goes first: once it exists, the sweep will close the rule whatever
+    // happens to the rest of this call.
+    super::sweep::schedule(env, ends_at, &request.value.id)?;
+    transition(request, Event::RuleOpened)?;
+    request.value.activated_at = Some(opened_at);
+    request.value.ends_at = Some(ends_at);
+    request.value.arm_attempts = 0;
+    request.value.last_error = None;
+    request.value.put_lease_until = None;
+    if let Some(rule) = &mut request.value.rule {
+        rule.priority = priority;
+    }
+    let rule = request.value.rule.as_ref().map(|r| r.name.clone());
+    env.commit(request, "request.activated", json!({ "ends_at": ends_at, "rule": rule }))?;
+    store::add_to_list(env.kv, &keys::live(&request.value.policy), request.value.id.as_str(), usize::MAX)?;
+    store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
+    Ok(())
+}
+
+/// After this call's PUT returned, the request turned out to have been changed by someone
+/// else. The PUT is over, so its lease is released; a close that came meanwhile deletes the
+/// rule again, now that it has landed, and becomes final.
+fn settle_foreign(env: &Env, request: &mut Versioned<AccessRequest>) -> Result<(), ApiError> {
+    match request.value.state {
+        State::Approved | State::Active | State::Pending => Ok(()),
+        State::Revoking { .. } => {
+            request.value.put_lease_until = None;
+            finish_close(env, request)
+        }
+        State::Expired | State::Revoked | State::Denied | State::Cancelled | State::TimedOut | State::Failed => {
+            remove_ownerless_rule(env, &request.value)
         }
     }
+}
+
+/// Deletes the rule of a request that has already ended (its close became final before a
+/// late PUT landed): the rule has no owner and must not stay.
+fn remove_ownerless_rule(env: &Env, request: &AccessRequest) -> Result<(), ApiError> {
+    let Some(rule) = &request.rule else { return Ok(()) };
+    let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
+    let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name, "reason": "no owner: the request ended"});
+    record_arm_write(env, "rule.deleted", subject_of(request), details, &outcome)?;
+    Ok(outcome.map(drop)?)
+}
+
+/// Whether an approved request still fits its policy as it is now (an admin may have changed
+/// it since the request was made); the reason when it does not.
+pub fn still_allowed(request: &AccessRequest, policy: &Policy) -> Result<(), String> {
+    if !policy.enabled {
+        return Err(format!("policy '{}' is disabled", policy.name));
+    }
+    if request.break_glass {
+        return match &policy.break_glass {
+            Some(glass) if request.duration <= glass.max_duration => Ok(()),
+            Some(glass) => Err(format!("break-glass access now lasts at most {}", glass.max_duration)),
+            None => Err("the policy no longer allows break-glass access".into()),
+        };
+    }
+    for port in request.ports.iter() {
+        let rule = policy.port(port).ok_or_else(|| format!("port {port} is no longer in the policy"))?;
+        if request.duration > rule.max_duration {
+            return Err(format!("port {port} now allows at most {}", rule.max_duration));
+        }
+        if rule.protocol != request.protocol {
+            return Err(format!("port {port} is now {}", rule.protocol.arm_name()));
+        }
+        if !rule.allowed_sources.iter().any(|allowed| allowed.admits(&request.source)) {
+            return Err(format!("source {} is no longer allowed for port {port}", request.source));
+        }
+    }
+    Ok(())
 }
 
 /// Gives up opening a rule and removes whatever an attempt may have left on the NSG; the
 /// request ends `failed` once ARM confirms the rule is gone.
 fn abandon(env: &Env, request: &mut Versioned<AccessRequest>, reason: String) -> Result<(), ApiError> {
     transition(request, Event::OpenAbandoned)?;
+    request.value.last_error = Some(reason.clone());
     env.commit(request, "request.abandoned", json!({ "reason": reason }))?;
     finish_close(env, request)
 }
@@ -129,7 +289,7 @@ fn rule_details(nsg: &NsgId, rule: &SecurityRule) -> serde_json::Value {
 }
 
 /// Records an ARM write with its outcome and ARM's request id.
-fn record_arm_write(
+pub(crate) fn record_arm_write(
     env: &Env,
     action: &'static str,
     subject: Subject,
@@ -149,78 +309,91 @@ fn record_arm_write(
 
 /// Moves an active (or approved) request into `revoking` for `event` and removes its rule.
 /// A rule that cannot be removed now stays listed for the sweep, which retries it every tick.
+/// A request that another call changed meanwhile is reloaded and closed as it now is.
 pub fn close(
     env: &Env,
     request: &mut Versioned<AccessRequest>,
     event: Event,
     ending: Option<Ending>,
 ) -> Result<(), ApiError> {
-    if !matches!(request.value.state, State::Revoking { .. }) {
-        transition(request, event)?;
-        let reason = ending.as_ref().and_then(|e| e.reason.clone());
-        if ending.is_some() {
-            request.value.ended = ending;
+    retrying(env, request, |request| {
+        if request.value.state.is_final() {
+            return Ok(());
         }
-        store::add_to_list(env.kv, keys::ARM_WORK, request.value.id.as_str(), usize::MAX)?;
-        let action = if event == Event::Due { "request.expiring" } else { "request.revoking" };
-        env.commit(request, action, json!({ "reason": reason }))?;
-    }
-    finish_close(env, request)
+        // Extended meanwhile (the race of expiry and extend): not due any more.
+        if event == Event::Due && request.value.ends_at.is_some_and(|end| end > env.now) {
+            return Ok(());
+        }
+        if !matches!(request.value.state, State::Revoking { .. }) {
+            transition(request, event)?;
+            let reason = ending.as_ref().and_then(|e| e.reason.clone());
+            if ending.is_some() {
+                request.value.ended = ending.clone();
+            }
+            store::add_to_list(env.kv, keys::ARM_WORK, request.value.id.as_str(), usize::MAX)?;
+            let action = if event == Event::Due { "request.expiring" } else { "request.revoking" };
+            env.commit(request, action, json!({ "reason": reason }))?;
+        }
+        finish_close(env, request)
+    })
 }
 
-/// Removes the rule of a request that is already `revoking`.
+/// Removes the rule of a request that is already `revoking`: `jit-<id>` is deleted whether
+/// or not a PUT was ever confirmed (absent is success). The close becomes final only when no
+/// PUT of the rule can still be in flight; until then the request stays `revoking`, listed
+/// for the sweep, which deletes again once the lease has run out.
 pub fn finish_close(env: &Env, request: &mut Versioned<AccessRequest>) -> Result<(), ApiError> {
-    let outcome = match &request.value.rule {
-        Some(rule) => {
-            let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
-            let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
-            record_arm_write(env, "rule.deleted", subject_of(&request.value), details, &outcome)?;
-            outcome.map(drop)
+    retrying(env, request, |request| {
+        if !matches!(request.value.state, State::Revoking { .. }) {
+            return Ok(());
         }
-        None => Ok(()),
-    };
-    match outcome {
-        Ok(()) => {
-            transition(request, Event::RuleClosed)?;
-            request.value.closed_at = Some(env.now);
-            request.value.arm_attempts = 0;
-            let action = match request.value.state {
-                State::Expired => "request.expired",
-                State::Revoked => "request.revoked",
-                _ => "request.failed",
-            };
-            env.commit(request, action, json!({}))?;
-            forget_open(env, &request.value)?;
-            store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
-            Ok(())
+        let outcome = match &request.value.rule {
+            Some(rule) => {
+                let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
+                let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
+                record_arm_write(env, "rule.deleted", subject_of(&request.value), details, &outcome)?;
+                outcome.map(drop)
+            }
+            // Never approved by this build's rules: no PUT was ever made.
+            None => Ok(()),
+        };
+        match outcome {
+            Ok(()) if request.value.put_in_flight(env.fresh_now()) => {
+                let until = request.value.put_lease_until.unwrap_or(env.now);
+                request.value.last_error = Some(format!(
+                    "a PUT of the rule may still be in flight until {until}: the sweep deletes again then"
+                ));
+                env.save_request(request)
+            }
+            Ok(()) => {
+                transition(request, Event::RuleClosed)?;
+                request.value.closed_at = Some(env.now);
+                request.value.arm_attempts = 0;
+                request.value.last_error = None;
+                request.value.put_lease_until = None;
+                let action = match request.value.state {
+                    State::Expired => "request.expired",
+                    State::Revoked => "request.revoked",
+                    _ => "request.failed",
+                };
+                env.commit(request, action, json!({}))?;
+                forget_open(env, &request.value)?;
+                store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
+                Ok(())
+            }
+            Err(error) => {
+                record_attempt(request, &error);
+                env.save_request(request)
+            }
         }
-        Err(error) => {
-            record_attempt(request, &error);
-            env.save_request(request)
-        }
-    }
+    })
 }
 
-fn activate(env: &Env, request: &mut Versioned<AccessRequest>, ends_at: DateTime<Utc>) -> Result<(), ApiError> {
-    // The due entry goes first: once it exists, the sweep will close the rule whatever
-    // happens to the rest of this call.
-    super::sweep::schedule(env, ends_at, &request.value.id)?;
-    transition(request, Event::RuleOpened)?;
-    request.value.activated_at = Some(env.now);
-    request.value.ends_at = Some(ends_at);
-    request.value.arm_attempts = 0;
-    request.value.last_error = None;
-    let rule = request.value.rule.as_ref().map(|r| r.name.clone());
-    env.commit(request, "request.activated", json!({ "ends_at": ends_at, "rule": rule }))?;
-    store::add_to_list(env.kv, &keys::live(&request.value.policy), request.value.id.as_str(), usize::MAX)?;
-    store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
-    Ok(())
-}
-
-/// Drops an ended request from the open and live indexes.
+/// Drops an ended request from the open, live and pending indexes.
 pub fn forget_open(env: &Env, request: &AccessRequest) -> Result<(), ApiError> {
     store::remove_from_list(env.kv, &keys::open_of(&request.policy, &request.requester), request.id.as_str())?;
     store::remove_from_list(env.kv, &keys::live(&request.policy), request.id.as_str())?;
+    store::remove_from_list(env.kv, &keys::pending(&request.policy), request.id.as_str())?;
     Ok(())
 }
 
@@ -252,31 +425,64 @@ fn supersede_older_grants(env: &Env, request: &mut Versioned<AccessRequest>, pol
 /// Re-PUTs an active grant's rule with fewer ports. If ARM fails, the grant keeps its wider
 /// rule until it ends: still closed on time, so nothing is left open forever.
 fn narrow(env: &Env, older: &mut Versioned<AccessRequest>, policy: &Policy, ports: PortSet) -> Result<(), ApiError> {
-    let (Some(rule_ref), Some(ends_at)) = (older.value.rule.clone(), older.value.ends_at) else { return Ok(()) };
-    let rule = allow_rule(&older.value, policy, &rule_ref, &ports, ends_at);
-    let outcome = env.arm.put_rule(&rule_ref.nsg, &rule);
-    record_arm_write(env, "rule.put", subject_of(&older.value), rule_details(&rule_ref.nsg, &rule), &outcome)?;
-    match outcome {
-        Ok(_) => {
-            older.value.ports = ports;
-            let ports: Vec<String> = older.value.ports.iter().map(|p| p.to_string()).collect();
-            env.commit(older, "request.narrowed", json!({ "ports": ports, "reason": SUPERSEDED }))
-        }
-        Err(error) => {
-            eprintln!("narrowing {} after a newer request: {error}", older.value.id);
-            Ok(())
-        }
-    }
+    let names: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+    rewrite(env, older, policy, ports, "request.narrowed", json!({ "ports": names, "reason": SUPERSEDED }))
 }
 
-fn fail(env: &Env, request: &mut Versioned<AccessRequest>, reason: String) -> Result<(), ApiError> {
-    transition(request, Event::OpenRefused)?;
-    request.value.last_error = Some(reason.clone());
-    request.value.closed_at = Some(env.now);
-    env.commit(request, "request.failed", json!({ "reason": reason }))?;
-    forget_open(env, &request.value)?;
-    store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
-    Ok(())
+/// Puts back the rule of an active grant that went missing from its NSG (the reconciler,
+/// with `drift_missing_rule = reput`), for the rest of the grant.
+pub fn reput(env: &Env, grant: &mut Versioned<AccessRequest>, policy: &Policy) -> Result<(), ApiError> {
+    let ports = grant.value.ports.clone();
+    rewrite(
+        env,
+        grant,
+        policy,
+        ports,
+        "request.rule_restored",
+        json!({ "reason": "the rule was missing from the NSG" }),
+    )
+}
+
+/// Re-PUTs an active grant's rule with `ports`, under a PUT lease like an open, so a close
+/// racing the re-PUT still removes the rule once it has landed.
+fn rewrite(
+    env: &Env,
+    grant: &mut Versioned<AccessRequest>,
+    policy: &Policy,
+    ports: PortSet,
+    action: &'static str,
+    details: serde_json::Value,
+) -> Result<(), ApiError> {
+    let (Some(rule_ref), Some(ends_at)) = (grant.value.rule.clone(), grant.value.ends_at) else { return Ok(()) };
+    if grant.value.state != State::Active || grant.value.put_in_flight(env.fresh_now()) {
+        return Ok(());
+    }
+    grant.value.put_lease_until = Some(env.fresh_now() + PUT_LEASE);
+    match env.save_request(grant) {
+        Ok(()) => {}
+        // It changed meanwhile (extended, revoked, expiring): leave it as it is.
+        Err(error) if error.is_concurrent_update() => return Ok(()),
+        Err(error) => return Err(error),
+    }
+    let rule = allow_rule(&grant.value, policy, &rule_ref, &ports, ends_at);
+    let outcome = env.arm.put_rule(&rule_ref.nsg, &rule);
+    record_arm_write(env, "rule.put", subject_of(&grant.value), rule_details(&rule_ref.nsg, &rule), &outcome)?;
+    retrying(env, grant, |grant| {
+        if grant.value.state != State::Active {
+            return settle_foreign(env, grant);
+        }
+        grant.value.put_lease_until = None;
+        match &outcome {
+            Ok(_) => {
+                grant.value.ports = ports.clone();
+                env.commit(grant, action, details.clone())
+            }
+            Err(error) => {
+                eprintln!("rewriting the rule of {}: {error}", grant.value.id);
+                env.save_request(grant)
+            }
+        }
+    })
 }
 
 fn record_attempt(request: &mut Versioned<AccessRequest>, error: &ArmError) {

@@ -4,7 +4,9 @@
 pub mod audit;
 pub mod decisions;
 pub mod grants;
+pub mod health;
 pub mod policies;
+pub mod reconcile;
 pub mod requests;
 pub mod sweep;
 
@@ -19,6 +21,7 @@ use crate::audit::log::{self, Checkpointing};
 use crate::audit::{AuditEvent, Outcome, Record, Subject};
 use crate::config::Config;
 use crate::domain::{AccessRequest, Policy, PolicyName, RequestId};
+use crate::http::Clock;
 use crate::keys;
 use crate::store::{self, KvStore, Versioned};
 
@@ -46,13 +49,21 @@ pub struct Env<'a> {
     pub arm: &'a dyn Arm,
     /// Configuration.
     pub config: &'a Config,
-    /// The time of this invocation.
+    /// The time of this invocation: what its decisions are made at.
     pub now: DateTime<Utc>,
+    /// The clock itself, for the few times that must be read fresh (an ARM call can take
+    /// seconds: a grant's end is counted from when its rule is confirmed, not from before).
+    pub clock: &'a dyn Clock,
     /// Who the audit trail names for what this invocation does.
     pub origin: Origin,
 }
 
 impl Env<'_> {
+    /// The time now, never before the invocation's.
+    pub fn fresh_now(&self) -> DateTime<Utc> {
+        self.clock.now().max(self.now)
+    }
+
     /// Loads a policy, or 404.
     pub fn policy(&self, name: &PolicyName) -> Result<Versioned<Policy>, ApiError> {
         store::load(self.kv, &keys::policy(name))?

@@ -79,6 +79,13 @@ pub fn put(env: &Env, caller: &Caller, name: &str, body: &[u8], revoke: bool) ->
     let key = keys::policy(&name);
     let existing = store::load::<Policy>(env.kv, &key)?;
     let previous = existing.as_ref().and_then(|e| e.value.baseline.clone());
+    // The indexes a policy's requests are listed in exist before any request can be, so no
+    // add ever meets a backend's non-atomic create (Spin's SQLite store upserts there).
+    for list in [keys::ARM_WORK.to_owned(), keys::POLICIES.to_owned(), keys::live(&name), keys::pending(&name)] {
+        store::create_list(env.kv, &list)?;
+    }
+    // ARM first, so a saved policy never claims a baseline that is not there; should the save
+    // below lose a race, the reconciler puts the stored policy's baseline back.
     if policy.enabled {
         grants::ensure_baseline(env, &mut policy, previous.as_ref())?;
     }
@@ -94,10 +101,20 @@ pub fn put(env: &Env, caller: &Caller, name: &str, body: &[u8], revoke: bool) ->
         Ok(store::save(env.kv, &key, &policy, existing.as_ref().map(|e| e.version))?)
     })?;
     store::add_to_list(env.kv, keys::POLICIES, name.as_str(), usize::MAX)?;
-    let revoked = if revoke && !policy.enabled { revoke_grants(env, caller, &name)? } else { 0 };
+    let mut cancelled = 0;
+    let mut revoked = 0;
+    if !policy.enabled {
+        cancelled = cancel_pending(env, caller, &name, "disabled")?;
+        if revoke {
+            revoked = revoke_grants(env, caller, &name)?;
+        }
+    }
     let mut body = serde_json::to_value(&policy).map_err(ApiError::internal)?;
     if revoked > 0 {
         body["revoked"] = json!(revoked);
+    }
+    if cancelled > 0 {
+        body["cancelled"] = json!(cancelled);
     }
     Ok(if existing.is_some() { Reply::ok(body) } else { Reply::created(body) })
 }
@@ -123,19 +140,43 @@ pub fn list(env: &Env, caller: &Caller) -> Result<Reply, ApiError> {
 }
 
 /// Deletes a policy and its baseline rule. Running grants keep their rule until they end (each
-/// request remembers its NSG and rule), or end now with `revoke`.
+/// request remembers its NSG and rule), or end now with `revoke`; pending requests are
+/// cancelled. With `revoke`, the grants are ended first: should that fail part-way, the
+/// policy is still there and the same call can be repeated.
 pub fn delete(env: &Env, caller: &Caller, name: &str, revoke: bool) -> Result<Reply, ApiError> {
     require_admin(caller)?;
     let name = parse_name(name)?;
     let policy = env.policy(&name)?;
+    let revoked = if revoke { revoke_grants(env, caller, &name)? } else { 0 };
+    let cancelled = cancel_pending(env, caller, &name, "deleted")?;
     if let Some(baseline) = &policy.value.baseline {
         grants::remove_baseline(env, &name, baseline)?;
     }
     env.record("policy.deleted", subject_of_policy(&name), Outcome::Ok, json!({ "revoke": revoke }))?;
     env.kv.delete(&keys::policy(&name))?;
     store::remove_from_list(env.kv, keys::POLICIES, name.as_str())?;
-    let revoked = if revoke { revoke_grants(env, caller, &name)? } else { 0 };
-    Ok(Reply::ok(json!({ "deleted": name, "revoked": revoked })))
+    Ok(Reply::ok(json!({ "deleted": name, "revoked": revoked, "cancelled": cancelled })))
+}
+
+/// Cancels a policy's pending requests (it was disabled or deleted); answers how many.
+fn cancel_pending(env: &Env, caller: &Caller, policy: &PolicyName, why: &str) -> Result<usize, ApiError> {
+    let mut cancelled = 0;
+    for id in store::read_list(env.kv, &keys::pending(policy))? {
+        let Ok(id) = RequestId::parse(&id) else { continue };
+        let Some(mut request) = store::load::<AccessRequest>(env.kv, &keys::request(&id))? else { continue };
+        if let Ok(next) = request.value.state.apply(Event::Cancel) {
+            request.value.state = next;
+            request.value.ended = Some(Ending {
+                by: caller.principal.to_string(),
+                at: env.now,
+                reason: Some(format!("policy {policy} {why}")),
+            });
+            env.commit(&mut request, "request.cancelled", json!({ "reason": format!("policy {why}") }))?;
+            cancelled += 1;
+        }
+        grants::forget_open(env, &request.value)?;
+    }
+    Ok(cancelled)
 }
 
 /// Ends every running grant under a policy now; answers how many. Reads the policy's live
@@ -144,6 +185,7 @@ pub fn delete(env: &Env, caller: &Caller, name: &str, revoke: bool) -> Result<Re
 fn revoke_grants(env: &Env, caller: &Caller, policy: &PolicyName) -> Result<usize, ApiError> {
     let mut ids = store::read_list(env.kv, &keys::live(policy))?;
     ids.extend(store::read_list(env.kv, keys::ARM_WORK)?);
+    ids.sort();
     ids.dedup();
     let mut revoked = 0;
     for id in ids {
@@ -189,7 +231,10 @@ pub fn evaluate(env: &Env, caller: &Caller, name: &str, body: &[u8]) -> Result<R
         .map(|g| crate::domain::GroupName::parse(g).map_err(|e| ApiError::bad_request("invalid_group", e.to_string())))
         .collect::<Result<_, _>>()?;
     let mut raw = body.request;
-    raw["policy"] = json!(name);
+    let Some(fields) = raw.as_object_mut() else {
+        return Err(ApiError::bad_request("invalid_body", "'request' must be an object, as POST /api/requests takes"));
+    };
+    fields.insert("policy".into(), json!(name));
     let raw: crate::domain::RawRequest =
         serde_json::from_value(raw).map_err(|e| ApiError::bad_request("invalid_body", format!("request: {e}")))?;
     let id = RequestId::parse("dry-run").expect("a valid id");

@@ -92,6 +92,7 @@ pub fn create(
     match decision {
         Decision::AutoApproved { .. } => approve_and_open(env, &mut request, &policy)?,
         Decision::NeedsApprovals { .. } => {
+            store::add_to_list(env.kv, &keys::pending(&policy.name), &id, usize::MAX)?;
             if let Some(deadline) = request.value.pending_until {
                 // The sweep times the request out from the same due index that ends grants.
                 super::sweep::schedule(env, deadline, &request.value.id)?;
@@ -140,11 +141,14 @@ fn check_duplicates_and_quotas(env: &Env, request: &AccessRequest, policy: &Poli
 }
 
 /// Approves a pending request and opens its rule (ARM failures stay queued for the sweep).
+/// The approval itself names the rule and takes the PUT lease, so a revoke that comes while
+/// the PUT is in flight knows what to delete and waits for the PUT before it is final.
 pub fn approve_and_open(env: &Env, request: &mut Versioned<AccessRequest>, policy: &Policy) -> Result<(), ApiError> {
     request.value.state =
         request.value.state.apply(Event::Approve).map_err(|e| ApiError::conflict("invalid_state", e.to_string()))?;
     request.value.approved_at = Some(env.now);
     request.value.auto_approved = request.value.approvals.is_empty();
+    grants::prepare_open(env, &mut request.value, policy)?;
     let approvers: Vec<String> = request.value.approvals.iter().map(|a| a.by.to_string()).collect();
     let details = json!({
         "auto_approved": request.value.auto_approved,
@@ -153,6 +157,7 @@ pub fn approve_and_open(env: &Env, request: &mut Versioned<AccessRequest>, polic
         "approvers": approvers,
     });
     env.commit(request, "request.approved", details)?;
+    store::remove_from_list(env.kv, &keys::pending(&policy.name), request.value.id.as_str())?;
     grants::open(env, request, Some(policy))
 }
 

@@ -1,22 +1,41 @@
-//! The sweep: closes grants whose time is up and finishes ARM work left unfinished.
-//! It reads only the due minutes since its cursor and the `work:arm` list, never the whole
-//! store, and one bad record never stops the batch.
+//! The sweep: closes grants whose time is up, finishes ARM work left unfinished, and runs a
+//! share of the reconciler. It reads only the due minutes since its cursor and the
+//! `work:arm` list, never the whole store, and one bad record never stops the batch: a record
+//! that cannot be read is kept for the next tick, never dropped ("absent" and "could not
+//! read" are different answers).
+//!
+//! Each invocation spends at most [`SWAP_BUDGET`] compare-and-swaps (Spin hosts may cap them
+//! per invocation); what is left waits for the next tick, which continues where this one
+//! stopped.
+
+use std::cell::Cell;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::{Env, grants};
+use super::{Env, grants, reconcile};
 use crate::api::ApiError;
 use crate::domain::request::Ending;
 use crate::domain::{AccessRequest, Event, RequestId, State};
 use crate::keys;
-use crate::store::{self, StoreError, Versioned};
+use crate::store::{self, KvStore, StoreError, Versioned};
 
-/// The furthest back a sweep catches up (longer outages jump ahead; grants never outlive 7 days).
+/// The furthest back a sweep catches up (longer outages jump ahead; the reconciler's pass over
+/// live grants closes whatever such a jump skips).
 const MAX_CATCH_UP: TimeDelta = TimeDelta::days(8);
+/// How long a minute stays open after it has passed: writers on other instances, or with a
+/// clock a little behind, may still add to it. Only older minutes are completed.
+const SETTLE: TimeDelta = TimeDelta::minutes(2);
+/// A slot handed out but still empty after this long belongs to a writer that died.
+const EMPTY_SLOT_GRACE: TimeDelta = TimeDelta::minutes(5);
+/// Compare-and-swaps one sweep spends before it stops taking new work (a close costs about
+/// ten: the request twice, its audit events, the indexes).
+pub const SWAP_BUDGET: u32 = 200;
+/// Slots tried when a backend's counter hands one out twice (Cosmos's increment can).
+const SLOT_ATTEMPTS: usize = 8;
 
 /// What one sweep did.
-#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq, Clone)]
 pub struct SweepReport {
     /// Grants whose rule was removed.
     pub closed: usize,
@@ -28,10 +47,33 @@ pub struct SweepReport {
     pub failed: usize,
     /// Pending requests that waited too long for approval.
     pub timed_out: usize,
-    /// Records that could not be read or saved (reported, skipped).
+    /// Records that could not be read or saved (reported, kept for the next tick).
     pub skipped: usize,
     /// Due minutes read.
     pub minutes_scanned: usize,
+    /// Whether the swap budget ran out before all the work was seen (the next tick goes on).
+    pub deferred: bool,
+    /// Policies the reconciler looked at.
+    pub reconciled: usize,
+    /// Grants still open after their end when the sweep finished.
+    pub overdue: usize,
+}
+
+/// What the last sweep left, for the health check.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SweepStatus {
+    /// When it ran.
+    pub at: DateTime<Utc>,
+    /// The last minute of the due index it had completed.
+    pub cursor: Option<DateTime<Utc>>,
+    /// Requests with ARM work outstanding after it.
+    pub arm_work: usize,
+    /// Grants it saw open past their end and could not close.
+    pub overdue: usize,
+    /// The earliest end among them.
+    pub oldest_overdue: Option<DateTime<Utc>>,
+    /// What it did.
+    pub report: SweepReport,
 }
 
 /// The start of the minute containing `at`.
@@ -40,11 +82,16 @@ pub fn minute_floor(at: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 /// Lists a request in the due index for the minute of `at`, so the sweep looks at it then
-/// (a grant's end, a pending request's timeout). The first entry ever also starts the sweep's
-/// cursor, which is what makes the sweep read the index at all.
+/// (a grant's end, a pending request's timeout). Never behind the sweep's cursor or the
+/// clock: an entry there would never be read. The first entry ever also starts the cursor.
 pub fn schedule(env: &Env, at: DateTime<Utc>, id: &RequestId) -> Result<(), ApiError> {
-    store::add_to_list(env.kv, &keys::due(at), id.as_str(), usize::MAX)?;
-    if store::load::<DateTime<Utc>>(env.kv, keys::SWEEP_CURSOR)?.is_none() {
+    let cursor = store::load::<DateTime<Utc>>(env.kv, keys::SWEEP_CURSOR)?;
+    let mut at = at.max(env.fresh_now());
+    if let Some(cursor) = &cursor {
+        at = at.max(cursor.value + TimeDelta::minutes(1));
+    }
+    add_due(env.kv, minute_floor(at), id.as_str())?;
+    if cursor.is_none() {
         let start = minute_floor(env.now.min(at)) - TimeDelta::minutes(1);
         // Losing this race to another writer is fine: either cursor is early enough.
         match store::save(env.kv, keys::SWEEP_CURSOR, &start, None) {
@@ -55,114 +102,334 @@ pub fn schedule(env: &Env, at: DateTime<Utc>, id: &RequestId) -> Result<(), ApiE
     Ok(())
 }
 
+/// Takes a slot of the minute's due index and writes the id in it. Each entry has a key of
+/// its own, handed out by the store's atomic counter, so no write ever replaces another's and
+/// nothing relies on a create-if-absent (an upsert on Spin's SQLite store).
+fn add_due(kv: &dyn KvStore, minute: DateTime<Utc>, id: &str) -> Result<(), StoreError> {
+    for _ in 0..SLOT_ATTEMPTS {
+        let slot = kv.increment(&keys::due_count(minute), 1)?;
+        if kv.compare_and_swap(&keys::due_slot(minute, slot), None, id.as_bytes())? {
+            return Ok(());
+        }
+    }
+    Err(StoreError::Conflict { key: keys::due_count(minute) })
+}
+
+/// What one slot of a due minute holds.
+enum Slot {
+    Id(String),
+    Empty,
+    Unreadable,
+}
+
+/// The slots of a due minute, in order.
+fn read_due(kv: &dyn KvStore, minute: DateTime<Utc>) -> Result<Vec<Slot>, StoreError> {
+    let count = kv.increment(&keys::due_count(minute), 0)?;
+    Ok((1..=count)
+        .map(|slot| match kv.get(&keys::due_slot(minute, slot)) {
+            Ok(Some(bytes)) => String::from_utf8(bytes).map_or(Slot::Unreadable, Slot::Id),
+            Ok(None) => Slot::Empty,
+            Err(error) => {
+                eprintln!("sweep: reading slot {slot} of {minute}: {error}");
+                Slot::Unreadable
+            }
+        })
+        .collect())
+}
+
+/// Removes a completed minute's index.
+fn clear_due(kv: &dyn KvStore, minute: DateTime<Utc>, slots: usize) -> Result<(), StoreError> {
+    for slot in 1..=slots {
+        kv.delete(&keys::due_slot(minute, slot as i64))?;
+    }
+    kv.delete(&keys::due_count(minute))
+}
+
+/// A store that counts the compare-and-swaps and increments made through it.
+pub struct Budgeted<'a> {
+    inner: &'a dyn KvStore,
+    swaps: Cell<u32>,
+}
+
+impl<'a> Budgeted<'a> {
+    /// Counts what goes through to `inner`.
+    pub fn new(inner: &'a dyn KvStore) -> Self {
+        Self { inner, swaps: Cell::new(0) }
+    }
+
+    /// Whether the budget is spent.
+    pub fn spent(&self) -> bool {
+        self.swaps.get() >= SWAP_BUDGET
+    }
+
+    /// Swaps so far.
+    pub fn swaps(&self) -> u32 {
+        self.swaps.get()
+    }
+}
+
+impl KvStore for Budgeted<'_> {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.inner.set(key, value)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key)
+    }
+
+    fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
+        self.swaps.set(self.swaps.get() + 1);
+        self.inner.compare_and_swap(key, expected, value)
+    }
+
+    fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        self.inner.increment(key, delta)
+    }
+}
+
+/// Grants seen open past their end.
+#[derive(Default)]
+pub(crate) struct Overdue {
+    count: usize,
+    oldest: Option<DateTime<Utc>>,
+}
+
+impl Overdue {
+    /// Notes a request if it is still open after its end.
+    pub(crate) fn note(&mut self, request: &AccessRequest, now: DateTime<Utc>) {
+        let end = match request.state {
+            State::Active => request.ends_at,
+            State::Revoking { .. } => {
+                Some(request.ended.as_ref().map(|e| e.at).into_iter().chain(request.ends_at).min().unwrap_or(now))
+            }
+            _ => None,
+        };
+        if let Some(end) = end.filter(|end| *end <= now) {
+            self.count += 1;
+            self.oldest = Some(self.oldest.map_or(end, |o| o.min(end)));
+        }
+    }
+}
+
 /// Runs one sweep at `env.now`.
 pub fn sweep(env: &Env) -> Result<SweepReport, ApiError> {
+    let budget = Budgeted::new(env.kv);
+    let env = &Env {
+        kv: &budget,
+        arm: env.arm,
+        config: env.config,
+        now: env.now,
+        clock: env.clock,
+        origin: env.origin.clone(),
+    };
     let mut report = SweepReport::default();
-    let this_minute = minute_floor(env.now);
-    let cursor = store::load::<DateTime<Utc>>(env.kv, keys::SWEEP_CURSOR)?;
+    let mut overdue = Overdue::default();
     // Work handled in the due phase waits for the next sweep, whatever came of it.
     let mut handled = Vec::new();
-    if let Some(cursor) = &cursor {
-        let mut minute = (cursor.value + TimeDelta::minutes(1)).max(this_minute - MAX_CATCH_UP);
-        let mut complete_until = cursor.value;
-        let mut clean = true;
-        while minute <= this_minute {
-            report.minutes_scanned += 1;
-            let ids = store::read_list(env.kv, &keys::due(minute))?;
-            for id in &ids {
-                if !process_due(env, id, &mut report) {
-                    clean = false;
-                }
-                handled.push(id.clone());
-            }
-            // Minutes before this one are complete: every grant in them ended before now.
-            if minute < this_minute && clean {
-                complete_until = minute;
-                if !ids.is_empty() {
-                    env.kv.delete(&keys::due(minute))?;
-                }
-            }
-            minute += TimeDelta::minutes(1);
+    let cursor = due_phase(env, &budget, &mut report, &mut overdue, &mut handled)?;
+    let work = store::read_list(env.kv, keys::ARM_WORK)?;
+    for id in &work {
+        if budget.spent() {
+            report.deferred = true;
+            break;
         }
-        if complete_until != cursor.value {
-            // Losing this race means another sweep advanced it: its value is as good.
-            match store::save(env.kv, keys::SWEEP_CURSOR, &complete_until, Some(cursor.version)) {
-                Ok(_) | Err(StoreError::Conflict { .. }) => {}
-                Err(other) => return Err(other.into()),
-            }
+        if !handled.contains(id) {
+            finish_arm_work(env, id, &mut report, &mut overdue);
         }
     }
-    for id in store::read_list(env.kv, keys::ARM_WORK)? {
-        if !handled.contains(&id) {
-            finish_arm_work(env, &id, &mut report);
-        }
+    if !budget.spent() {
+        report.reconciled = reconcile::round(env, &budget, &mut overdue)?;
+    } else {
+        report.deferred = true;
     }
+    report.overdue = overdue.count;
+    let status = SweepStatus {
+        at: env.now,
+        cursor,
+        arm_work: store::read_list(env.kv, keys::ARM_WORK)?.len(),
+        overdue: overdue.count,
+        oldest_overdue: overdue.oldest,
+        report: report.clone(),
+    };
+    // One writer's status is as good as another's: a plain write, no swap.
+    let bytes = serde_json::to_vec(&status).map_err(ApiError::internal)?;
+    env.kv.set(keys::SWEEP_STATUS, &bytes)?;
     Ok(report)
 }
 
-fn load(env: &Env, id: &str, report: &mut SweepReport) -> Option<Versioned<AccessRequest>> {
-    let loaded = RequestId::parse(id)
-        .map_err(|e| e.to_string())
-        .and_then(|id| store::load::<AccessRequest>(env.kv, &keys::request(&id)).map_err(|e| e.to_string()));
-    match loaded {
-        Ok(request) => request,
-        Err(reason) => {
-            eprintln!("sweep: skipping request '{id}': {reason}");
-            report.skipped += 1;
-            None
+/// Reads the due minutes from the cursor to now and handles what they list; advances the
+/// cursor over the minutes that are complete. Answers the cursor it leaves.
+fn due_phase(
+    env: &Env,
+    budget: &Budgeted,
+    report: &mut SweepReport,
+    overdue: &mut Overdue,
+    handled: &mut Vec<String>,
+) -> Result<Option<DateTime<Utc>>, ApiError> {
+    let this_minute = minute_floor(env.now);
+    let Some(cursor) = store::load::<DateTime<Utc>>(env.kv, keys::SWEEP_CURSOR)? else { return Ok(None) };
+    let mut minute = (cursor.value + TimeDelta::minutes(1)).max(this_minute - MAX_CATCH_UP);
+    let mut complete_until = cursor.value;
+    let mut contiguous = true;
+    while minute <= this_minute {
+        if budget.spent() {
+            report.deferred = true;
+            break;
+        }
+        report.minutes_scanned += 1;
+        let slots = read_due(env.kv, minute)?;
+        let mut clean = true;
+        for slot in &slots {
+            match slot {
+                Slot::Id(id) => {
+                    if budget.spent() {
+                        report.deferred = true;
+                        clean = false;
+                        break;
+                    }
+                    match process_due(env, id, report, overdue) {
+                        Due::Nothing => {}
+                        Due::Handled => handled.push(id.clone()),
+                        Due::Again => {
+                            handled.push(id.clone());
+                            // Kept where the sweep retries every tick, so the minute can complete.
+                            if let Err(error) = store::add_to_list(env.kv, keys::ARM_WORK, id, usize::MAX) {
+                                eprintln!("sweep: keeping {id} for the next tick: {error}");
+                                clean = false;
+                            }
+                        }
+                    }
+                }
+                // A writer between taking its slot and filling it, unless long dead.
+                Slot::Empty => clean &= minute + EMPTY_SLOT_GRACE < env.now,
+                Slot::Unreadable => {
+                    report.skipped += 1;
+                    clean = false;
+                }
+            }
+        }
+        // Only minutes well past can be complete: writers may still add to recent ones.
+        let complete = clean && minute + SETTLE < this_minute;
+        if complete {
+            clear_due(env.kv, minute, slots.len())?;
+        }
+        contiguous &= complete;
+        if contiguous {
+            complete_until = minute;
+        }
+        minute += TimeDelta::minutes(1);
+    }
+    if complete_until != cursor.value {
+        // Losing this race means another sweep advanced it: its value is as good.
+        match store::save(env.kv, keys::SWEEP_CURSOR, &complete_until, Some(cursor.version)) {
+            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Err(other) => return Err(other.into()),
         }
     }
+    Ok(Some(complete_until))
 }
 
-/// Closes one due grant, or times out a request that waited too long for approval; `false`
-/// when it could not be handled and must be seen again.
-fn process_due(env: &Env, id: &str, report: &mut SweepReport) -> bool {
-    let Some(mut request) = load(env, id, report) else { return true };
+/// Reads a request the sweep was told about: `Ok(None)` when there is none, `Err` when it
+/// cannot be read now (the caller keeps the work).
+fn load(env: &Env, id: &str) -> Result<Option<Versioned<AccessRequest>>, String> {
+    let id = RequestId::parse(id).map_err(|e| e.to_string())?;
+    store::load::<AccessRequest>(env.kv, &keys::request(&id)).map_err(|e| e.to_string())
+}
+
+/// What came of a due entry.
+enum Due {
+    /// Nothing was due (already handled, or not yet).
+    Nothing,
+    /// Closed or timed out (or tried: what is left is under `work:arm`).
+    Handled,
+    /// Could not be handled: it must be seen again.
+    Again,
+}
+
+/// Closes one due grant, or times out a request that waited too long for approval.
+fn process_due(env: &Env, id: &str, report: &mut SweepReport, overdue: &mut Overdue) -> Due {
+    let mut request = match load(env, id) {
+        Ok(Some(request)) => request,
+        Ok(None) => return Due::Nothing,
+        Err(reason) => {
+            eprintln!("sweep: cannot read due request '{id}', keeping it: {reason}");
+            report.skipped += 1;
+            return Due::Again;
+        }
+    };
     if request.value.state == State::Pending && request.value.pending_until.is_some_and(|deadline| deadline <= env.now)
     {
         return match time_out(env, &mut request) {
             Ok(()) => {
                 report.timed_out += 1;
-                true
+                Due::Handled
             }
             Err(error) => {
                 eprintln!("sweep: timing out {id}: {}", error.internal.as_deref().unwrap_or(&error.message));
                 report.skipped += 1;
-                false
+                Due::Again
             }
         };
     }
     let due = request.value.ends_at.is_some_and(|end| end <= env.now);
     if request.value.state != State::Active || !due {
-        return true;
+        return Due::Nothing;
     }
-    match grants::close(env, &mut request, Event::Due, None) {
+    let result = grants::close(env, &mut request, Event::Due, None);
+    overdue.note(&request.value, env.now);
+    match result {
         Ok(()) => {
             tally(&request.value, report);
-            true
+            Due::Handled
         }
         Err(error) => {
             eprintln!("sweep: closing {id}: {}", error.internal.as_deref().unwrap_or(&error.message));
             report.skipped += 1;
-            false
+            Due::Again
         }
     }
 }
 
-/// Retries the open or close of one request listed under `work:arm`.
-fn finish_arm_work(env: &Env, id: &str, report: &mut SweepReport) {
-    let Some(mut request) = load(env, id, report) else {
-        // A listed id with no record has nothing left to do.
-        let _ = store::remove_from_list(env.kv, keys::ARM_WORK, id);
-        return;
+/// Retries the open or close of one request listed under `work:arm`, closes a listed grant
+/// that is past its end, and drops what has nothing left to do. An unreadable record stays
+/// listed.
+fn finish_arm_work(env: &Env, id: &str, report: &mut SweepReport, overdue: &mut Overdue) {
+    let mut request = match load(env, id) {
+        Ok(Some(request)) => request,
+        Ok(None) => {
+            // A listed id with no record has nothing left to do (no rule was ever named).
+            let _ = store::remove_from_list(env.kv, keys::ARM_WORK, id);
+            return;
+        }
+        Err(reason) => {
+            eprintln!("sweep: cannot read listed request '{id}', keeping it: {reason}");
+            report.skipped += 1;
+            return;
+        }
     };
     let before = request.value.state;
     let result = match before {
+        // The opener still has its PUT in flight: leave it to finish.
+        State::Approved if request.value.put_in_flight(env.fresh_now()) => Ok(()),
         State::Approved => {
-            let policy = env.policy(&request.value.policy).ok().map(|p| p.value);
+            let policy = match store::load(env.kv, &keys::policy(&request.value.policy)) {
+                Ok(policy) => policy.map(|p: Versioned<crate::domain::Policy>| p.value),
+                Err(error) => {
+                    eprintln!("sweep: cannot read policy of '{id}', keeping it: {error}");
+                    report.skipped += 1;
+                    return;
+                }
+            };
             grants::open(env, &mut request, policy.as_ref())
         }
         State::Revoking { .. } => grants::finish_close(env, &mut request),
+        State::Active if request.value.ends_at.is_some_and(|end| end <= env.now) => {
+            grants::close(env, &mut request, Event::Due, None)
+        }
         State::Pending
         | State::Active
         | State::Expired
@@ -172,8 +439,9 @@ fn finish_arm_work(env: &Env, id: &str, report: &mut SweepReport) {
         | State::TimedOut
         | State::Failed => store::remove_from_list(env.kv, keys::ARM_WORK, id).map_err(ApiError::from),
     };
+    overdue.note(&request.value, env.now);
     match result {
-        Ok(()) if before.needs_arm_work() => tally(&request.value, report),
+        Ok(()) if before != request.value.state || before.needs_arm_work() => tally(&request.value, report),
         Ok(()) => {}
         Err(error) => {
             eprintln!("sweep: ARM work for {id}: {}", error.internal.as_deref().unwrap_or(&error.message));
@@ -194,7 +462,7 @@ fn time_out(env: &Env, request: &mut Versioned<AccessRequest>) -> Result<(), Api
     grants::forget_open(env, &request.value)
 }
 
-fn tally(request: &AccessRequest, report: &mut SweepReport) {
+pub(crate) fn tally(request: &AccessRequest, report: &mut SweepReport) {
     match request.state {
         State::Expired | State::Revoked => report.closed += 1,
         State::Active => report.opened += 1,

@@ -79,7 +79,7 @@ impl Ctx {
 
     /// The ports wired up, the time read once, and who the audit trail will name.
     pub fn env<'a>(&'a self, arm: &'a ArmClient<'a>, origin: Origin) -> Env<'a> {
-        Env { kv: &self.kv, arm, config: &self.config, now: self.clock.now(), origin }
+        Env { kv: &self.kv, arm, config: &self.config, now: self.clock.now(), clock: &self.clock, origin }
     }
 
     /// Runs an operation for `origin` (see [`Ctx::env`]).

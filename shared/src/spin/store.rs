@@ -42,16 +42,8 @@ impl KvStore for SpinStore {
 
     #[cfg(feature = "atomics")]
     fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
-        use spin_sdk::wit::wasi::keyvalue::{atomics, store};
-        let backend = |e: store::Error| StoreError::Backend(format!("{e:?}"));
-        let bucket = match self.bucket.get() {
-            Some(bucket) => bucket,
-            None => {
-                let bucket = store::open(STORE_LABEL).map_err(backend)?;
-                self.bucket.get_or_init(|| bucket)
-            }
-        };
-        let cas = atomics::Cas::new(bucket, key).map_err(backend)?;
+        use spin_sdk::wit::wasi::keyvalue::atomics;
+        let cas = atomics::Cas::new(self.bucket()?, key).map_err(backend)?;
         if cas.current().map_err(backend)?.as_deref() != expected {
             return Ok(false);
         }
@@ -62,13 +54,54 @@ impl KvStore for SpinStore {
         }
     }
 
+    #[cfg(feature = "atomics")]
+    fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        spin_sdk::wit::wasi::keyvalue::atomics::increment(self.bucket()?, key, delta).map_err(backend)
+    }
+
     /// Without atomics (hosts that offer none, such as Akamai Functions) the check and the
-    /// write are two calls: safe for one instance at a time, racy across several.
+    /// write are two calls, and Spin runs invocations concurrently even on one instance: two
+    /// writers can both pass the check and one update is lost. Not safe for production.
     #[cfg(not(feature = "atomics"))]
     fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
         if self.get(key)?.as_deref() != expected {
             return Ok(false);
         }
         self.set(key, value).map(|()| true)
+    }
+
+    /// Without atomics: a read and a write, as racy as the swap above. The counter is kept as
+    /// decimal text.
+    #[cfg(not(feature = "atomics"))]
+    fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        let current = match self.get(key)? {
+            None => 0,
+            Some(bytes) => std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|t| t.parse::<i64>().ok())
+                .ok_or_else(|| StoreError::Corrupt { key: key.to_owned(), reason: "not a counter".into() })?,
+        };
+        let sum = current + delta;
+        if delta != 0 {
+            self.set(key, sum.to_string().as_bytes())?;
+        }
+        Ok(sum)
+    }
+}
+
+#[cfg(feature = "atomics")]
+fn backend(e: spin_sdk::wit::wasi::keyvalue::store::Error) -> StoreError {
+    StoreError::Backend(format!("{e:?}"))
+}
+
+#[cfg(feature = "atomics")]
+impl SpinStore {
+    /// The `wasi:keyvalue` bucket of the same store, opened on first use.
+    fn bucket(&self) -> Result<&spin_sdk::wit::wasi::keyvalue::store::Bucket, StoreError> {
+        if let Some(bucket) = self.bucket.get() {
+            return Ok(bucket);
+        }
+        let bucket = spin_sdk::wit::wasi::keyvalue::store::open(STORE_LABEL).map_err(backend)?;
+        Ok(self.bucket.get_or_init(|| bucket))
     }
 }

@@ -1,0 +1,61 @@
+//! `GET /api/health`: the watchdog. No credential, no secret: when the last sweep ran, what
+//! it left, and 503 when expiry is not keeping up (the sweep stopped, a grant is open well
+//! past its end, or the due index is falling behind).
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::json;
+
+use super::Env;
+use super::sweep::SweepStatus;
+use crate::api::{ApiError, Reply};
+use crate::keys;
+
+/// Minutes the due index may lag behind the clock before it counts as a backlog: the sweep
+/// completes a minute only once it is two minutes past.
+const DUE_SETTLE_MINUTES: i64 = 3;
+
+/// The service's health, from what the last sweep recorded.
+pub fn check(env: &Env) -> Result<Reply, ApiError> {
+    let limit = env.config.drift.max_sweep_age;
+    let status: Option<SweepStatus> = match env.kv.get(keys::SWEEP_STATUS)? {
+        Some(bytes) => serde_json::from_slice(&bytes).ok(),
+        None => None,
+    };
+    let mut problems = Vec::new();
+    let minutes = |delta: TimeDelta| delta.num_seconds() as f64 / 60.0;
+    let body = match &status {
+        None => {
+            problems.push("no sweep has completed yet".to_owned());
+            json!({"last_sweep_at": null})
+        }
+        Some(status) => {
+            let age = env.now - status.at;
+            if age > limit {
+                problems.push(format!("the last sweep ran {:.1} minutes ago", minutes(age)));
+            }
+            if let Some(oldest) = status.oldest_overdue.filter(|end| env.now - *end > limit) {
+                problems.push(format!("a grant has been open {:.1} minutes past its end", minutes(env.now - oldest)));
+            }
+            let lag = status.cursor.map(|cursor: DateTime<Utc>| (env.now - cursor).num_minutes() - DUE_SETTLE_MINUTES);
+            if lag.is_some_and(|lag| lag > limit.num_minutes()) {
+                problems.push(format!("the due index is {} minutes behind", lag.unwrap_or_default()));
+            }
+            json!({
+                "last_sweep_at": status.at,
+                "sweep_age_seconds": age.num_seconds(),
+                "backlog": {
+                    "arm_work": status.arm_work,
+                    "overdue_grants": status.overdue,
+                    "oldest_overdue_end": status.oldest_overdue,
+                    "due_lag_minutes": lag.map(|l| l.max(0)),
+                    "deferred": status.report.deferred,
+                },
+            })
+        }
+    };
+    let mut body = body;
+    body["status"] = json!(if problems.is_empty() { "ok" } else { "failing" });
+    body["problems"] = json!(problems);
+    body["limit_seconds"] = json!(limit.num_seconds());
+    Ok(Reply { status: if problems.is_empty() { 200 } else { 503 }, body })
+}

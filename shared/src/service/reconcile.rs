@@ -1,0 +1,383 @@
+//! The reconciler: the safety net under every close. A share of each sweep compares what a
+//! few policies' NSGs hold with what portcullis believes, so that any close that was missed
+//! (a lost due entry, a crash, a race nobody foresaw) heals by itself:
+//!
+//! - live grants past their end are closed, whatever the due index says;
+//! - a `jit-<id>` allow rule with portcullis's description that no open request owns is
+//!   removed (`drift.rule_removed`);
+//! - a grant whose rule is missing is reported (`drift.rule_missing`) and, by
+//!   `drift_missing_rule`, put back or ended;
+//! - a missing or changed baseline deny rule is put back (`drift.baseline_restored`);
+//! - a foreign allow from anywhere to a protected port, above the deny rule, is reported as a
+//!   risk (`drift.exposure`).
+//!
+//! Rules portcullis did not create (Azure's own `SecurityCenter-JITRule*` among them) are
+//! never touched. Each policy is looked at once per `reconcile_every`, spread over the ticks,
+//! so many NSGs stay within ARM's read limits; `GET /api/drift` shows the last scans.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::sweep::{Budgeted, Overdue};
+use super::{Env, grants, subject_of, subject_of_policy};
+use crate::api::{ApiError, Reply};
+use crate::arm::ExistingRule;
+use crate::audit::{Outcome, Subject};
+use crate::auth::{Caller, Role};
+use crate::config::MissingRule;
+use crate::domain::request::Ending;
+use crate::domain::{AccessRequest, Event, Policy, PolicyName, RequestId, State};
+use crate::keys;
+use crate::store::{self, Versioned};
+
+/// The most policies one sweep reconciles (each costs an NSG listing).
+const MAX_PER_TICK: usize = 10;
+/// How long after its request ended a rule may linger before it is called ownerless: a close
+/// that is final has no PUT in flight, so this only absorbs clock differences.
+const ENDED_GRACE: TimeDelta = TimeDelta::minutes(1);
+/// The description every rule portcullis creates starts with.
+const OURS: &str = "portcullis JIT";
+
+/// One thing a scan found.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Finding {
+    /// `rule_removed`, `rule_missing`, `baseline_restored`, `exposure` or `nsg_unreadable`.
+    pub kind: String,
+    /// The rule concerned.
+    pub rule: String,
+    /// What it means.
+    pub detail: String,
+}
+
+/// The last scan of a policy's NSG.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DriftScan {
+    /// The policy.
+    pub policy: String,
+    /// Its NSG.
+    pub nsg: String,
+    /// When.
+    pub scanned_at: DateTime<Utc>,
+    /// Rules on the NSG.
+    pub rules: usize,
+    /// What was found.
+    pub findings: Vec<Finding>,
+    /// Rules that looked ownerless with no request record at all: removed if still there at
+    /// the next scan (a request being created right now has no record yet).
+    #[serde(default)]
+    pub suspects: Vec<String>,
+}
+
+/// Reconciles the next few policies of the round; answers how many it looked at.
+pub(crate) fn round(env: &Env, budget: &Budgeted, overdue: &mut Overdue) -> Result<usize, ApiError> {
+    let names = store::read_list(env.kv, keys::POLICIES)?;
+    if names.is_empty() {
+        return Ok(0);
+    }
+    // Every policy once per `every`, at one tick a minute.
+    let minutes = usize::try_from(env.config.drift.every.num_minutes().max(1)).unwrap_or(1);
+    let per_tick = names.len().div_ceil(minutes).clamp(1, MAX_PER_TICK).min(names.len());
+    let start = store::load::<usize>(env.kv, keys::RECONCILE_NEXT)?.map_or(0, |v| v.value) % names.len();
+    let work = store::read_list(env.kv, keys::ARM_WORK)?;
+    let mut looked = 0;
+    for offset in 0..per_tick {
+        if budget.spent() {
+            break;
+        }
+        let name = &names[(start + offset) % names.len()];
+        looked += 1;
+        if let Err(error) = reconcile_policy(env, name, &work, overdue) {
+            eprintln!("reconcile: policy {name}: {}", error.internal.as_deref().unwrap_or(&error.message));
+        }
+    }
+    // One writer's position is as good as another's: a plain write.
+    let next = serde_json::to_vec(&json!({"version": 0, "doc": (start + looked) % names.len()}))
+        .map_err(ApiError::internal)?;
+    env.kv.set(keys::RECONCILE_NEXT, &next)?;
+    Ok(looked)
+}
+
+fn reconcile_policy(env: &Env, name: &str, work: &[String], overdue: &mut Overdue) -> Result<(), ApiError> {
+    let Ok(name) = PolicyName::parse(name) else { return Ok(()) };
+    let Some(policy) = store::load::<Policy>(env.kv, &keys::policy(&name))? else { return Ok(()) };
+    let previous = store::load::<DriftScan>(env.kv, &keys::drift(&name))?.map(|v| v.value);
+    if previous.as_ref().is_some_and(|p| p.scanned_at + env.config.drift.every > env.now + TimeDelta::seconds(5)) {
+        return Ok(());
+    }
+    let grants = close_overdue_grants(env, &policy.value, work, overdue)?;
+    let mut scan = DriftScan {
+        policy: name.to_string(),
+        nsg: policy.value.nsg.as_str().to_owned(),
+        scanned_at: env.now,
+        rules: 0,
+        findings: Vec::new(),
+        suspects: Vec::new(),
+    };
+    match env.arm.list_rules(&policy.value.nsg) {
+        Ok(rules) => {
+            scan.rules = rules.len();
+            remove_ownerless_rules(env, &policy.value, &rules, previous.as_ref(), &mut scan)?;
+            check_grants(env, &policy.value, &rules, grants, previous.as_ref(), &mut scan)?;
+            check_baseline(env, &policy.value, &rules, &mut scan)?;
+            report_exposure(env, &policy.value, &rules, previous.as_ref(), &mut scan)?;
+        }
+        Err(error) => scan.findings.push(Finding {
+            kind: "nsg_unreadable".into(),
+            rule: String::new(),
+            detail: format!("the NSG could not be listed: {error}"),
+        }),
+    }
+    let bytes = serde_json::to_vec(&json!({"version": 0, "doc": scan})).map_err(ApiError::internal)?;
+    env.kv.set(&keys::drift(&name), &bytes)?;
+    Ok(())
+}
+
+/// The pass over a policy's live grants: one past its end is closed now, one stuck closing
+/// is put back on the sweep's list. Answers the grants that are rightly active.
+fn close_overdue_grants(
+    env: &Env,
+    policy: &Policy,
+    work: &[String],
+    overdue: &mut Overdue,
+) -> Result<Vec<Versioned<AccessRequest>>, ApiError> {
+    let mut active = Vec::new();
+    for id in store::read_list(env.kv, &keys::live(&policy.name))? {
+        let Ok(request_id) = RequestId::parse(&id) else { continue };
+        let mut request = match store::load::<AccessRequest>(env.kv, &keys::request(&request_id)) {
+            Ok(Some(request)) => request,
+            Ok(None) => continue,
+            Err(error) => {
+                eprintln!("reconcile: cannot read live grant '{id}': {error}");
+                continue;
+            }
+        };
+        match request.value.state {
+            State::Active if request.value.ends_at.is_some_and(|end| end <= env.now) => {
+                if let Err(error) = grants::close(env, &mut request, Event::Due, None) {
+                    eprintln!(
+                        "reconcile: closing overdue {id}: {}",
+                        error.internal.as_deref().unwrap_or(&error.message)
+                    );
+                }
+                overdue.note(&request.value, env.now);
+            }
+            State::Active => active.push(request),
+            State::Revoking { .. } if !work.contains(&id) => {
+                store::add_to_list(env.kv, keys::ARM_WORK, &id, usize::MAX)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(active)
+}
+
+/// Whether a rule is one of portcullis's grant rules, and the request id it names.
+fn grant_rule_id(rule: &ExistingRule) -> Option<&str> {
+    let id = rule.name.strip_prefix("jit-")?;
+    (rule.allow && !rule.name.starts_with("jit-deny-") && rule.description.starts_with(OURS)).then_some(id)
+}
+
+fn record(env: &Env, action: &'static str, subject: Subject, details: serde_json::Value) -> Result<(), ApiError> {
+    env.record(action, subject, Outcome::Ok, details).map(drop)
+}
+
+/// Removes grant rules whose request is over (or never existed).
+fn remove_ownerless_rules(
+    env: &Env,
+    policy: &Policy,
+    rules: &[ExistingRule],
+    previous: Option<&DriftScan>,
+    scan: &mut DriftScan,
+) -> Result<(), ApiError> {
+    for rule in rules {
+        let Some(id) = grant_rule_id(rule) else { continue };
+        let owner = match RequestId::parse(id) {
+            Ok(id) => match store::load::<AccessRequest>(env.kv, &keys::request(&id)) {
+                Ok(owner) => owner.map(|o| o.value),
+                // Unreadable now: decide at a later scan, never on a guess.
+                Err(_) => continue,
+            },
+            Err(_) => None,
+        };
+        let ownerless = match &owner {
+            Some(request) => {
+                request.state.is_final()
+                    && request
+                        .closed_at
+                        .or(request.ended.as_ref().map(|e| e.at))
+                        .is_none_or(|at| at + ENDED_GRACE <= env.now)
+            }
+            None if previous.is_some_and(|p| p.suspects.contains(&rule.name)) => true,
+            None => {
+                scan.suspects.push(rule.name.clone());
+                false
+            }
+        };
+        if !ownerless {
+            continue;
+        }
+        let outcome = env.arm.delete_rule(&policy.nsg, &rule.name);
+        let subject = Subject { request: Some(id.to_owned()), policy: Some(policy.name.to_string()) };
+        let details = json!({
+            "nsg": policy.nsg.as_str(), "rule": rule.name, "reason": "no open request owns it",
+            "owner_state": owner.as_ref().map(|o| o.state.name()),
+        });
+        grants::record_arm_write(env, "drift.rule_removed", subject, details, &outcome)?;
+        let detail = match outcome {
+            Ok(_) => "an allow rule no open request owns was removed".to_owned(),
+            Err(error) => format!("an allow rule no open request owns could not be removed yet: {error}"),
+        };
+        scan.findings.push(Finding { kind: "rule_removed".into(), rule: rule.name.clone(), detail });
+    }
+    Ok(())
+}
+
+/// Reports active grants whose rule is missing, and acts on them as configured.
+fn check_grants(
+    env: &Env,
+    policy: &Policy,
+    rules: &[ExistingRule],
+    grants: Vec<Versioned<AccessRequest>>,
+    previous: Option<&DriftScan>,
+    scan: &mut DriftScan,
+) -> Result<(), ApiError> {
+    for mut grant in grants {
+        let Some(rule) = grant.value.rule.clone() else { continue };
+        if rule.nsg != policy.nsg || rules.iter().any(|r| r.name.eq_ignore_ascii_case(&rule.name)) {
+            continue;
+        }
+        let reported =
+            previous.is_some_and(|p| p.findings.iter().any(|f| f.kind == "rule_missing" && f.rule == rule.name));
+        let action = env.config.drift.missing_rule;
+        if !reported || action != MissingRule::Report {
+            let details =
+                json!({"nsg": rule.nsg.as_str(), "rule": rule.name, "action": format!("{action:?}").to_lowercase()});
+            record(env, "drift.rule_missing", subject_of(&grant.value), details)?;
+        }
+        let detail = match action {
+            MissingRule::Report => "the grant's rule is missing from the NSG (reported only)".to_owned(),
+            MissingRule::Reput => match grants::reput(env, &mut grant, policy) {
+                Ok(()) => "the grant's rule was missing and was put back".to_owned(),
+                Err(error) => format!("the grant's rule is missing and could not be put back: {}", error.message),
+            },
+            MissingRule::Revoke => {
+                let ending = Ending {
+                    by: "system".into(),
+                    at: env.now,
+                    reason: Some("its rule was missing from the NSG".into()),
+                };
+                match grants::close(env, &mut grant, Event::Revoke, Some(ending)) {
+                    Ok(()) => "the grant's rule was missing: the grant was ended".to_owned(),
+                    Err(error) => format!("the grant's rule is missing; ending it failed: {}", error.message),
+                }
+            }
+        };
+        scan.findings.push(Finding { kind: "rule_missing".into(), rule: rule.name, detail });
+    }
+    Ok(())
+}
+
+/// Puts back a missing or changed baseline deny rule of an enabled policy.
+fn check_baseline(env: &Env, policy: &Policy, rules: &[ExistingRule], scan: &mut DriftScan) -> Result<(), ApiError> {
+    if !policy.enabled {
+        return Ok(());
+    }
+    let name = grants::baseline_name(policy);
+    let expected_ports: Vec<String> = policy.ports.iter().map(|p| p.port.to_string()).collect();
+    let intact = rules.iter().find(|r| r.name.eq_ignore_ascii_case(&name)).is_some_and(|rule| {
+        let mut ports = rule.ports.clone();
+        ports.sort();
+        let mut expected = expected_ports.clone();
+        expected.sort();
+        !rule.allow
+            && rule.inbound
+            && ports == expected
+            && policy.baseline.as_ref().is_none_or(|b| b.priority == rule.priority)
+            && rule.destinations.iter().any(|d| d == &policy.private_ip.to_string())
+    });
+    if intact {
+        return Ok(());
+    }
+    let mut restored = policy.clone();
+    let previous = policy.baseline.clone();
+    let detail = match grants::ensure_baseline(env, &mut restored, previous.as_ref()) {
+        Ok(()) => {
+            record(
+                env,
+                "drift.baseline_restored",
+                subject_of_policy(&policy.name),
+                json!({"nsg": policy.nsg.as_str(), "rule": name}),
+            )?;
+            if restored.baseline != previous {
+                // The deny rule moved to another priority: the policy remembers where.
+                let baseline = restored.baseline.clone();
+                store::update::<Policy, _>(env.kv, &keys::policy(&policy.name), |stored| {
+                    let mut stored = stored?;
+                    (stored.nsg == policy.nsg).then(|| {
+                        stored.baseline = baseline.clone();
+                        stored
+                    })
+                })?;
+            }
+            "the baseline deny rule was missing or changed and was put back".to_owned()
+        }
+        Err(error) => {
+            format!("the baseline deny rule is missing or changed; putting it back failed: {}", error.message)
+        }
+    };
+    scan.findings.push(Finding { kind: "baseline_restored".into(), rule: name, detail });
+    Ok(())
+}
+
+/// Reports rules portcullis does not own that let anyone in to a protected port ahead of the
+/// baseline deny rule.
+fn report_exposure(
+    env: &Env,
+    policy: &Policy,
+    rules: &[ExistingRule],
+    previous: Option<&DriftScan>,
+    scan: &mut DriftScan,
+) -> Result<(), ApiError> {
+    let deny_priority = policy.baseline.as_ref().map_or(u16::MAX, |b| b.priority);
+    for rule in rules {
+        let ours = rule.description.starts_with(OURS) && rule.name.starts_with("jit-");
+        let exposed: Vec<u16> = policy.ports.iter().map(|p| p.port.get()).filter(|p| rule.covers_port(*p)).collect();
+        if ours
+            || !rule.inbound
+            || !rule.allow
+            || !rule.from_anywhere()
+            || rule.priority >= deny_priority
+            || exposed.is_empty()
+        {
+            continue;
+        }
+        let detail = format!(
+            "rule '{}' (priority {}) allows {} from anywhere to port(s) {:?}, ahead of the baseline deny rule",
+            rule.name, rule.priority, rule.protocol, exposed
+        );
+        let known = previous.is_some_and(|p| p.findings.iter().any(|f| f.kind == "exposure" && f.rule == rule.name));
+        if !known {
+            let details =
+                json!({"nsg": policy.nsg.as_str(), "rule": rule.name, "priority": rule.priority, "ports": exposed});
+            record(env, "drift.exposure", subject_of_policy(&policy.name), details)?;
+        }
+        scan.findings.push(Finding { kind: "exposure".into(), rule: rule.name.clone(), detail });
+    }
+    Ok(())
+}
+
+/// `GET /api/drift`: the last scan of every policy's NSG (admins and auditors).
+pub fn list(env: &Env, caller: &Caller) -> Result<Reply, ApiError> {
+    if !caller.has(Role::Admin) && !caller.has(Role::Auditor) {
+        return Err(ApiError::forbidden("role_required", "drift reports need the admin or auditor role"));
+    }
+    let mut scans = Vec::new();
+    for name in store::read_list(env.kv, keys::POLICIES)? {
+        let Ok(name) = PolicyName::parse(&name) else { continue };
+        if let Some(scan) = store::load::<DriftScan>(env.kv, &keys::drift(&name))? {
+            scans.push(scan.value);
+        }
+    }
+    Ok(Reply::ok(json!({ "scans": scans })))
+}
