@@ -1,10 +1,11 @@
-//! request-fn: policies (admin), access requests (create, read, list, cancel) and the audit
-//! trail (read, export, verify, checkpoint).
+//! request-fn: policies (admin), access requests (create, read, list, cancel), the audit
+//! trail (read, export, verify, checkpoint), the reconciler's drift reports and the health
+//! check.
 //! Routes: `/api/...` except what approve-fn owns. The rules live in `shared::service`.
 
 use shared::api::{ApiError, query_param};
-use shared::service::{audit, policies, requests};
-use shared::spin::{answer, new_request_id, segments, serve_api, stream_export};
+use shared::service::{audit, health, policies, reconcile, requests};
+use shared::spin::{answer, new_request_id, segments, serve_api, serve_public, stream_export};
 use spin_sdk::http::conversions::TryFromIncomingRequest;
 use spin_sdk::http::{IncomingRequest, Method, Request, Response, ResponseOutparam};
 use spin_sdk::http_component;
@@ -27,6 +28,10 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
 
 fn route(request: &Request) -> Response {
     let query = request.query();
+    // The watchdog needs no credential and shows no secret.
+    if *request.method() == Method::Get && segments(request, "/api") == ["health"] {
+        return serve_public(health::check);
+    }
     serve_api(request, |ctx, env, caller| match (request.method(), segments(request, "/api").as_slice()) {
         (Method::Get, ["policies"]) => policies::list(env, caller),
         (Method::Put, ["policies", name]) => {
@@ -47,6 +52,7 @@ fn route(request: &Request) -> Response {
             };
             requests::list(env, caller, filter)
         }
+        (Method::Get, ["drift"]) => reconcile::list(env, caller),
         (Method::Get, ["audit"]) => audit::list(env, caller, query),
         (Method::Get, ["audit", "verify"]) => audit::verify(env, caller, query),
         (Method::Post, ["audit", "checkpoint"]) => audit::checkpoint(env, caller),
@@ -61,6 +67,8 @@ fn route(request: &Request) -> Response {
             | ["requests", _]
             | ["requests", _, "cancel"]
             | ["audit"]
+            | ["drift"]
+            | ["health"]
             | ["audit", "export" | "verify" | "checkpoint"],
         ) => Err(ApiError::method_not_allowed(format!("{} is not supported on {}", request.method(), request.path()))),
         _ => Err(ApiError::not_found("no_such_route", format!("no API at {}", request.path()))),

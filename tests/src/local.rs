@@ -42,6 +42,12 @@ pub fn api_keys_json(keys: &[DemoKey]) -> String {
     serde_json::Value::Array(entries).to_string()
 }
 
+/// Whether the environment sets a variable (`SPIN_VARIABLE_<NAME>`), which then wins over the
+/// demo default.
+pub fn from_environment(name: &str) -> bool {
+    std::env::var_os(format!("SPIN_VARIABLE_{}", name.to_uppercase())).is_some()
+}
+
 /// How to start the local service.
 pub struct LocalOptions {
     /// Where the API listens.
@@ -74,15 +80,21 @@ pub struct Local {
 pub async fn start(options: LocalOptions) -> Result<Local> {
     std::fs::create_dir_all(&options.state_dir)?;
     let emulator = Emulator::start(options.emulator_listen, options.polls, options.retry_after).await?;
-    let mut variables = HashMap::from([
-        ("arm_base_url".to_owned(), emulator.url()),
-        ("login_base_url".to_owned(), emulator.url()),
-        ("arm_tenant_id".to_owned(), emulator::TENANT.to_owned()),
-        ("arm_client_id".to_owned(), emulator::CLIENT_ID.to_owned()),
-        ("arm_client_secret".to_owned(), emulator::CLIENT_SECRET.to_owned()),
-        ("api_keys".to_owned(), api_keys_json(&DEMO_KEYS)),
-        ("sweep_secret".to_owned(), DEMO_SWEEP_SECRET.to_owned()),
-    ]);
+    // Demo settings, each unless the environment sets it as Spin would read it
+    // (`SPIN_VARIABLE_API_KEYS`, ...): someone trying their own keys locally gets them.
+    let mut variables: HashMap<String, String> = [
+        ("arm_base_url", emulator.url()),
+        ("login_base_url", emulator.url()),
+        ("arm_tenant_id", emulator::TENANT.to_owned()),
+        ("arm_client_id", emulator::CLIENT_ID.to_owned()),
+        ("arm_client_secret", emulator::CLIENT_SECRET.to_owned()),
+        ("api_keys", api_keys_json(&DEMO_KEYS)),
+        ("sweep_secret", DEMO_SWEEP_SECRET.to_owned()),
+    ]
+    .into_iter()
+    .filter(|(name, _)| !from_environment(name))
+    .map(|(name, value)| (name.to_owned(), value))
+    .collect();
     // Overrides may point at the emulator before its port is known: `{emulator}` stands for its URL.
     variables.extend(options.variables.into_iter().map(|(k, v)| (k, v.replace("{emulator}", &emulator.url()))));
     let host = Host::start(HostOptions {

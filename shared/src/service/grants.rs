@@ -369,8 +369,11 @@ pub fn finish_close(env: &Env, request: &mut Versioned<AccessRequest>) -> Result
                 transition(request, Event::RuleClosed)?;
                 request.value.closed_at = Some(env.now);
                 request.value.arm_attempts = 0;
-                request.value.last_error = None;
                 request.value.put_lease_until = None;
+                if request.value.state != State::Failed {
+                    // A failed request keeps why it failed.
+                    request.value.last_error = None;
+                }
                 let action = match request.value.state {
                     State::Expired => "request.expired",
                     State::Revoked => "request.revoked",

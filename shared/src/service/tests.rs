@@ -340,3 +340,184 @@ fn a_change_that_loses_a_race_after_its_event_is_followed_by_a_failed_event() {
     assert_eq!(last, [("request.denied", Outcome::Ok), ("request.denied", Outcome::Failed)]);
     assert_eq!(world.state("r1"), "pending", "the rival's version stands");
 }
+
+#[test]
+fn regression_a_grant_whose_record_cannot_be_read_at_its_end_is_kept_and_closed_later() {
+    let world = World::new(policy_json());
+    world.create("r1", raw_request()).unwrap();
+    // The store times out on the request when its minute comes: the old sweep took that for
+    // "absent", completed the minute and forgot the grant for good.
+    world.kv.fail_reads_of(&keys::request(&RequestId::parse("r1").unwrap()));
+    for minute in 61..=66 {
+        let report = world.at(at(minute), sweep::sweep).unwrap();
+        assert!(report.skipped >= 1, "{report:?}");
+    }
+    assert_eq!(world.allow_rules().len(), 1, "nothing could be done while the record was unreadable");
+    assert!(crate::store::read_list(&world.kv, keys::ARM_WORK).unwrap().contains(&"r1".to_owned()), "kept");
+    world.kv.heal();
+    let report = world.at(at(67), sweep::sweep).unwrap();
+    assert_eq!(report.closed, 1, "{report:?}");
+    assert!(world.allow_rules().is_empty());
+    assert_eq!(world.state("r1"), "expired");
+}
+
+#[test]
+fn a_close_while_a_put_may_be_in_flight_deletes_but_stays_revoking_until_the_lease_runs_out() {
+    let world = World::new(policy_json());
+    // The opener's PUT times out: the request stays approved, its lease released.
+    world.arm.outcomes.borrow_mut().push_back(Err(ArmError::Transient("timed out".into())));
+    world.create("r1", raw_request()).unwrap();
+    // A rival opener (a sweep on another instance) takes the lease, and dies before its PUT answers.
+    world
+        .at(at(1), |env| {
+            let mut request = env.request("r1").unwrap();
+            request.value.put_lease_until = Some(at(1) + super::grants::PUT_LEASE);
+            env.save_request(&mut request)
+        })
+        .unwrap();
+    let revoked = world.at(at(2), |env| decisions::revoke(env, &alice(), "r1", b"")).unwrap();
+    assert_eq!(revoked.body["state"], "revoking", "not final while a PUT may land: {}", revoked.body);
+    // The dead opener's PUT lands after the revoke's delete.
+    world.arm.rules.borrow_mut().push(crate::testing::rule());
+    world.arm.rules.borrow_mut().last_mut().unwrap().name = "jit-r1".into();
+    world.at(at(3), sweep::sweep).unwrap();
+    assert_eq!(world.state("r1"), "revoking", "the lease runs to at(4)");
+    world.at(at(5), sweep::sweep).unwrap();
+    assert_eq!(world.state("r1"), "revoked");
+    assert!(world.allow_rules().is_empty(), "the late rule was deleted: {:?}", world.allow_rules());
+}
+
+#[test]
+fn a_slot_handed_out_twice_is_not_overwritten() {
+    // Cosmos DB's increment can answer the same number to two writers; the second write must
+    // not replace the first.
+    let world = World::new(manual(1));
+    let minute = sweep::minute_floor(at(30));
+    world.kv.mem.set(&keys::due_slot(minute, 1), b"rival").unwrap();
+    world.at(at(0), |env| sweep::schedule(env, at(30), &RequestId::parse("mine").unwrap())).unwrap();
+    assert_eq!(world.kv.get(&keys::due_slot(minute, 1)).unwrap().unwrap(), b"rival");
+    assert_eq!(world.kv.get(&keys::due_slot(minute, 2)).unwrap().unwrap(), b"mine");
+}
+
+#[test]
+fn schedules_never_land_behind_the_sweeps_cursor() {
+    let world = World::new(policy_json());
+    world.create("r1", raw_request()).unwrap();
+    world.at(at(30), sweep::sweep).unwrap();
+    let cursor = crate::store::load::<DateTime<Utc>>(&world.kv, keys::SWEEP_CURSOR).unwrap().unwrap().value;
+    // A slow instance schedules something for a minute the sweep has already finished.
+    world.at(at(5), |env| sweep::schedule(env, at(6), &RequestId::parse("late").unwrap())).unwrap();
+    let expected = sweep::minute_floor(cursor + chrono::TimeDelta::minutes(1));
+    assert_eq!(world.kv.get(&keys::due_slot(expected, 1)).unwrap().unwrap(), b"late");
+}
+
+#[test]
+fn approving_checks_the_policy_as_it_is_now() {
+    let world = World::new(manual(1));
+    world.create("r1", raw_request()).unwrap();
+    // The admin narrows port 22 to 30 minutes after the one-hour request was made.
+    let mut narrower = manual(1);
+    narrower["ports"][0]["max_duration"] = json!("PT30M");
+    world.at(at(1), |env| policies::put(env, &admin(), "demo-vm", narrower.to_string().as_bytes(), false)).unwrap();
+    let error = world.at(at(2), |env| decisions::approve(env, &bob(), "r1", b"")).unwrap_err();
+    assert_eq!((error.status, error.code), (409, "policy_changed"));
+    assert_eq!(world.state("r1"), "pending");
+    assert!(world.allow_rules().is_empty());
+}
+
+#[test]
+fn approving_after_the_pending_timeout_is_refused() {
+    let world = World::new(manual(1));
+    world.create("r1", raw_request()).unwrap();
+    let error = world.at(at(61), |env| decisions::approve(env, &bob(), "r1", b"")).unwrap_err();
+    assert_eq!(error.code, "request_timed_out");
+    assert!(world.allow_rules().is_empty());
+}
+
+#[test]
+fn disabling_a_policy_cancels_its_pending_requests() {
+    let world = World::new(manual(1));
+    world.create("r1", raw_request()).unwrap();
+    let mut disabled = manual(1);
+    disabled["enabled"] = json!(false);
+    let reply =
+        world.at(at(1), |env| policies::put(env, &admin(), "demo-vm", disabled.to_string().as_bytes(), false)).unwrap();
+    assert_eq!(reply.body["cancelled"], 1);
+    assert_eq!(world.state("r1"), "cancelled");
+    assert_eq!(world.at(at(2), |env| decisions::approve(env, &bob(), "r1", b"")).unwrap_err().code, "invalid_state");
+}
+
+#[test]
+fn deleting_a_policy_with_revoke_revokes_first_and_a_failure_keeps_the_policy_for_a_retry() {
+    let world = World::new(policy_json());
+    world.create("r1", raw_request()).unwrap();
+    world.kv.fail_reads_of(&keys::request(&RequestId::parse("r1").unwrap()));
+    assert!(world.at(at(1), |env| policies::delete(env, &admin(), "demo-vm", true)).is_err());
+    assert!(world.at(at(1), |env| env.policy(&crate::domain::PolicyName::parse("demo-vm").unwrap())).is_ok());
+    world.kv.heal();
+    let reply = world.at(at(2), |env| policies::delete(env, &admin(), "demo-vm", true)).unwrap();
+    assert_eq!(reply.body["revoked"], 1);
+    assert!(world.allow_rules().is_empty());
+}
+
+#[test]
+fn an_approved_request_whose_policy_was_deleted_is_abandoned_and_its_rule_deleted() {
+    let world = World::new(policy_json());
+    world.arm.outcomes.borrow_mut().push_back(Err(ArmError::Transient("timed out".into())));
+    world.create("r1", raw_request()).unwrap();
+    // The timed-out PUT landed after all.
+    let mut landed = crate::testing::rule();
+    landed.name = "jit-r1".into();
+    world.arm.rules.borrow_mut().push(landed);
+    world.at(at(1), |env| policies::delete(env, &admin(), "demo-vm", false)).unwrap();
+    world.at(at(2), sweep::sweep).unwrap();
+    assert_eq!(world.state("r1"), "failed");
+    assert!(world.allow_rules().is_empty(), "{:?}", world.allow_rules());
+}
+
+#[test]
+fn extensions_are_capped_by_every_limit_and_the_requester_is_checked_first() {
+    let mut policy = policy_json();
+    policy["extensions"] = json!("approval");
+    let world = World::new(policy);
+    world.create("r1", raw_request()).unwrap();
+    // alice is an approver of nothing here, but an admin who is the requester is still the requester.
+    let alice_admin = caller("alice", &[Role::Requester, Role::Admin], &["devs"]);
+    let error =
+        world.at(at(1), |env| decisions::extend(env, &alice_admin, "r1", br#"{"duration":"PT30M"}"#)).unwrap_err();
+    assert_eq!(error.code, "extension_needs_approval");
+    // The service's maximum caps even an admin's extension.
+    let mut small = world.config.clone();
+    small.limits.max_duration = crate::domain::AccessDuration::parse("PT70M").unwrap();
+    let clock = crate::testing::FixedClock(at(1));
+    let env = Env {
+        kv: &world.kv,
+        arm: &world.arm,
+        config: &small,
+        now: at(1),
+        clock: &clock,
+        origin: super::Origin::system(),
+    };
+    let error = decisions::extend(&env, &admin(), "r1", br#"{"duration":"PT30M"}"#).unwrap_err();
+    assert_eq!(error.code, "extension_too_long");
+    assert!(decisions::extend(&env, &admin(), "r1", br#"{"duration":"PT10M"}"#).is_ok());
+}
+
+#[test]
+fn a_requester_who_lost_eligibility_cannot_extend() {
+    let world = World::new(policy_json());
+    world.create("r1", raw_request()).unwrap();
+    let mut policy = policy_json();
+    policy["requesters"] = json!(["group:admins-only"]);
+    world.at(at(1), |env| policies::put(env, &admin(), "demo-vm", policy.to_string().as_bytes(), false)).unwrap();
+    let error = world.at(at(2), |env| decisions::extend(env, &alice(), "r1", br#"{"duration":"PT10M"}"#)).unwrap_err();
+    assert_eq!((error.status, error.code), (403, "not_a_requester"));
+}
+
+#[test]
+fn evaluate_refuses_a_request_that_is_not_an_object() {
+    let world = World::new(policy_json());
+    let body = br#"{"principal": "alice", "request": [22]}"#;
+    let error = world.at(at(0), |env| policies::evaluate(env, &admin(), "demo-vm", body)).unwrap_err();
+    assert_eq!((error.status, error.code), (400, "invalid_body"));
+}

@@ -150,6 +150,12 @@ pub fn serve_api(request: &Request, route: impl FnOnce(&Ctx, &Env, &Caller) -> R
     respond(outcome)
 }
 
+/// Serves a call that takes no credential (the health check): configuration and the store,
+/// no caller; it must not change anything.
+pub fn serve_public(route: impl FnOnce(&Env) -> Result<Reply, ApiError>) -> Response {
+    respond(Ctx::load().and_then(|ctx| ctx.run(Origin { actor: "anonymous".into(), source_ip: None }, route)))
+}
+
 /// The path below `prefix` as segments (`/api/requests/x/approve` -> `["requests", "x", "approve"]`).
 pub fn segments<'a>(request: &'a Request, prefix: &str) -> Vec<&'a str> {
     let path = request.path();

@@ -55,12 +55,19 @@ async fn main() -> anyhow::Result<()> {
     println!("  demo VM:       {} (private IP {})", emulator::DEMO_VM, emulator::DEMO_PRIVATE_IP);
     println!("  demo NSG:      {}", emulator::DEMO_NSG);
     println!("  state:         {}", args.state_dir.join("kv.sqlite").display());
+    let secret =
+        if local::from_environment("sweep_secret") { "<SPIN_VARIABLE_SWEEP_SECRET>" } else { DEMO_SWEEP_SECRET };
     println!(
-        "  sweep:         every minute (cron), or POST {api}/internal/sweep with 'Authorization: Bearer {DEMO_SWEEP_SECRET}'"
+        "  sweep:         every minute (cron), or POST {api}/internal/sweep with 'Authorization: Bearer {secret}'"
     );
-    println!("  API keys (send as 'Authorization: Bearer <key>'):");
-    for key in &DEMO_KEYS {
-        println!("    {:<11} {:<6} roles {:?} groups {:?}", key.key, key.principal, key.roles, key.groups);
+    println!("  health:        GET {api}/api/health (no credential)");
+    if local::from_environment("api_keys") {
+        println!("  API keys:      from SPIN_VARIABLE_API_KEYS (the demo keys are off)");
+    } else {
+        println!("  API keys (send as 'Authorization: Bearer <key>'):");
+        for key in &DEMO_KEYS {
+            println!("    {:<11} {:<6} roles {:?} groups {:?}", key.key, key.principal, key.roles, key.groups);
+        }
     }
     tokio::signal::ctrl_c().await?;
     println!("stopping");

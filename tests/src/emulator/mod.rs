@@ -149,6 +149,11 @@ impl Emulator {
         self.state.lock().unwrap().seed_rule(nsg, name, properties);
     }
 
+    /// Removes a rule directly, as someone in the portal would; answers whether it was there.
+    pub fn remove_rule(&self, nsg: &str, name: &str) -> bool {
+        self.state.lock().unwrap().remove_rule(nsg, name)
+    }
+
     /// Answers the next `times` calls matching `fault` with its error.
     pub fn inject(&self, fault: Fault) {
         self.state.lock().unwrap().faults.push(fault);

@@ -35,6 +35,16 @@ pub enum FaultKind {
     Slow(std::time::Duration),
     /// Send headers, then break the connection mid-body.
     Drop,
+    /// Do the call for real (a PUT lands, a DELETE removes), then lose the answer: the
+    /// connection breaks.
+    LandThenDrop,
+    /// Do the call for real, then answer this error anyway (a DELETE that worked but says 500).
+    LandThenError {
+        /// HTTP status.
+        status: u16,
+        /// ARM error code.
+        code: &'static str,
+    },
 }
 
 /// Trouble for the calls it matches: the next `times` of them, and of those only a `rate`
@@ -206,9 +216,34 @@ impl EmulatorState {
             Some((Fault { kind: FaultKind::Slow(delay), .. }, None)) => {
                 (self.answer(method, uri, headers, body), Delivery::After(delay))
             }
+            Some((Fault { kind: FaultKind::LandThenDrop, .. }, None)) => {
+                self.land(method, uri, headers, body);
+                ((200, vec![], "{}".into()), Delivery::Drop)
+            }
+            Some((Fault { kind: FaultKind::LandThenError { status, code }, .. }, None)) => {
+                self.land(method, uri, headers, body);
+                (arm_error(status, code, "injected fault after the call took effect"), Delivery::Now)
+            }
             Some((_, None)) => ((200, vec![], "{}".into()), Delivery::Drop),
             None => (self.answer(method, uri, headers, body), Delivery::Now),
         }
+    }
+
+    /// Does a call whose answer will be lost, and lets its operation finish on its own, as
+    /// ARM's would with nobody polling it.
+    fn land(&mut self, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) {
+        self.answer(method, uri, headers, body);
+        let rule = uri.path().rsplit('/').next().unwrap_or_default().to_lowercase();
+        let pending: Vec<String> =
+            self.operations.iter().filter(|(_, op)| op.rule == rule).map(|(id, _)| id.clone()).collect();
+        for id in pending {
+            while self.advance(&id) == Some(false) {}
+        }
+    }
+
+    /// Removes a rule directly, as someone in the portal would.
+    pub(super) fn remove_rule(&mut self, nsg: &str, name: &str) -> bool {
+        self.nsgs.get_mut(&nsg.to_lowercase()).is_some_and(|n| n.rules.remove(&name.to_lowercase()).is_some())
     }
 
     fn answer(&mut self, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Answer {

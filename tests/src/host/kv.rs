@@ -1,10 +1,17 @@
 //! The key-value store behind `fermyon:spin/key-value@2.0.0` and `wasi:keyvalue@0.2.0-draft2`,
 //! on SQLite with Spin's own table layout, so a state directory written here is what Spin's
-//! default store would hold. Compare-and-swap and increment are atomic, absent keys included
-//! (stricter than Spin's SQLite backend, which upserts when a swapped key was absent).
+//! default store would hold.
+//!
+//! It behaves as Spin's SQLite backend does, so the tests see what production sees: a
+//! compare-and-swap over a key that was read as absent is an upsert (it always succeeds,
+//! even over a key another writer created meanwhile). [`KvBackend::strict_swaps`] makes it
+//! a real create-if-absent instead, as Redis through Lua and Cosmos DB are. Increments are
+//! atomic. A share of operations can be made to fail ([`StoreFaults`]), as a real backend's
+//! timeouts and throttling do.
 
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -12,6 +19,31 @@ use rusqlite::{Connection, OptionalExtension, params};
 /// The store behind every component's `default` label.
 pub struct KvBackend {
     db: Mutex<Connection>,
+    strict: AtomicBool,
+    faults: Mutex<StoreFaults>,
+    rng: AtomicU64,
+}
+
+/// Which share of the guests' store operations fail with a backend error (0.0 to 1.0).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StoreFaults {
+    /// Reads (`get`, `exists`, a swap's first read).
+    pub reads: f64,
+    /// Writes (`set`, `delete`, `increment`).
+    pub writes: f64,
+    /// Swaps.
+    pub swaps: f64,
+}
+
+/// A kind of store operation, for fault injection.
+#[derive(Clone, Copy, Debug)]
+pub enum Op {
+    /// A read.
+    Read,
+    /// A write.
+    Write,
+    /// A compare-and-swap.
+    Swap,
 }
 
 impl KvBackend {
@@ -22,7 +54,46 @@ impl KvBackend {
             "PRAGMA journal_mode = WAL;
              CREATE TABLE IF NOT EXISTS spin_key_value (store TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY (store, key));",
         )?;
-        Ok(Self { db: Mutex::new(db) })
+        Ok(Self {
+            db: Mutex::new(db),
+            strict: AtomicBool::new(false),
+            faults: Mutex::default(),
+            rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+        })
+    }
+
+    /// `true`: a swap over an absent key creates it only if still absent (stricter than
+    /// Spin's SQLite store, which upserts).
+    pub fn strict_swaps(&self, strict: bool) {
+        self.strict.store(strict, Ordering::SeqCst);
+    }
+
+    /// Makes a share of the guests' operations fail from now on.
+    pub fn inject(&self, faults: StoreFaults) {
+        *self.faults.lock().unwrap() = faults;
+    }
+
+    /// Fails a guest's operation when the dice say so.
+    pub fn fault(&self, op: Op) -> Result<()> {
+        let faults = *self.faults.lock().unwrap();
+        let rate = match op {
+            Op::Read => faults.reads,
+            Op::Write => faults.writes,
+            Op::Swap => faults.swaps,
+        };
+        if rate <= 0.0 {
+            return Ok(());
+        }
+        // xorshift64: deterministic enough, no dependency.
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Ordering::Relaxed);
+        if (x % 10_000) as f64 / 10_000.0 < rate {
+            anyhow::bail!("injected store fault ({op:?})");
+        }
+        Ok(())
     }
 
     /// A value.
@@ -54,10 +125,16 @@ impl KvBackend {
         Ok(())
     }
 
-    /// Writes `value` only if the key holds `expected` (`None`: absent); answers whether it did.
+    /// Writes `value` only if the key holds `expected`; answers whether it did. With
+    /// `expected` `None` (the key was read as absent), Spin's SQLite store writes whatever the
+    /// key holds now; with [`KvBackend::strict_swaps`], only if it is still absent.
     pub fn compare_and_swap(&self, store: &str, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool> {
         let db = self.db.lock().unwrap();
         let changed = match expected {
+            None if !self.strict.load(Ordering::SeqCst) => db.execute(
+                "INSERT INTO spin_key_value (store, key, value) VALUES (?1, ?2, ?3) ON CONFLICT (store, key) DO UPDATE SET value = excluded.value",
+                params![store, key, value],
+            )?,
             None => db.execute(
                 "INSERT INTO spin_key_value (store, key, value) VALUES (?1, ?2, ?3) ON CONFLICT (store, key) DO NOTHING",
                 params![store, key, value],
@@ -109,9 +186,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn like_spins_sqlite_store_a_swap_over_an_absent_key_is_an_upsert() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = KvBackend::open(&dir.path().join("kv.db")).unwrap();
+        assert!(kv.compare_and_swap("default", "k", None, b"a").unwrap());
+        assert!(kv.compare_and_swap("default", "k", None, b"b").unwrap(), "a second creator wins too");
+        assert_eq!(kv.get("default", "k").unwrap().as_deref(), Some(b"b".as_slice()));
+        assert!(!kv.compare_and_swap("default", "k", Some(b"x"), b"c").unwrap(), "present keys really swap");
+    }
+
+    #[test]
     fn compare_and_swap_and_increment_are_conditional_and_atomic() {
         let dir = tempfile::tempdir().unwrap();
         let kv = KvBackend::open(&dir.path().join("kv.db")).unwrap();
+        kv.strict_swaps(true);
         assert!(kv.compare_and_swap("default", "k", None, b"a").unwrap());
         assert!(!kv.compare_and_swap("default", "k", None, b"b").unwrap(), "no upsert over a present key");
         assert!(!kv.compare_and_swap("default", "k", Some(b"x"), b"b").unwrap());

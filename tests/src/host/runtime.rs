@@ -19,7 +19,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use super::kv::KvBackend;
+use super::kv::{KvBackend, Op};
 use super::manifest::{Manifest, expand};
 
 mod spin_bindings {
@@ -205,7 +205,13 @@ pub struct GuestState {
     kv: Arc<KvBackend>,
     stores: Arc<Vec<String>>,
     variables: Arc<HashMap<String, String>>,
+    /// Compare-and-swap handles opened by this invocation (Spin's table holds 256 at most).
+    swaps_opened: u32,
 }
+
+/// The compare-and-swap handles one invocation may open: Spin's key-value host keeps them in a
+/// table of 256 and frees none until the invocation ends.
+pub const MAX_SWAPS_PER_INVOCATION: u32 = 256;
 
 impl WasiView for GuestState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
@@ -238,21 +244,25 @@ impl key_value::HostStore for GuestState {
 
     fn get(&mut self, store: Resource<KvHandle>, key: String) -> Result<Option<Vec<u8>>, key_value::Error> {
         let label = &self.table.get(&store).map_err(|e| key_value::Error::Other(e.to_string()))?.label;
+        self.kv.fault(Op::Read).map_err(kv_error)?;
         self.kv.get(label, &key).map_err(kv_error)
     }
 
     fn set(&mut self, store: Resource<KvHandle>, key: String, value: Vec<u8>) -> Result<(), key_value::Error> {
         let label = &self.table.get(&store).map_err(|e| key_value::Error::Other(e.to_string()))?.label;
+        self.kv.fault(Op::Write).map_err(kv_error)?;
         self.kv.set(label, &key, &value).map_err(kv_error)
     }
 
     fn delete(&mut self, store: Resource<KvHandle>, key: String) -> Result<(), key_value::Error> {
         let label = &self.table.get(&store).map_err(|e| key_value::Error::Other(e.to_string()))?.label;
+        self.kv.fault(Op::Write).map_err(kv_error)?;
         self.kv.delete(label, &key).map_err(kv_error)
     }
 
     fn exists(&mut self, store: Resource<KvHandle>, key: String) -> Result<bool, key_value::Error> {
         let label = &self.table.get(&store).map_err(|e| key_value::Error::Other(e.to_string()))?.label;
+        self.kv.fault(Op::Read).map_err(kv_error)?;
         self.kv.get(label, &key).map(|v| v.is_some()).map_err(kv_error)
     }
 
@@ -388,6 +398,7 @@ impl Runtime {
             kv: self.kv.clone(),
             stores: component.stores.clone(),
             variables: component.variables.clone(),
+            swaps_opened: 0,
         };
         Ok((Store::new(engine(), state), component, stdout, stderr))
     }

@@ -8,6 +8,7 @@
 //! - `security`: authentication, self-approval, forged Spin headers, the sweep secret.
 //! - `identity`: OIDC bearer tokens, real signed ones, good and bad.
 //! - `faults`: ARM failures are retried, never lost.
+//! - `races`: interleavings with ARM slowed down (revoke vs open, expiry vs extend, two sweeps).
 //! - `workflow`: auto-approval rules, timeouts, revoke, extend, break-glass, quotas, dry runs.
 //! - `azure`: parity with Azure's JIT: VM resolution, baseline deny rules, rules it does not
 //!   own, identities, and the ARM cost of a grant.
@@ -17,6 +18,7 @@ mod azure;
 mod faults;
 mod identity;
 mod lifecycle;
+mod races;
 mod security;
 mod support;
 mod validation;

@@ -45,6 +45,20 @@ impl World {
         Self::listening("127.0.0.1:0", variables).await
     }
 
+    /// A world with extra requester keys besides the usual ones: each key is its own
+    /// principal (the key's name), in group `devs`.
+    pub async fn with_keys(extra: &[String], variables: &[(&str, &str)]) -> Self {
+        use sha2::Digest;
+        let mut keys: Vec<Value> = serde_json::from_str(&local::api_keys_json(&KEYS)).unwrap();
+        for key in extra {
+            keys.push(json!({"sha256": hex::encode(sha2::Sha256::digest(key.as_bytes())), "principal": key, "groups": ["devs"], "roles": ["requester"]}));
+        }
+        let keys = Value::Array(keys).to_string();
+        let mut variables = variables.to_vec();
+        variables.push(("api_keys", &keys));
+        Self::listening("127.0.0.1:0", &variables).await
+    }
+
     /// A world whose API listens on `listen` (`[::1]:0` for IPv6 callers).
     pub async fn listening(listen: &str, variables: &[(&str, &str)]) -> Self {
         let state = tempfile::tempdir().unwrap();

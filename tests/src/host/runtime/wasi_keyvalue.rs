@@ -3,7 +3,8 @@
 
 use wasmtime::component::{HasSelf, Linker, Resource};
 
-use super::{GuestState, KvHandle};
+use super::{GuestState, KvHandle, MAX_SWAPS_PER_INVOCATION};
+use crate::host::kv::Op;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -38,6 +39,15 @@ fn other(error: impl std::fmt::Display) -> store::Error {
 }
 
 impl GuestState {
+    /// Counts a compare-and-swap handle, refusing past Spin's table size as Spin does.
+    fn open_swap(&mut self) -> Result<(), store::Error> {
+        if self.swaps_opened >= MAX_SWAPS_PER_INVOCATION {
+            return Err(other("too many compare_and_swaps opened"));
+        }
+        self.swaps_opened += 1;
+        Ok(())
+    }
+
     fn bucket_label(&self, bucket: &Resource<KvHandle>) -> Result<String, store::Error> {
         Ok(self.table.get(bucket).map_err(other)?.label.clone())
     }
@@ -58,16 +68,19 @@ impl store::Host for GuestState {
 impl store::HostBucket for GuestState {
     fn get(&mut self, bucket: Resource<KvHandle>, key: String) -> Result<Option<Vec<u8>>, store::Error> {
         let label = self.bucket_label(&bucket)?;
+        self.kv.fault(Op::Read).map_err(other)?;
         self.kv.get(&label, &key).map_err(other)
     }
 
     fn set(&mut self, bucket: Resource<KvHandle>, key: String, value: Vec<u8>) -> Result<(), store::Error> {
         let label = self.bucket_label(&bucket)?;
+        self.kv.fault(Op::Write).map_err(other)?;
         self.kv.set(&label, &key, &value).map_err(other)
     }
 
     fn delete(&mut self, bucket: Resource<KvHandle>, key: String) -> Result<(), store::Error> {
         let label = self.bucket_label(&bucket)?;
+        self.kv.fault(Op::Write).map_err(other)?;
         self.kv.delete(&label, &key).map_err(other)
     }
 
@@ -97,11 +110,13 @@ impl store::HostBucket for GuestState {
 impl atomics::Host for GuestState {
     fn increment(&mut self, bucket: Resource<KvHandle>, key: String, delta: i64) -> Result<i64, store::Error> {
         let label = self.bucket_label(&bucket)?;
+        self.kv.fault(Op::Write).map_err(other)?;
         self.kv.increment(&label, &key, delta).map_err(other)
     }
 
     fn swap(&mut self, cas: Resource<CasHandle>, value: Vec<u8>) -> Result<(), atomics::CasError> {
         let handle = self.table.delete(cas).map_err(|e| atomics::CasError::StoreError(other(e)))?;
+        self.kv.fault(Op::Swap).map_err(|e| atomics::CasError::StoreError(other(e)))?;
         let swapped = self
             .kv
             .compare_and_swap(&handle.label, &handle.key, handle.current.as_deref(), &value)
@@ -109,7 +124,8 @@ impl atomics::Host for GuestState {
         if swapped {
             return Ok(());
         }
-        // Hand the guest a fresh read, so it can retry from the value that won.
+        // Hand the guest a fresh read, so it can retry from the value that won: another handle.
+        self.open_swap().map_err(atomics::CasError::StoreError)?;
         let current = self.kv.get(&handle.label, &handle.key).map_err(|e| atomics::CasError::StoreError(other(e)))?;
         let retry =
             self.table.push(CasHandle { current, ..handle }).map_err(|e| atomics::CasError::StoreError(other(e)))?;
@@ -120,6 +136,8 @@ impl atomics::Host for GuestState {
 impl atomics::HostCas for GuestState {
     fn new(&mut self, bucket: Resource<KvHandle>, key: String) -> Result<Resource<CasHandle>, store::Error> {
         let label = self.bucket_label(&bucket)?;
+        self.open_swap()?;
+        self.kv.fault(Op::Read).map_err(other)?;
         let current = self.kv.get(&label, &key).map_err(other)?;
         self.table.push(CasHandle { label, key, current }).map_err(other)
     }
