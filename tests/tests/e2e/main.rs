@@ -8,6 +8,8 @@
 //! - `security`: authentication, self-approval, forged Spin headers, the sweep secret.
 //! - `identity`: OIDC bearer tokens, real signed ones, good and bad.
 //! - `faults`: ARM failures are retried, never lost.
+//! - `drift`: the reconciler (ownerless rules, missing rules, baselines, exposure) and the
+//!   health check.
 //! - `races`: interleavings with ARM slowed down (revoke vs open, expiry vs extend, two sweeps).
 //! - `workflow`: auto-approval rules, timeouts, revoke, extend, break-glass, quotas, dry runs.
 //! - `azure`: parity with Azure's JIT: VM resolution, baseline deny rules, rules it does not
@@ -15,6 +17,7 @@
 
 mod audit;
 mod azure;
+mod drift;
 mod faults;
 mod identity;
 mod lifecycle;
