@@ -81,9 +81,16 @@ pub fn append(
         if !kv.compare_and_swap(keys::AUDIT_HEAD, head_bytes.as_deref(), &bytes)? {
             continue;
         }
-        kv.set(&keys::audit_event(event.seq), &bytes)?;
-        if let Some(checkpointing) = checkpointing.filter(|c| c.every > 0 && event.seq.is_multiple_of(c.every)) {
-            save_checkpoint(kv, &Checkpoint::sign(checkpointing.key, event.seq, &event.hash))?;
+        // The swap made the event part of the trail: from here on, nothing may report the
+        // append as failed (its caller would not make the change, and the trail would show
+        // one that never happened). An archive write that fails is done by the next appender.
+        if let Err(error) = kv.set(&keys::audit_event(event.seq), &bytes) {
+            eprintln!("audit: event {} stays in the head until the next append archives it: {error}", event.seq);
+        }
+        if let Some(checkpointing) = checkpointing.filter(|c| c.every > 0 && event.seq.is_multiple_of(c.every))
+            && let Err(error) = save_checkpoint(kv, &Checkpoint::sign(checkpointing.key, event.seq, &event.hash))
+        {
+            eprintln!("audit: checkpoint at {} not saved (the next one will be): {error}", event.seq);
         }
         return Ok(event);
     }

@@ -25,6 +25,9 @@ use crate::http::Clock;
 use crate::keys;
 use crate::store::{self, KvStore, Versioned};
 
+/// Tries at recording that a change which was recorded ahead did not happen.
+const FAILURE_RECORD_ATTEMPTS: usize = 4;
+
 /// Who set an invocation off, as the audit trail names them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Origin {
@@ -128,7 +131,14 @@ impl Env<'_> {
     ) -> Result<T, ApiError> {
         self.record(action, subject.clone(), Outcome::Ok, details)?;
         change().inspect_err(|error| {
-            let _ = self.record(action, subject, Outcome::Failed, json!({"error": error.message, "saved": false}));
+            // The trail must not claim a change that did not happen: a store that just failed
+            // the change may fail once more, so the correction is tried a few times.
+            let details = json!({"error": error.message, "saved": false});
+            let recorded = (0..FAILURE_RECORD_ATTEMPTS)
+                .any(|_| self.record(action, subject.clone(), Outcome::Failed, details.clone()).is_ok());
+            if !recorded {
+                eprintln!("audit: could not record that {action} on {subject:?} failed: {}", error.message);
+            }
         })
     }
 

@@ -70,11 +70,28 @@ pub fn create(
     if request.break_glass {
         env.record("break_glass.used", subject.clone(), Outcome::Ok, details.clone())?;
     }
-    let version = env.audited("request.created", subject, details, || {
-        Ok(store::save(env.kv, &keys::request(&request.id), &request, None)?)
-    })?;
+    let id = request.id.as_str().to_owned();
+    // Whatever must follow the request is in place before it is saved, so a crash right after
+    // the save leaves nothing stranded: an approved request is listed for the sweep to open
+    // (and is saved approved, in one write), a pending one has its timeout in the due index.
+    let auto_approved = matches!(decision, Decision::AutoApproved { .. });
+    if auto_approved {
+        approve(env, &mut request, &policy)?;
+    } else {
+        store::add_to_list(env.kv, &keys::pending(&policy.name), &id, usize::MAX)?;
+        if let Some(deadline) = request.pending_until {
+            // The sweep times the request out from the same due index that ends grants.
+            super::sweep::schedule(env, deadline, &request.id)?;
+        }
+    }
+    let save = || Ok(store::save(env.kv, &keys::request(&request.id), &request, None)?);
+    let version = if auto_approved {
+        env.record("request.created", subject.clone(), Outcome::Ok, details)?;
+        env.audited("request.approved", subject, approval_details(&request), save)?
+    } else {
+        env.audited("request.created", subject, details, save)?
+    };
     let mut request = Versioned { value: request, version };
-    let id = request.value.id.as_str().to_owned();
     store::add_to_list(env.kv, keys::RECENT_REQUESTS, &id, RECENT_CAP)?;
     store::add_to_list(env.kv, &keys::requests_by(&caller.principal), &id, RECENT_CAP)?;
     store::add_to_list(env.kv, &keys::open_of(&policy.name, &caller.principal), &id, usize::MAX)?;
@@ -89,15 +106,8 @@ pub fn create(
             request.value.justification
         );
     }
-    match decision {
-        Decision::AutoApproved { .. } => approve_and_open(env, &mut request, &policy)?,
-        Decision::NeedsApprovals { .. } => {
-            store::add_to_list(env.kv, &keys::pending(&policy.name), &id, usize::MAX)?;
-            if let Some(deadline) = request.value.pending_until {
-                // The sweep times the request out from the same due index that ends grants.
-                super::sweep::schedule(env, deadline, &request.value.id)?;
-            }
-        }
+    if auto_approved {
+        grants::open(env, &mut request, Some(&policy))?;
     }
     Ok(Reply::created(request_json(&request.value)))
 }
@@ -140,22 +150,33 @@ fn check_duplicates_and_quotas(env: &Env, request: &AccessRequest, policy: &Poli
     Ok(())
 }
 
-/// Approves a pending request and opens its rule (ARM failures stay queued for the sweep).
-/// The approval itself names the rule and takes the PUT lease, so a revoke that comes while
-/// the PUT is in flight knows what to delete and waits for the PUT before it is final.
-pub fn approve_and_open(env: &Env, request: &mut Versioned<AccessRequest>, policy: &Policy) -> Result<(), ApiError> {
-    request.value.state =
-        request.value.state.apply(Event::Approve).map_err(|e| ApiError::conflict("invalid_state", e.to_string()))?;
-    request.value.approved_at = Some(env.now);
-    request.value.auto_approved = request.value.approvals.is_empty();
-    grants::prepare_open(env, &mut request.value, policy)?;
-    let approvers: Vec<String> = request.value.approvals.iter().map(|a| a.by.to_string()).collect();
-    let details = json!({
-        "auto_approved": request.value.auto_approved,
-        "rule": request.value.auto_rule,
-        "break_glass": request.value.break_glass,
+/// Moves a pending request to approved, naming its rule and taking the PUT lease, so a revoke
+/// that comes while the PUT is in flight knows what to delete and waits for the PUT before it
+/// is final. The caller saves it.
+fn approve(env: &Env, request: &mut AccessRequest, policy: &Policy) -> Result<(), ApiError> {
+    request.state =
+        request.state.apply(Event::Approve).map_err(|e| ApiError::conflict("invalid_state", e.to_string()))?;
+    request.approved_at = Some(env.now);
+    request.auto_approved = request.approvals.is_empty();
+    grants::prepare_open(env, request, policy)
+}
+
+/// What the audit trail says of an approval.
+fn approval_details(request: &AccessRequest) -> serde_json::Value {
+    let approvers: Vec<String> = request.approvals.iter().map(|a| a.by.to_string()).collect();
+    json!({
+        "auto_approved": request.auto_approved,
+        "rule": request.auto_rule,
+        "break_glass": request.break_glass,
         "approvers": approvers,
-    });
+        "state": request.state.name(),
+    })
+}
+
+/// Approves a pending request and opens its rule (ARM failures stay queued for the sweep).
+pub fn approve_and_open(env: &Env, request: &mut Versioned<AccessRequest>, policy: &Policy) -> Result<(), ApiError> {
+    approve(env, &mut request.value, policy)?;
+    let details = approval_details(&request.value);
     env.commit(request, "request.approved", details)?;
     store::remove_from_list(env.kv, &keys::pending(&policy.name), request.value.id.as_str())?;
     grants::open(env, request, Some(policy))

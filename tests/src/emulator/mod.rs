@@ -159,6 +159,11 @@ impl Emulator {
         self.state.lock().unwrap().faults.push(fault);
     }
 
+    /// The faults injected so far, with how many calls each has hit.
+    pub fn faults(&self) -> Vec<Fault> {
+        self.state.lock().unwrap().faults.clone()
+    }
+
     /// Drops every pending fault: ARM has recovered.
     pub fn clear_faults(&self) {
         self.state.lock().unwrap().faults.clear();

@@ -63,6 +63,8 @@ pub struct Fault {
     pub times: u32,
     /// The fraction of matching calls it hits.
     pub rate: f64,
+    /// How many calls it has hit so far.
+    pub hits: u32,
     accumulated: f64,
 }
 
@@ -74,7 +76,7 @@ impl Fault {
 
     /// `times` matching calls suffer `kind`.
     pub fn of(method: Option<&'static str>, kind: FaultKind, times: u32) -> Self {
-        Self { method, path_contains: None, kind, retry_after: None, times, rate: 1.0, accumulated: 0.0 }
+        Self { method, path_contains: None, kind, retry_after: None, times, rate: 1.0, hits: 0, accumulated: 0.0 }
     }
 }
 
@@ -192,6 +194,7 @@ impl EmulatorState {
         let fault = &mut self.faults[hit?];
         fault.accumulated -= 1.0;
         fault.times -= 1;
+        fault.hits += 1;
         let fault = fault.clone();
         let FaultKind::Error { status, code } = fault.kind else { return Some((fault, None)) };
         let mut answer = arm_error(status, code, "injected fault");

@@ -22,6 +22,7 @@ pub struct KvBackend {
     strict: AtomicBool,
     faults: Mutex<StoreFaults>,
     rng: AtomicU64,
+    injected: [AtomicU64; 3],
 }
 
 /// Which share of the guests' store operations fail with a backend error (0.0 to 1.0).
@@ -59,6 +60,7 @@ impl KvBackend {
             strict: AtomicBool::new(false),
             faults: Mutex::default(),
             rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+            injected: Default::default(),
         })
     }
 
@@ -91,9 +93,15 @@ impl KvBackend {
         x ^= x << 17;
         self.rng.store(x, Ordering::Relaxed);
         if (x % 10_000) as f64 / 10_000.0 < rate {
+            self.injected[op as usize].fetch_add(1, Ordering::Relaxed);
             anyhow::bail!("injected store fault ({op:?})");
         }
         Ok(())
+    }
+
+    /// Faults injected so far: reads, writes, swaps.
+    pub fn injected(&self) -> [u64; 3] {
+        self.injected.each_ref().map(|n| n.load(Ordering::Relaxed))
     }
 
     /// A value.

@@ -29,19 +29,29 @@ async fn drift_actions(world: &World) -> Vec<String> {
 async fn an_ownerless_grant_rule_is_removed_and_nothing_foreign_is_touched() {
     let world = World::start().await;
     world.auto_policy().await;
-    world.local.emulator.seed_rule(DEMO_NSG, "jit-0123456789abcdef01234567", stray_rule("0123456789abcdef01234567", 150));
+    world.local.emulator.seed_rule(
+        DEMO_NSG,
+        "jit-0123456789abcdef01234567",
+        stray_rule("0123456789abcdef01234567", 150),
+    );
     // Azure's own JIT rule and a rule that only looks like ours: never touched.
     world.local.emulator.seed_rule(DEMO_NSG, "SecurityCenter-JITRule-1", stray_rule("x", 160));
     let mut lookalike = stray_rule("x", 170);
     lookalike["description"] = json!("someone else's rule");
     world.local.emulator.seed_rule(DEMO_NSG, "jit-lookalike", lookalike);
     world.tick().await;
-    assert!(names(&world).contains(&"jit-0123456789abcdef01234567".to_owned()), "a suspect first, not removed on one sight");
+    assert!(
+        names(&world).contains(&"jit-0123456789abcdef01234567".to_owned()),
+        "a suspect first, not removed on one sight"
+    );
     world.advance_minutes(5);
     world.tick().await;
     let left = names(&world);
     assert!(!left.contains(&"jit-0123456789abcdef01234567".to_owned()), "{left:?}");
-    assert!(left.contains(&"SecurityCenter-JITRule-1".to_owned()) && left.contains(&"jit-lookalike".to_owned()), "{left:?}");
+    assert!(
+        left.contains(&"SecurityCenter-JITRule-1".to_owned()) && left.contains(&"jit-lookalike".to_owned()),
+        "{left:?}"
+    );
     assert_eq!(drift_actions(&world).await, ["drift.rule_removed"]);
     let (status, drift) = world.call("GET", "/api/drift", Some(ADMIN), None).await;
     assert_eq!(status, 200, "{drift}");

@@ -162,3 +162,38 @@ fn both_export_formats_read_back_into_a_verifiable_chain() {
         (Some("1.0"), Some("io.portcullis.audit.request.created"), Some("r4"))
     );
 }
+
+#[test]
+fn regression_an_append_whose_archive_write_fails_still_counts_as_appended() {
+    // The event is in the trail once the head has swapped: reporting the append as failed made
+    // the caller skip a change the trail already claimed.
+    let kv = MemStore::default();
+    append(&kv, record(1), at(1), None).unwrap();
+    let event = append(&FailingSet(&kv), record(2), at(2), None).expect("appended");
+    assert_eq!(event.seq, 2);
+    assert_eq!(verify_stored(&kv, 1, None, None).unwrap().chain.broken, None, "the head stands in for it");
+    append(&kv, record(3), at(3), None).unwrap();
+    assert!(matches!(read(&kv, 2).unwrap(), Slot::Event(_)), "archived by the next append");
+    assert_eq!(verify_stored(&kv, 1, None, None).unwrap().chain.broken, None);
+}
+
+/// A store whose plain writes fail while its swaps go through.
+struct FailingSet<'a>(&'a dyn KvStore);
+
+impl KvStore for FailingSet<'_> {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.get(key)
+    }
+    fn set(&self, _: &str, _: &[u8]) -> Result<(), StoreError> {
+        Err(StoreError::Backend("injected".into()))
+    }
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.0.delete(key)
+    }
+    fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
+        self.0.compare_and_swap(key, expected, value)
+    }
+    fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        self.0.increment(key, delta)
+    }
+}
