@@ -94,7 +94,7 @@ async fn call(
 async fn lifecycle(world: &World, answers: &Answers, keys: &[String], n: usize) {
     let key = keys[n % keys.len()].as_str();
     let (name, _) = POLICIES[n % POLICIES.len()];
-    let ports = if n % 3 == 0 { json!([22, 3389]) } else { json!([22]) };
+    let ports = if n.is_multiple_of(3) { json!([22, 3389]) } else { json!([22]) };
     let body = json!({"policy": name, "ports": ports, "duration": format!("PT{}M", 2 + n % 8), "justification": format!("INC-{n}")});
     let kind = (n / POLICIES.len()) % 4;
     if kind == 0 {
@@ -124,7 +124,7 @@ async fn lifecycle(world: &World, answers: &Answers, keys: &[String], n: usize) 
         (Some("pending"), _) => {
             // Approval racing the requester's own revoke.
             let (empty, approve_path) = (json!({}), at("approve"));
-            let (other, who) = if n % 2 == 0 { (at("deny"), DAVE) } else { (at("revoke"), key) };
+            let (other, who) = if n.is_multiple_of(2) { (at("deny"), DAVE) } else { (at("revoke"), key) };
             let approve = call(world, answers, "POST", &approve_path, BOB, Some(&empty));
             let deny_or_revoke = call(world, answers, "POST", &other, who, Some(&empty));
             tokio::join!(approve, deny_or_revoke);
@@ -146,7 +146,7 @@ async fn lifecycle(world: &World, answers: &Answers, keys: &[String], n: usize) 
 async fn admin_churn(world: &World, answers: &Answers, n: usize) {
     let (name, auto) = POLICIES[(n / 100) % POLICIES.len()];
     let path = format!("/api/policies/{name}");
-    if n % 200 == 0 {
+    if n.is_multiple_of(200) {
         call(world, answers, "DELETE", &format!("{path}?revoke=true"), ADMIN, None).await;
     } else {
         let mut disabled = soak_policy(auto);
@@ -205,7 +205,7 @@ async fn thousands_of_lifecycles_under_faults_leave_no_rule_open() {
             .for_each_concurrent(CONCURRENCY, |n| {
                 let (world, answers, keys, completed) = (&world, &answers, &keys, &completed);
                 async move {
-                    if n > 0 && n % 100 == 0 {
+                    if n > 0 && n.is_multiple_of(100) {
                         admin_churn(world, answers, n).await;
                     }
                     lifecycle(world, answers, keys, n).await;
