@@ -173,8 +173,11 @@ fn cancel_pending(env: &Env, caller: &Caller, policy: &PolicyName, why: &str) ->
             });
             env.commit(&mut request, "request.cancelled", json!({ "reason": format!("policy {why}") }))?;
             cancelled += 1;
+            grants::forget_open(env, &request.value)?;
+        } else {
+            // Decided meanwhile: only this index is stale; its other indexes still hold it.
+            store::remove_from_list(env.kv, &keys::pending(policy), id.as_str())?;
         }
-        grants::forget_open(env, &request.value)?;
     }
     Ok(cancelled)
 }

@@ -31,6 +31,8 @@ const EMPTY_SLOT_GRACE: TimeDelta = TimeDelta::minutes(5);
 /// Compare-and-swaps one sweep spends before it stops taking new work (a close costs about
 /// ten: the request twice, its audit events, the indexes).
 pub const SWAP_BUDGET: u32 = 200;
+/// Due minutes one sweep reads at most: after a long outage, the catch-up is spread over ticks.
+const MAX_MINUTES_PER_SWEEP: usize = 240;
 /// Slots tried when a backend's counter hands one out twice (Cosmos's increment can).
 const SLOT_ATTEMPTS: usize = 8;
 
@@ -124,6 +126,9 @@ enum Slot {
 
 /// The slots of a due minute, in order.
 fn read_due(kv: &dyn KvStore, minute: DateTime<Utc>) -> Result<Vec<Slot>, StoreError> {
+    // Counters are read through `increment`, never `get`: each backend stores them its own
+    // way (Cosmos DB cannot even `get` one). On SQLite this writes a 0 for an empty minute,
+    // which the minute's completion deletes.
     let count = kv.increment(&keys::due_count(minute), 0)?;
     Ok((1..=count)
         .map(|slot| match kv.get(&keys::due_slot(minute, slot)) {
@@ -275,7 +280,14 @@ fn due_phase(
     let mut minute = (cursor.value + TimeDelta::minutes(1)).max(this_minute - MAX_CATCH_UP);
     let mut complete_until = cursor.value;
     let mut contiguous = true;
+    let mut read = 0;
     while minute <= this_minute {
+        read += 1;
+        if read > MAX_MINUTES_PER_SWEEP {
+            // A long outage is caught up over several ticks.
+            report.deferred = true;
+            break;
+        }
         if budget.spent() {
             report.deferred = true;
             break;

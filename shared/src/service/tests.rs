@@ -521,3 +521,20 @@ fn evaluate_refuses_a_request_that_is_not_an_object() {
     let error = world.at(at(0), |env| policies::evaluate(env, &admin(), "demo-vm", body)).unwrap_err();
     assert_eq!((error.status, error.code), (400, "invalid_body"));
 }
+
+#[test]
+fn a_long_outage_is_caught_up_over_several_ticks_and_every_grant_is_closed() {
+    let world = World::new(policy_json());
+    world.create("r1", raw_request()).unwrap();
+    // Ten hours without a sweep: more minutes than one sweep reads.
+    let first = world.at(at(600), sweep::sweep).unwrap();
+    assert!(first.deferred && first.minutes_scanned <= 240, "{first:?}");
+    // Its minute is among the first ones read.
+    assert!(world.allow_rules().is_empty());
+    let mut ticks = 1;
+    while world.at(at(600 + ticks), sweep::sweep).unwrap().deferred {
+        ticks += 1;
+        assert!(ticks < 10);
+    }
+    assert_eq!(world.state("r1"), "expired");
+}
