@@ -62,6 +62,11 @@ pub struct Env<'a> {
 }
 
 impl Env<'_> {
+    /// The same invocation over another store (a wrapper that counts or bounds its use).
+    pub fn with_store<'b>(&'b self, kv: &'b dyn KvStore) -> Env<'b> {
+        Env { kv, arm: self.arm, config: self.config, now: self.now, clock: self.clock, origin: self.origin.clone() }
+    }
+
     /// The time now, never before the invocation's.
     pub fn fresh_now(&self) -> DateTime<Utc> {
         self.clock.now().max(self.now)

@@ -6,6 +6,7 @@
 
 use serde_json::json;
 
+use super::sweep::Budgeted;
 use super::{Env, grants, subject_of_policy};
 use crate::api::{ApiError, Reply, parse_json};
 use crate::arm::ArmError;
@@ -102,16 +103,20 @@ pub fn put(env: &Env, caller: &Caller, name: &str, body: &[u8], revoke: bool) ->
     })?;
     store::add_to_list(env.kv, keys::POLICIES, name.as_str(), usize::MAX)?;
     let mut cancelled = 0;
-    let mut revoked = 0;
+    let mut revoked = Revoked::default();
     if !policy.enabled {
-        cancelled = cancel_pending(env, caller, &name, "disabled")?;
+        let budget = Budgeted::new(env.kv);
+        let env = &env.with_store(&budget);
         if revoke {
-            revoked = revoke_grants(env, caller, &name)?;
+            revoked = revoke_grants(env, &budget, caller, &name)?;
         }
+        cancelled = cancel_pending(env, &budget, caller, &name, "disabled")?;
     }
     let mut body = serde_json::to_value(&policy).map_err(ApiError::internal)?;
-    if revoked > 0 {
-        body["revoked"] = json!(revoked);
+    if revoked.closed > 0 || revoked.remaining > 0 {
+        body["revoked"] = json!(revoked.closed);
+        // More than one call may swap for: the same call again ends the rest.
+        body["revoke_remaining"] = json!(revoked.remaining);
     }
     if cancelled > 0 {
         body["cancelled"] = json!(cancelled);
@@ -147,8 +152,20 @@ pub fn delete(env: &Env, caller: &Caller, name: &str, revoke: bool) -> Result<Re
     require_admin(caller)?;
     let name = parse_name(name)?;
     let policy = env.policy(&name)?;
-    let revoked = if revoke { revoke_grants(env, caller, &name)? } else { 0 };
-    let cancelled = cancel_pending(env, caller, &name, "deleted")?;
+    let budget = Budgeted::new(env.kv);
+    let bounded = &env.with_store(&budget);
+    let revoked = if revoke { revoke_grants(bounded, &budget, caller, &name)? } else { Revoked::default() };
+    if revoked.remaining > 0 {
+        return Err(ApiError::conflict(
+            "revoke_incomplete",
+            format!(
+                "{} grants were ended and {} remain (more than one call may change): repeat the same call to end them and delete the policy",
+                revoked.closed, revoked.remaining
+            ),
+        ));
+    }
+    let cancelled = cancel_pending(bounded, &budget, caller, &name, "deleted")?;
+    let revoked = revoked.closed;
     if let Some(baseline) = &policy.value.baseline {
         grants::remove_baseline(env, &name, baseline)?;
     }
@@ -159,9 +176,20 @@ pub fn delete(env: &Env, caller: &Caller, name: &str, revoke: bool) -> Result<Re
 }
 
 /// Cancels a policy's pending requests (it was disabled or deleted); answers how many.
-fn cancel_pending(env: &Env, caller: &Caller, policy: &PolicyName, why: &str) -> Result<usize, ApiError> {
+/// Stops when the invocation's swap budget is spent: requests left pending cannot be approved
+/// under a disabled or deleted policy, and time out.
+fn cancel_pending(
+    env: &Env,
+    budget: &Budgeted,
+    caller: &Caller,
+    policy: &PolicyName,
+    why: &str,
+) -> Result<usize, ApiError> {
     let mut cancelled = 0;
     for id in store::read_list(env.kv, &keys::pending(policy))? {
+        if budget.spent() {
+            break;
+        }
         let Ok(id) = RequestId::parse(&id) else { continue };
         let Some(mut request) = store::load::<AccessRequest>(env.kv, &keys::request(&id))? else { continue };
         if let Ok(next) = request.value.state.apply(Event::Cancel) {
@@ -185,16 +213,21 @@ fn cancel_pending(env: &Env, caller: &Caller, policy: &PolicyName, why: &str) ->
 /// Ends every running grant under a policy now; answers how many. Reads the policy's live
 /// index (active grants) and the ARM work queue (approved ones still opening), never a
 /// capped recent list, so no grant can be missed however old it is.
-fn revoke_grants(env: &Env, caller: &Caller, policy: &PolicyName) -> Result<usize, ApiError> {
+/// Stops when the invocation's swap budget is spent, answering how many remain.
+fn revoke_grants(env: &Env, budget: &Budgeted, caller: &Caller, policy: &PolicyName) -> Result<Revoked, ApiError> {
     let mut ids = store::read_list(env.kv, &keys::live(policy))?;
     ids.extend(store::read_list(env.kv, keys::ARM_WORK)?);
     ids.sort();
     ids.dedup();
-    let mut revoked = 0;
+    let mut revoked = Revoked::default();
     for id in ids {
         let Ok(id) = RequestId::parse(&id) else { continue };
         let Some(mut request) = store::load::<AccessRequest>(env.kv, &keys::request(&id))? else { continue };
         if request.value.policy != *policy || !matches!(request.value.state, State::Active | State::Approved) {
+            continue;
+        }
+        if budget.spent() {
+            revoked.remaining += 1;
             continue;
         }
         let ending = Ending {
@@ -203,9 +236,16 @@ fn revoke_grants(env: &Env, caller: &Caller, policy: &PolicyName) -> Result<usiz
             reason: Some(format!("policy {policy} disabled or deleted")),
         };
         grants::close(env, &mut request, Event::Revoke, Some(ending))?;
-        revoked += 1;
+        revoked.closed += 1;
     }
     Ok(revoked)
+}
+
+/// What ending a policy's grants came to.
+#[derive(Default)]
+struct Revoked {
+    closed: usize,
+    remaining: usize,
 }
 
 #[derive(serde::Deserialize)]

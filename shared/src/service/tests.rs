@@ -538,3 +538,33 @@ fn a_long_outage_is_caught_up_over_several_ticks_and_every_grant_is_closed() {
     }
     assert_eq!(world.state("r1"), "expired");
 }
+
+#[test]
+fn deleting_a_policy_with_more_grants_than_one_call_may_swap_for_takes_repeated_calls() {
+    let mut many = policy_json();
+    many["quotas"] = json!({"per_requester": 3, "per_vm": 100});
+    let world = World::new(many);
+    for n in 0..40 {
+        let who = caller(&format!("u{n}"), &[Role::Requester], &["devs"]);
+        let id = RequestId::parse(&format!("r{n}")).unwrap();
+        world.at(at(0), |env| requests::create(env, &who, None, id, raw_request().to_string().as_bytes())).unwrap();
+    }
+    assert_eq!(world.allow_rules().len(), 40);
+    let mut calls = 0;
+    let reply = loop {
+        calls += 1;
+        assert!(calls < 10, "never finished");
+        match world.at(at(1), |env| policies::delete(env, &admin(), "demo-vm", true)) {
+            Ok(reply) => break reply,
+            Err(error) => {
+                assert_eq!(error.code, "revoke_incomplete", "{error:?}");
+                assert!(
+                    world.at(at(1), |env| env.policy(&crate::domain::PolicyName::parse("demo-vm").unwrap())).is_ok()
+                );
+            }
+        }
+    };
+    assert!(calls > 1, "40 closes do not fit one call's swaps");
+    assert_eq!(reply.body["deleted"], "demo-vm");
+    assert!(world.allow_rules().is_empty());
+}
