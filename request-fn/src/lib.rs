@@ -28,9 +28,12 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
 
 fn route(request: &Request) -> Response {
     let query = request.query();
-    // The watchdog needs no credential and shows no secret.
-    if *request.method() == Method::Get && segments(request, "/api") == ["health"] {
-        return serve_public(health::check);
+    // The watchdog answers without a credential (only ok or failing); with one, in detail.
+    if *request.method() == Method::Get
+        && segments(request, "/api") == ["health"]
+        && request.header("authorization").is_none()
+    {
+        return serve_public(health::public);
     }
     serve_api(request, |ctx, env, caller| match (request.method(), segments(request, "/api").as_slice()) {
         (Method::Get, ["policies"]) => policies::list(env, caller),
@@ -53,6 +56,7 @@ fn route(request: &Request) -> Response {
             requests::list(env, caller, filter)
         }
         (Method::Get, ["drift"]) => reconcile::list(env, caller),
+        (Method::Get, ["health"]) => health::detailed(env, caller),
         (Method::Get, ["audit"]) => audit::list(env, caller, query),
         (Method::Get, ["audit", "verify"]) => audit::verify(env, caller, query),
         (Method::Post, ["audit", "checkpoint"]) => audit::checkpoint(env, caller),

@@ -185,6 +185,10 @@ impl Config {
             }
         }
         let timeout = AccessDuration::parse(&optional("arm_timeout", "PT10S")).context("variable 'arm_timeout'")?;
+        if timeout.as_secs() > 60 {
+            // A grant's PUT lease assumes no ARM call outlives its invocation by more than this.
+            bail!("variable 'arm_timeout' must be at most PT1M");
+        }
         let oidc = match optional("oidc_issuer", "") {
             issuer if issuer.is_empty() => None,
             issuer => {

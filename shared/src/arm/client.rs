@@ -21,6 +21,10 @@ const MAX_ATTEMPTS: u32 = 4;
 const MAX_WAIT: Duration = Duration::from_secs(5);
 /// Poll interval when ARM gives no `Retry-After`.
 const DEFAULT_POLL: Duration = Duration::from_secs(1);
+/// Wall-clock time one invocation may spend on ARM: no call starts after it. With a call's
+/// timeout of at most a minute, nothing an invocation sends can land later than two minutes
+/// after it began, which is what a grant's PUT lease counts on.
+pub const ARM_TIME_LIMIT: Duration = Duration::from_secs(60);
 
 /// The REST implementation of [`Arm`].
 pub struct ArmClient<'a> {
@@ -30,6 +34,8 @@ pub struct ArmClient<'a> {
     settings: &'a ArmSettings,
     /// Time still available for waiting (backoff and polling) in this invocation.
     budget: Cell<Duration>,
+    /// No call starts after this.
+    deadline: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Deserialize, Default)]
@@ -64,7 +70,8 @@ impl<'a> ArmClient<'a> {
         settings: &'a ArmSettings,
         wait_budget: Duration,
     ) -> Self {
-        Self { http, kv, clock, settings, budget: Cell::new(wait_budget) }
+        let deadline = clock.now() + chrono::TimeDelta::from_std(ARM_TIME_LIMIT).unwrap_or_default();
+        Self { http, kv, clock, settings, budget: Cell::new(wait_budget), deadline }
     }
 
     /// Waits, if the budget allows; `false` means give up and leave the work for later.
@@ -107,6 +114,10 @@ impl<'a> ArmClient<'a> {
     fn call(&self, method: Method, url: &str, body: Option<&serde_json::Value>) -> Result<HttpResponse, ArmError> {
         let mut last = String::new();
         for attempt in 0..MAX_ATTEMPTS {
+            if self.clock.now() >= self.deadline {
+                last = format!("this invocation's {} s for ARM are spent", ARM_TIME_LIMIT.as_secs());
+                break;
+            }
             let token = token::token(self.http, self.kv, self.settings, self.clock.now())?;
             let mut headers = vec![("authorization".to_owned(), format!("Bearer {token}"))];
             if body.is_some() {

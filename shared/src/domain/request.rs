@@ -112,6 +112,10 @@ pub struct AccessRequest {
     pub policy: PolicyName,
     /// Who asked.
     pub requester: Principal,
+    /// The groups they were in when they asked (what `requesters` is checked against again
+    /// when the request is approved or opened).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requester_groups: Vec<GroupName>,
     /// The ports asked for.
     pub ports: PortSet,
     /// Their common protocol.
@@ -314,6 +318,7 @@ impl AccessRequest {
             id,
             policy: policy.name.clone(),
             requester: requester.clone(),
+            requester_groups: requester_groups.to_vec(),
             ports,
             protocol: protocol.expect("a port set is never empty"),
             source,

@@ -33,9 +33,13 @@ const CONFLICT_RETRIES: usize = 3;
 /// How long an approved request may keep failing to open before it is abandoned (and any
 /// rule that may have been created is removed).
 const OPEN_GRACE: TimeDelta = TimeDelta::minutes(15);
-/// How long a PUT of an allow rule may be in flight: far beyond what one invocation waits on
-/// ARM (a 15 s budget plus one call's timeout), so a holder that died is outlived.
+/// How long a PUT of an allow rule may be in flight: no ARM call starts later than
+/// `ARM_TIME_LIMIT` (60 s) into an invocation and none lasts more than `arm_timeout` (at most
+/// 60 s), so whatever an opener sent has landed or never will by then, dead opener or not.
 pub const PUT_LEASE: TimeDelta = TimeDelta::minutes(3);
+/// How long after a PUT began the sweep leaves its open alone (its opener may still be at
+/// work) before retrying it.
+pub const RETRY_PAUSE: TimeDelta = TimeDelta::minutes(1);
 /// Reloads after a lost race before a step gives up with 409 (each means another writer won).
 const SETTLE_ATTEMPTS: usize = 5;
 /// Cap of the most-recent index lists.
@@ -119,9 +123,34 @@ fn retrying(
     }
 }
 
+/// Releases the PUT lease if it is still the one this call took: another opener may have
+/// renewed it for a PUT of its own, still in flight.
+fn release(request: &mut AccessRequest, mine: Option<DateTime<Utc>>) {
+    if request.put_lease_until == mine {
+        request.put_lease_until = None;
+    }
+}
+
+/// The sweep's retry of an open that has not completed: unless the last PUT began less than
+/// [`RETRY_PAUSE`] ago (its opener may still be at work), renews the lease in the store, then
+/// opens. Two PUTs of one rule are harmless; a close waits for the later lease.
+pub fn retry_open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&Policy>) -> Result<(), ApiError> {
+    let now = env.fresh_now();
+    if request.value.put_lease_until.is_some_and(|until| until - PUT_LEASE + RETRY_PAUSE > now) {
+        return Ok(());
+    }
+    if let Some(policy) = policy {
+        prepare_open(env, &mut request.value, policy)?;
+        env.save_request(request)?;
+    }
+    open(env, request, policy)
+}
+
 /// Puts the allow rule of an approved request and activates it, or records why not. The
-/// request holds a PUT lease (see [`prepare_open`]) unless this is the sweep's retry, which
-/// takes one first, and only once the previous holder's has run out.
+/// request holds the PUT lease this call is covered by (taken with the approval, or renewed
+/// by [`retry_open`]); it is released only once the outcome is known: confirmed, or refused.
+/// A PUT that failed otherwise (a timeout, a dropped connection) may still land, so its lease
+/// stays until it runs out.
 pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&Policy>) -> Result<(), ApiError> {
     if request.value.state != State::Approved {
         return Ok(());
@@ -132,12 +161,11 @@ pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&P
     if let Err(why) = still_allowed(&request.value, policy) {
         return abandon(env, request, format!("the policy no longer allows it: {why}"));
     }
-    if !request.value.put_in_flight(env.fresh_now()) {
-        // The sweep's retry (the last holder is done or dead): name the rule and take the
-        // lease in the store before the PUT; of two sweeps, the one whose save wins PUTs.
+    if request.value.rule.is_none() || !request.value.put_in_flight(env.fresh_now()) {
         prepare_open(env, &mut request.value, policy)?;
         env.save_request(request)?;
     }
+    let mine = request.value.put_lease_until;
     let rule_ref = request.value.rule.clone().expect("named when approved");
     let mut rule = allow_rule(
         &request.value,
@@ -151,7 +179,7 @@ pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&P
     let priority = rule.priority;
     match outcome {
         Ok(_) => {
-            retrying(env, request, |request| settle_opened(env, request, priority))?;
+            retrying(env, request, |request| settle_opened(env, request, priority, mine))?;
             if request.value.state == State::Active {
                 supersede_older_grants(env, request, policy)?;
             }
@@ -159,22 +187,22 @@ pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&P
         }
         Err(error @ ArmError::Refused { .. }) => retrying(env, request, |request| {
             if request.value.state != State::Approved {
-                return settle_foreign(env, request);
+                return settle_foreign(env, request, mine);
             }
             // An earlier attempt may have put the rule before this one was refused (a timeout
             // that succeeded after all, a crash before its record): remove it to be sure.
             record_attempt(request, &error);
-            request.value.put_lease_until = None;
+            release(&mut request.value, mine);
             abandon(env, request, format!("ARM refused the rule: {error}"))
         }),
         Err(error @ (ArmError::Transient(_) | ArmError::PriorityConflict)) => retrying(env, request, |request| {
             if request.value.state != State::Approved {
-                return settle_foreign(env, request);
+                // Closing meanwhile: delete now; the lease keeps the close open until this
+                // PUT can no longer land.
+                return settle_foreign(env, request, None);
             }
             let since = request.value.approved_at.unwrap_or(request.value.created_at);
             record_attempt(request, &error);
-            // This PUT is over, landed or not: the sweep may retry from its next tick.
-            request.value.put_lease_until = None;
             if env.now - since > OPEN_GRACE.max(request.value.duration.as_delta()) {
                 return abandon(env, request, format!("the rule could not be opened since {since}: {error}"));
             }
@@ -186,9 +214,14 @@ pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&P
 /// Saves what a PUT that ARM confirmed achieved, on the request as it is now: still approved,
 /// it becomes active; already active (another opener), nothing to do; closing or closed
 /// meanwhile, the rule just put has no owner and is removed.
-fn settle_opened(env: &Env, request: &mut Versioned<AccessRequest>, priority: u16) -> Result<(), ApiError> {
+fn settle_opened(
+    env: &Env,
+    request: &mut Versioned<AccessRequest>,
+    priority: u16,
+    mine: Option<DateTime<Utc>>,
+) -> Result<(), ApiError> {
     if request.value.state != State::Approved {
-        return settle_foreign(env, request);
+        return settle_foreign(env, request, mine);
     }
     // The grant runs from when its rule is confirmed, on a fresh clock: the PUT took time.
     let opened_at = env.fresh_now();
@@ -201,7 +234,7 @@ fn settle_opened(env: &Env, request: &mut Versioned<AccessRequest>, priority: u1
     request.value.ends_at = Some(ends_at);
     request.value.arm_attempts = 0;
     request.value.last_error = None;
-    request.value.put_lease_until = None;
+    release(&mut request.value, mine);
     if let Some(rule) = &mut request.value.rule {
         rule.priority = priority;
     }
@@ -213,13 +246,19 @@ fn settle_opened(env: &Env, request: &mut Versioned<AccessRequest>, priority: u1
 }
 
 /// After this call's PUT returned, the request turned out to have been changed by someone
-/// else. The PUT is over, so its lease is released; a close that came meanwhile deletes the
-/// rule again, now that it has landed, and becomes final.
-fn settle_foreign(env: &Env, request: &mut Versioned<AccessRequest>) -> Result<(), ApiError> {
+/// else. A PUT whose outcome is known releases its lease (`mine`; `None` keeps it), and a
+/// close that came meanwhile deletes the rule again, now that it has landed.
+fn settle_foreign(
+    env: &Env,
+    request: &mut Versioned<AccessRequest>,
+    mine: Option<DateTime<Utc>>,
+) -> Result<(), ApiError> {
     match request.value.state {
         State::Approved | State::Active | State::Pending => Ok(()),
         State::Revoking { .. } => {
-            request.value.put_lease_until = None;
+            if mine.is_some() {
+                release(&mut request.value, mine);
+            }
             finish_close(env, request)
         }
         State::Expired | State::Revoked | State::Denied | State::Cancelled | State::TimedOut | State::Failed => {
@@ -243,6 +282,11 @@ fn remove_ownerless_rule(env: &Env, request: &AccessRequest) -> Result<(), ApiEr
 pub fn still_allowed(request: &AccessRequest, policy: &Policy) -> Result<(), String> {
     if !policy.enabled {
         return Err(format!("policy '{}' is disabled", policy.name));
+    }
+    if !policy.requesters.is_empty()
+        && !policy.requesters.iter().any(|m| m.covers(&request.requester, &request.requester_groups))
+    {
+        return Err(format!("'{}' may no longer request access under it", request.requester));
     }
     if request.break_glass {
         return match &policy.break_glass {
@@ -460,7 +504,8 @@ fn rewrite(
     if grant.value.state != State::Active || grant.value.put_in_flight(env.fresh_now()) {
         return Ok(());
     }
-    grant.value.put_lease_until = Some(env.fresh_now() + PUT_LEASE);
+    let mine = Some(env.fresh_now() + PUT_LEASE);
+    grant.value.put_lease_until = mine;
     match env.save_request(grant) {
         Ok(()) => {}
         // It changed meanwhile (extended, revoked, expiring): leave it as it is.
@@ -470,11 +515,14 @@ fn rewrite(
     let rule = allow_rule(&grant.value, policy, &rule_ref, &ports, ends_at);
     let outcome = env.arm.put_rule(&rule_ref.nsg, &rule);
     record_arm_write(env, "rule.put", subject_of(&grant.value), rule_details(&rule_ref.nsg, &rule), &outcome)?;
+    // Confirmed or refused, the PUT is over; failed otherwise, it may still land.
+    let known = matches!(outcome, Ok(_) | Err(ArmError::Refused { .. }));
+    let mine = if known { mine } else { None };
     retrying(env, grant, |grant| {
         if grant.value.state != State::Active {
-            return settle_foreign(env, grant);
+            return settle_foreign(env, grant, mine);
         }
-        grant.value.put_lease_until = None;
+        release(&mut grant.value, mine);
         match &outcome {
             Ok(_) => {
                 grant.value.ports = ports.clone();

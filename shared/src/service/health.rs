@@ -1,6 +1,7 @@
-//! `GET /api/health`: the watchdog. No credential, no secret: when the last sweep ran, what
-//! it left, and 503 when expiry is not keeping up (the sweep stopped, a grant is open well
-//! past its end, or the due index is falling behind).
+//! `GET /api/health`: the watchdog. 503 when expiry is not keeping up (the sweep stopped, a
+//! grant is open well past its end, the due index or the work list is falling behind). With
+//! no credential it says only that; admins and auditors also see when the last sweep ran and
+//! the backlog it left.
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::json;
@@ -8,14 +9,33 @@ use serde_json::json;
 use super::Env;
 use super::sweep::SweepStatus;
 use crate::api::{ApiError, Reply};
+use crate::auth::{Caller, Role};
 use crate::keys;
+
+/// Sweeps in a row that could not see all their work before the backlog counts as a problem.
+const DEFERRED_STREAK_LIMIT: u32 = 5;
 
 /// Minutes the due index may lag behind the clock before it counts as a backlog: the sweep
 /// completes a minute only once it is two minutes past.
 const DUE_SETTLE_MINUTES: i64 = 3;
 
+/// `GET /api/health` without a credential: only whether expiry keeps up (200 or 503), so an
+/// uptime check can watch it and nobody learns from it when a grant outlives its end.
+pub fn public(env: &Env) -> Result<Reply, ApiError> {
+    let detailed = assess(env)?;
+    Ok(Reply { status: detailed.status, body: json!({ "status": detailed.body["status"] }) })
+}
+
+/// `GET /api/health` with an admin's or auditor's credential: the backlog and the problems.
+pub fn detailed(env: &Env, caller: &Caller) -> Result<Reply, ApiError> {
+    if !caller.has(Role::Admin) && !caller.has(Role::Auditor) {
+        return Err(ApiError::forbidden("role_required", "the health details need the admin or auditor role"));
+    }
+    assess(env)
+}
+
 /// The service's health, from what the last sweep recorded.
-pub fn check(env: &Env) -> Result<Reply, ApiError> {
+fn assess(env: &Env) -> Result<Reply, ApiError> {
     let limit = env.config.drift.max_sweep_age;
     let status: Option<SweepStatus> = match env.kv.get(keys::SWEEP_STATUS)? {
         Some(bytes) => serde_json::from_slice(&bytes).ok(),
@@ -39,6 +59,9 @@ pub fn check(env: &Env) -> Result<Reply, ApiError> {
             let lag = status.cursor.map(|cursor: DateTime<Utc>| (env.now - cursor).num_minutes() - DUE_SETTLE_MINUTES);
             if lag.is_some_and(|lag| lag > limit.num_minutes()) {
                 problems.push(format!("the due index is {} minutes behind", lag.unwrap_or_default()));
+            }
+            if status.deferred_streak >= DEFERRED_STREAK_LIMIT {
+                problems.push(format!("{} sweeps in a row had more work than they could do", status.deferred_streak));
             }
             json!({
                 "last_sweep_at": status.at,

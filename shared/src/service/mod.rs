@@ -138,7 +138,10 @@ impl Env<'_> {
         change().inspect_err(|error| {
             // The trail must not claim a change that did not happen: a store that just failed
             // the change may fail once more, so the correction is tried a few times.
-            let details = json!({"error": error.message, "saved": false});
+            // Only a lost race is sure not to have written; a store error may hide a write
+            // that landed (Cosmos DB reports every error as a failed swap).
+            let saved = if error.is_concurrent_update() { json!(false) } else { json!("unknown") };
+            let details = json!({"error": error.message, "saved": saved});
             let recorded = (0..FAILURE_RECORD_ATTEMPTS)
                 .any(|_| self.record(action, subject.clone(), Outcome::Failed, details.clone()).is_ok());
             if !recorded {

@@ -117,7 +117,7 @@ fn reconcile_policy(env: &Env, name: &str, work: &[String], overdue: &mut Overdu
     match env.arm.list_rules(&policy.value.nsg) {
         Ok(rules) => {
             scan.rules = rules.len();
-            remove_ownerless_rules(env, &policy.value, &rules, previous.as_ref(), &mut scan)?;
+            remove_ownerless_rules(env, &policy.value, &rules, work, previous.as_ref(), &mut scan)?;
             check_grants(env, &policy.value, &rules, grants, previous.as_ref(), &mut scan)?;
             check_baseline(env, &policy.value, &rules, &mut scan)?;
             report_exposure(env, &policy.value, &rules, previous.as_ref(), &mut scan)?;
@@ -187,6 +187,7 @@ fn remove_ownerless_rules(
     env: &Env,
     policy: &Policy,
     rules: &[ExistingRule],
+    work: &[String],
     previous: Option<&DriftScan>,
     scan: &mut DriftScan,
 ) -> Result<(), ApiError> {
@@ -200,6 +201,15 @@ fn remove_ownerless_rules(
             },
             Err(_) => None,
         };
+        // An owner still opening or closing must be on the sweep's list, whatever became of
+        // its entry there: put it back, and the sweep finishes (or abandons) it.
+        if let Some(request) = &owner
+            && matches!(request.state, State::Approved | State::Revoking { .. })
+            && !request.put_in_flight(env.fresh_now())
+            && !work.iter().any(|w| w == id)
+        {
+            store::add_to_list(env.kv, keys::ARM_WORK, id, usize::MAX)?;
+        }
         let ownerless = match &owner {
             Some(request) => {
                 request.state.is_final()
@@ -292,6 +302,8 @@ fn check_baseline(env: &Env, policy: &Policy, rules: &[ExistingRule], scan: &mut
         expected.sort();
         !rule.allow
             && rule.inbound
+            && rule.protocol.eq_ignore_ascii_case(policy.baseline_protocol().arm_name())
+            && rule.sources == ["*"]
             && ports == expected
             && policy.baseline.as_ref().is_none_or(|b| b.priority == rule.priority)
             && rule.destinations.iter().any(|d| d == &policy.private_ip.to_string())

@@ -31,6 +31,8 @@ const EMPTY_SLOT_GRACE: TimeDelta = TimeDelta::minutes(5);
 /// Compare-and-swaps one sweep spends before it stops taking new work (a close costs about
 /// ten: the request twice, its audit events, the indexes).
 pub const SWAP_BUDGET: u32 = 200;
+/// Swaps kept for the reconciler: retries that fail every tick cannot crowd it out.
+const RECONCILE_RESERVE: u32 = 50;
 /// Due minutes one sweep reads at most: after a long outage, the catch-up is spread over ticks.
 const MAX_MINUTES_PER_SWEEP: usize = 240;
 /// Slots tried when a backend's counter hands one out twice (Cosmos's increment can).
@@ -74,6 +76,9 @@ pub struct SweepStatus {
     pub overdue: usize,
     /// The earliest end among them.
     pub oldest_overdue: Option<DateTime<Utc>>,
+    /// Sweeps in a row that could not see all their work.
+    #[serde(default)]
+    pub deferred_streak: u32,
     /// What it did.
     pub report: SweepReport,
 }
@@ -121,7 +126,10 @@ fn add_due(kv: &dyn KvStore, minute: DateTime<Utc>, id: &str) -> Result<(), Stor
 enum Slot {
     Id(String),
     Empty,
+    /// Could not be read now.
     Unreadable,
+    /// Read, but not an id.
+    Garbage,
 }
 
 /// The slots of a due minute, in order.
@@ -132,7 +140,7 @@ fn read_due(kv: &dyn KvStore, minute: DateTime<Utc>) -> Result<Vec<Slot>, StoreE
     let count = kv.increment(&keys::due_count(minute), 0)?;
     Ok((1..=count)
         .map(|slot| match kv.get(&keys::due_slot(minute, slot)) {
-            Ok(Some(bytes)) => String::from_utf8(bytes).map_or(Slot::Unreadable, Slot::Id),
+            Ok(Some(bytes)) => String::from_utf8(bytes).map_or(Slot::Garbage, Slot::Id),
             Ok(None) => Slot::Empty,
             Err(error) => {
                 eprintln!("sweep: reading slot {slot} of {minute}: {error}");
@@ -167,8 +175,8 @@ impl<'a> Budgeted<'a> {
         self.swaps.get() >= SWAP_BUDGET
     }
 
-    /// Swaps so far.
-    pub fn swaps(&self) -> u32 {
+    /// Swaps made so far.
+    pub fn used(&self) -> u32 {
         self.swaps.get()
     }
 }
@@ -223,22 +231,18 @@ impl Overdue {
 /// Runs one sweep at `env.now`.
 pub fn sweep(env: &Env) -> Result<SweepReport, ApiError> {
     let budget = Budgeted::new(env.kv);
-    let env = &Env {
-        kv: &budget,
-        arm: env.arm,
-        config: env.config,
-        now: env.now,
-        clock: env.clock,
-        origin: env.origin.clone(),
-    };
+    let env = &env.with_store(&budget);
     let mut report = SweepReport::default();
     let mut overdue = Overdue::default();
     // Work handled in the due phase waits for the next sweep, whatever came of it.
     let mut handled = Vec::new();
     let cursor = due_phase(env, &budget, &mut report, &mut overdue, &mut handled)?;
     let work = store::read_list(env.kv, keys::ARM_WORK)?;
-    for id in &work {
-        if budget.spent() {
+    // Each tick starts at another place in the list, so items that fail every time cannot
+    // starve the ones behind them; and some of the budget is kept for the reconciler.
+    let start = usize::try_from(env.now.timestamp() / 60).unwrap_or_default() % work.len().max(1);
+    for id in work.iter().cycle().skip(start).take(work.len()) {
+        if budget.used() >= SWAP_BUDGET - RECONCILE_RESERVE {
             report.deferred = true;
             break;
         }
@@ -247,17 +251,23 @@ pub fn sweep(env: &Env) -> Result<SweepReport, ApiError> {
         }
     }
     if !budget.spent() {
-        report.reconciled = reconcile::round(env, &budget, &mut overdue)?;
+        match reconcile::round(env, &budget, &mut overdue) {
+            Ok(looked) => report.reconciled = looked,
+            Err(error) => eprintln!("sweep: reconciling: {}", error.internal.as_deref().unwrap_or(&error.message)),
+        }
     } else {
         report.deferred = true;
     }
     report.overdue = overdue.count;
+    let previous: Option<SweepStatus> =
+        env.kv.get(keys::SWEEP_STATUS).ok().flatten().and_then(|bytes| serde_json::from_slice(&bytes).ok());
     let status = SweepStatus {
         at: env.now,
         cursor,
         arm_work: store::read_list(env.kv, keys::ARM_WORK)?.len(),
         overdue: overdue.count,
         oldest_overdue: overdue.oldest,
+        deferred_streak: if report.deferred { previous.map_or(0, |p| p.deferred_streak) + 1 } else { 0 },
         report: report.clone(),
     };
     // One writer's status is as good as another's: a plain write, no swap.
@@ -266,8 +276,10 @@ pub fn sweep(env: &Env) -> Result<SweepReport, ApiError> {
     Ok(report)
 }
 
-/// Reads the due minutes from the cursor to now and handles what they list; advances the
-/// cursor over the minutes that are complete. Answers the cursor it leaves.
+/// Reads the due minutes from the cursor on (at most [`MAX_MINUTES_PER_SWEEP`] of them, and
+/// the last few minutes whatever the cursor), handles what they list, and advances the cursor
+/// over the minutes that are complete. Answers the cursor it leaves. A minute that cannot be
+/// read is left for the next tick; the others go on.
 fn due_phase(
     env: &Env,
     budget: &Budgeted,
@@ -277,63 +289,38 @@ fn due_phase(
 ) -> Result<Option<DateTime<Utc>>, ApiError> {
     let this_minute = minute_floor(env.now);
     let Some(cursor) = store::load::<DateTime<Utc>>(env.kv, keys::SWEEP_CURSOR)? else { return Ok(None) };
-    let mut minute = (cursor.value + TimeDelta::minutes(1)).max(this_minute - MAX_CATCH_UP);
+    let first = (cursor.value + TimeDelta::minutes(1)).max(this_minute - MAX_CATCH_UP);
+    let mut minutes: Vec<DateTime<Utc>> = std::iter::successors(Some(first), |m| Some(*m + TimeDelta::minutes(1)))
+        .take_while(|m| *m <= this_minute)
+        .take(MAX_MINUTES_PER_SWEEP)
+        .collect();
+    if minutes.last().is_some_and(|last| *last < this_minute) {
+        // A long catch-up (or a minute that keeps failing) must not keep the sweep from what
+        // is due now: the latest minutes are read too.
+        report.deferred = true;
+        let recent = (0..=SETTLE.num_minutes()).rev().map(|back| this_minute - TimeDelta::minutes(back));
+        minutes.extend(recent.filter(|m| *m > first + TimeDelta::minutes(MAX_MINUTES_PER_SWEEP as i64 - 1)));
+    }
     let mut complete_until = cursor.value;
     let mut contiguous = true;
-    let mut read = 0;
-    while minute <= this_minute {
-        read += 1;
-        if read > MAX_MINUTES_PER_SWEEP {
-            // A long outage is caught up over several ticks.
-            report.deferred = true;
-            break;
-        }
+    for minute in minutes {
         if budget.spent() {
             report.deferred = true;
             break;
         }
         report.minutes_scanned += 1;
-        let slots = read_due(env.kv, minute)?;
-        let mut clean = true;
-        for slot in &slots {
-            match slot {
-                Slot::Id(id) => {
-                    if budget.spent() {
-                        report.deferred = true;
-                        clean = false;
-                        break;
-                    }
-                    match process_due(env, id, report, overdue) {
-                        Due::Nothing => {}
-                        Due::Handled => handled.push(id.clone()),
-                        Due::Again => {
-                            handled.push(id.clone());
-                            // Kept where the sweep retries every tick, so the minute can complete.
-                            if let Err(error) = store::add_to_list(env.kv, keys::ARM_WORK, id, usize::MAX) {
-                                eprintln!("sweep: keeping {id} for the next tick: {error}");
-                                clean = false;
-                            }
-                        }
-                    }
-                }
-                // A writer between taking its slot and filling it, unless long dead.
-                Slot::Empty => clean &= minute + EMPTY_SLOT_GRACE < env.now,
-                Slot::Unreadable => {
-                    report.skipped += 1;
-                    clean = false;
-                }
+        let complete = match sweep_minute(env, budget, minute, report, overdue, handled) {
+            Ok(clean) => clean && minute + SETTLE < this_minute,
+            Err(error) => {
+                eprintln!("sweep: minute {minute} left for the next tick: {error}");
+                report.skipped += 1;
+                false
             }
-        }
-        // Only minutes well past can be complete: writers may still add to recent ones.
-        let complete = clean && minute + SETTLE < this_minute;
-        if complete {
-            clear_due(env.kv, minute, slots.len())?;
-        }
-        contiguous &= complete;
+        };
+        contiguous &= complete && minute == complete_until + TimeDelta::minutes(1);
         if contiguous {
             complete_until = minute;
         }
-        minute += TimeDelta::minutes(1);
     }
     if complete_until != cursor.value {
         // Losing this race means another sweep advanced it: its value is as good.
@@ -343,6 +330,56 @@ fn due_phase(
         }
     }
     Ok(Some(complete_until))
+}
+
+/// Handles one due minute; answers whether everything in it was handled (and, when the minute
+/// has settled, clears it).
+fn sweep_minute(
+    env: &Env,
+    budget: &Budgeted,
+    minute: DateTime<Utc>,
+    report: &mut SweepReport,
+    overdue: &mut Overdue,
+    handled: &mut Vec<String>,
+) -> Result<bool, StoreError> {
+    let slots = read_due(env.kv, minute)?;
+    let mut clean = true;
+    for slot in &slots {
+        match slot {
+            Slot::Id(id) => {
+                if budget.spent() {
+                    report.deferred = true;
+                    return Ok(false);
+                }
+                match process_due(env, id, report, overdue) {
+                    Due::Nothing => {}
+                    Due::Handled => handled.push(id.clone()),
+                    Due::Again => {
+                        handled.push(id.clone());
+                        // Kept where the sweep retries every tick, so the minute can complete.
+                        if let Err(error) = store::add_to_list(env.kv, keys::ARM_WORK, id, usize::MAX) {
+                            eprintln!("sweep: keeping {id} for the next tick: {error}");
+                            clean = false;
+                        }
+                    }
+                }
+            }
+            // A writer between taking its slot and filling it, unless long dead.
+            Slot::Empty => clean &= minute + EMPTY_SLOT_GRACE < env.now,
+            // Could not be read now: again next tick.
+            Slot::Unreadable => {
+                report.skipped += 1;
+                clean = false;
+            }
+            // Not an id and never will be: whatever it pointed to, the reconciler's pass over
+            // live grants still finds.
+            Slot::Garbage => report.skipped += 1,
+        }
+    }
+    if clean && minute + SETTLE < minute_floor(env.now) {
+        clear_due(env.kv, minute, slots.len())?;
+    }
+    Ok(clean)
 }
 
 /// Reads a request the sweep was told about: `Ok(None)` when there is none, `Err` when it
@@ -425,8 +462,6 @@ fn finish_arm_work(env: &Env, id: &str, report: &mut SweepReport, overdue: &mut 
     };
     let before = request.value.state;
     let result = match before {
-        // The opener still has its PUT in flight: leave it to finish.
-        State::Approved if request.value.put_in_flight(env.fresh_now()) => Ok(()),
         State::Approved => {
             let policy = match store::load(env.kv, &keys::policy(&request.value.policy)) {
                 Ok(policy) => policy.map(|p: Versioned<crate::domain::Policy>| p.value),
@@ -436,9 +471,13 @@ fn finish_arm_work(env: &Env, id: &str, report: &mut SweepReport, overdue: &mut 
                     return;
                 }
             };
-            grants::open(env, &mut request, policy.as_ref())
+            grants::retry_open(env, &mut request, policy.as_ref())
         }
         State::Revoking { .. } => grants::finish_close(env, &mut request),
+        // Its timeout's due entry could not be handled: time it out here.
+        State::Pending if request.value.pending_until.is_some_and(|deadline| deadline <= env.now) => {
+            time_out(env, &mut request)
+        }
         State::Active if request.value.ends_at.is_some_and(|end| end <= env.now) => {
             grants::close(env, &mut request, Event::Due, None)
         }

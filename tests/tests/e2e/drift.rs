@@ -131,18 +131,23 @@ async fn a_grant_whose_due_entry_was_lost_is_closed_by_the_pass_over_live_grants
 async fn health_fails_when_the_sweep_stops_or_a_grant_outlives_its_end() {
     let world = World::start().await;
     world.auto_policy().await;
-    let health = || async { world.call("GET", "/api/health", None, None).await };
+    let health = || async { world.call("GET", "/api/health", Some(ADMIN), None).await };
+    let public = || async { world.call("GET", "/api/health", None, None).await };
     let (status, body) = health().await;
     assert_eq!((status, body["status"].as_str()), (503, Some("failing")), "no sweep yet: {body}");
+    assert_eq!(public().await, (503, json!({"status": "failing"})), "no details without a credential");
     world.tick().await;
     let (status, body) = health().await;
     assert_eq!(status, 200, "{body}");
     assert!(body["last_sweep_at"].is_string() && body["backlog"]["arm_work"] == 0, "{body}");
+    assert_eq!(public().await, (200, json!({"status": "ok"})));
+    assert_eq!(world.call("GET", "/api/health", Some(ALICE), None).await.0, 403, "details are for admins and auditors");
     // The cron stops.
     world.advance_minutes(4);
     let (status, body) = health().await;
     assert_eq!(status, 503, "{body}");
     assert!(body["problems"][0].as_str().unwrap().contains("last sweep"), "{body}");
+    assert_eq!(public().await.0, 503);
     world.tick().await;
     assert_eq!(health().await.0, 200);
 
@@ -162,6 +167,5 @@ async fn health_fails_when_the_sweep_stops_or_a_grant_outlives_its_end() {
     world.local.emulator.clear_faults();
     world.tick().await;
     assert_eq!(health().await.0, 200);
-    // No secret, no caller needed: nothing in the answer names a grant or a key.
-    assert!(!body.to_string().contains("alice") && !body.to_string().contains("demo-"), "{body}");
+    assert!(!body.to_string().contains("alice"), "no grant is named: {body}");
 }

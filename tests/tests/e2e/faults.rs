@@ -55,9 +55,12 @@ async fn persistent_503_leaves_the_request_retrying_until_the_sweep_completes_it
     assert_eq!((status, body["state"].as_str()), (201, Some("approved")), "{body}");
     assert!(body["last_error"].as_str().unwrap().contains("503"), "{body}");
     assert!(world.jit_rules().is_empty());
+    // The sweep retries an open a minute after its last PUT began.
+    world.advance_minutes(1);
     world.tick().await;
     assert_eq!(world.get_request(&id(&body)).await["state"], "approved", "still down: still retrying");
     world.local.emulator.clear_faults();
+    world.advance_minutes(1);
     world.tick().await;
     let opened = world.get_request(&id(&body)).await;
     assert_eq!(opened["state"], "active", "{opened}");
