@@ -19,8 +19,17 @@ fn run_sweep() -> Result<SweepReport, ApiError> {
 
 fn serde_json_line(report: &SweepReport) -> String {
     format!(
-        "closed={} opened={} retrying={} failed={} skipped={} minutes={}",
-        report.closed, report.opened, report.retrying, report.failed, report.skipped, report.minutes_scanned
+        "closed={} opened={} retrying={} failed={} timed_out={} skipped={} minutes={} reconciled={} overdue={} deferred={}",
+        report.closed,
+        report.opened,
+        report.retrying,
+        report.failed,
+        report.timed_out,
+        report.skipped,
+        report.minutes_scanned,
+        report.reconciled,
+        report.overdue,
+        report.deferred
     )
 }
 
