@@ -3,7 +3,7 @@
 
 use shared::api::{ApiError, Reply};
 use shared::service::Origin;
-use shared::service::sweep::{SweepReport, sweep};
+use shared::service::sweep::SweepReport;
 use shared::spin::{Ctx, respond};
 use spin_sdk::http::{Method, Request, Response};
 use spin_sdk::http_component;
@@ -12,7 +12,7 @@ wit_bindgen::generate!({ path: "wit", world: "spin-cron" });
 
 fn run_sweep() -> Result<SweepReport, ApiError> {
     let ctx = Ctx::load()?;
-    let report = ctx.run(Origin::system(), sweep)?;
+    let report = ctx.sweep()?;
     println!("sweep: {}", serde_json_line(&report));
     Ok(report)
 }

@@ -185,9 +185,9 @@ impl Config {
             }
         }
         let timeout = AccessDuration::parse(&optional("arm_timeout", "PT10S")).context("variable 'arm_timeout'")?;
-        if timeout.as_secs() > 60 {
-            // A grant's PUT lease assumes no ARM call outlives its invocation by more than this.
-            bail!("variable 'arm_timeout' must be at most PT1M");
+        if timeout.as_secs() > 30 {
+            // A grant's PUT lease assumes no ARM call outlives its invocation by much.
+            bail!("variable 'arm_timeout' must be at most PT30S");
         }
         let oidc = match optional("oidc_issuer", "") {
             issuer if issuer.is_empty() => None,

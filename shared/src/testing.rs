@@ -139,6 +139,8 @@ pub struct FakeArm {
     pub rules: RefCell<Vec<SecurityRule>>,
     pub outcomes: RefCell<VecDeque<Result<(), ArmError>>>,
     pub calls: Cell<usize>,
+    /// What `had_uncertain_writes` answers.
+    pub uncertain: Cell<bool>,
 }
 
 impl FakeArm {
@@ -184,6 +186,10 @@ impl Arm for FakeArm {
                 ports: r.ports.iter().map(|p| p.to_string()).collect(),
             })
             .collect())
+    }
+
+    fn had_uncertain_writes(&self) -> bool {
+        self.uncertain.get()
     }
 
     fn resolve_vm(&self, _vm: &VmId) -> Result<VmNetwork, ArmError> {

@@ -21,9 +21,9 @@ const MAX_ATTEMPTS: u32 = 4;
 const MAX_WAIT: Duration = Duration::from_secs(5);
 /// Poll interval when ARM gives no `Retry-After`.
 const DEFAULT_POLL: Duration = Duration::from_secs(1);
-/// Wall-clock time one invocation may spend on ARM: no call starts after it. With a call's
-/// timeout of at most a minute, nothing an invocation sends can land later than two minutes
-/// after it began, which is what a grant's PUT lease counts on.
+/// Wall-clock time one invocation may spend on ARM: no call is sent after it. With a call's
+/// timeout of at most 30 s (connect and first byte each), nothing an invocation sends can land
+/// later than about two minutes after it began, well inside a grant's PUT lease (5 minutes).
 pub const ARM_TIME_LIMIT: Duration = Duration::from_secs(60);
 
 /// The REST implementation of [`Arm`].
@@ -36,6 +36,8 @@ pub struct ArmClient<'a> {
     budget: Cell<Duration>,
     /// No call starts after this.
     deadline: chrono::DateTime<chrono::Utc>,
+    /// Whether a write failed in a way that may still take effect.
+    uncertain: Cell<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -71,7 +73,7 @@ impl<'a> ArmClient<'a> {
         wait_budget: Duration,
     ) -> Self {
         let deadline = clock.now() + chrono::TimeDelta::from_std(ARM_TIME_LIMIT).unwrap_or_default();
-        Self { http, kv, clock, settings, budget: Cell::new(wait_budget), deadline }
+        Self { http, kv, clock, settings, budget: Cell::new(wait_budget), deadline, uncertain: Cell::new(false) }
     }
 
     /// Waits, if the budget allows; `false` means give up and leave the work for later.
@@ -119,6 +121,12 @@ impl<'a> ArmClient<'a> {
                 break;
             }
             let token = token::token(self.http, self.kv, self.settings, self.clock.now())?;
+            // Again after the token, which may have taken a while: nothing is sent late.
+            if self.clock.now() >= self.deadline {
+                last = format!("this invocation's {} s for ARM are spent", ARM_TIME_LIMIT.as_secs());
+                break;
+            }
+            let write = matches!(method, Method::Put | Method::Delete);
             let mut headers = vec![("authorization".to_owned(), format!("Bearer {token}"))];
             if body.is_some() {
                 headers.push(("content-type".into(), "application/json".into()));
@@ -134,6 +142,9 @@ impl<'a> ArmClient<'a> {
             let wait = match self.http.send(request) {
                 Ok(response) if response.status < 400 => return Ok(response),
                 Ok(response) => {
+                    if write && response.status >= 500 {
+                        self.uncertain.set(true);
+                    }
                     let error = classify(&response);
                     match &error {
                         ArmError::Transient(reason) => last = reason.clone(),
@@ -156,6 +167,10 @@ impl<'a> ArmClient<'a> {
                     });
                 }
                 Err(error) => {
+                    // Sent, maybe received, answer lost: it may still take effect.
+                    if write {
+                        self.uncertain.set(true);
+                    }
                     last = error.to_string();
                     backoff
                 }
@@ -210,6 +225,10 @@ impl<'a> ArmClient<'a> {
 }
 
 impl Arm for ArmClient<'_> {
+    fn had_uncertain_writes(&self) -> bool {
+        self.uncertain.get()
+    }
+
     fn put_rule(&self, nsg: &NsgId, rule: &SecurityRule) -> Result<ArmReceipt, ArmError> {
         let response = self.call(Method::Put, &self.rule_url(nsg, &rule.name), Some(&rule.to_arm_body()))?;
         if let Some(url) = response.header("azure-asyncoperation") {

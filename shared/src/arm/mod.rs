@@ -168,4 +168,8 @@ pub trait Arm {
     fn list_rules(&self, nsg: &NsgId) -> Result<Vec<ExistingRule>, ArmError>;
     /// Resolves a VM to its NIC, private IP and NSG.
     fn resolve_vm(&self, vm: &VmId) -> Result<VmNetwork, ArmError>;
+    /// Whether a write of this invocation failed in a way that may still take effect later (a
+    /// timeout, a dropped connection, a 5xx), even if a retry then got a clear answer: a PUT
+    /// lease is then kept until it runs out rather than released.
+    fn had_uncertain_writes(&self) -> bool;
 }

@@ -168,11 +168,12 @@ pub struct AccessRequest {
     /// close knows what to delete whatever became of the PUT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<RuleRef>,
-    /// While set and in the future, a PUT of the rule may be in flight: a close deletes the
-    /// rule but is not final before then (or before the opener saw its PUT's answer), so a
-    /// rule that lands after a racing close is deleted too.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub put_lease_until: Option<DateTime<Utc>>,
+    /// PUT leases, one per opener: until each runs out, a PUT of the rule may be in flight.
+    /// A close deletes the rule at once but is not final while one is held, so a rule that
+    /// lands after a racing close is deleted too. Each holder releases only its own, and only
+    /// once its PUT's outcome is known for sure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub put_leases: Vec<DateTime<Utc>>,
     /// ARM attempts made for the current step (opening or closing).
     #[serde(default)]
     pub arm_attempts: u32,
@@ -338,7 +339,7 @@ impl AccessRequest {
             ends_at: None,
             closed_at: None,
             rule: None,
-            put_lease_until: None,
+            put_leases: Vec::new(),
             arm_attempts: 0,
             last_error: None,
         })
@@ -351,7 +352,27 @@ impl AccessRequest {
 
     /// Whether a PUT of the rule may still be in flight at `now`.
     pub fn put_in_flight(&self, now: DateTime<Utc>) -> bool {
-        self.put_lease_until.is_some_and(|until| until > now)
+        self.put_leases.iter().any(|until| *until > now)
+    }
+
+    /// Takes a PUT lease until `until` (dropping those run out by `now`); answers it, which is
+    /// the holder's token for [`AccessRequest::release_put_lease`].
+    pub fn take_put_lease(&mut self, now: DateTime<Utc>, until: DateTime<Utc>) -> DateTime<Utc> {
+        self.put_leases.retain(|lease| *lease > now);
+        self.put_leases.push(until);
+        until
+    }
+
+    /// Releases the lease a holder took, and no other.
+    pub fn release_put_lease(&mut self, mine: DateTime<Utc>) {
+        if let Some(index) = self.put_leases.iter().position(|lease| *lease == mine) {
+            self.put_leases.remove(index);
+        }
+    }
+
+    /// When the last lease runs out.
+    pub fn put_lease_end(&self) -> Option<DateTime<Utc>> {
+        self.put_leases.iter().max().copied()
     }
 }
 

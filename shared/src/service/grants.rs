@@ -33,10 +33,11 @@ const CONFLICT_RETRIES: usize = 3;
 /// How long an approved request may keep failing to open before it is abandoned (and any
 /// rule that may have been created is removed).
 const OPEN_GRACE: TimeDelta = TimeDelta::minutes(15);
-/// How long a PUT of an allow rule may be in flight: no ARM call starts later than
-/// `ARM_TIME_LIMIT` (60 s) into an invocation and none lasts more than `arm_timeout` (at most
-/// 60 s), so whatever an opener sent has landed or never will by then, dead opener or not.
-pub const PUT_LEASE: TimeDelta = TimeDelta::minutes(3);
+/// How long a PUT of an allow rule may be in flight: no ARM call is sent later than
+/// `ARM_TIME_LIMIT` (60 s) into an invocation and none waits more than `arm_timeout` (at most
+/// 30 s) to connect and again for its answer, so whatever an opener sent has landed or never
+/// will by then, dead opener or not, with room to spare.
+pub const PUT_LEASE: TimeDelta = TimeDelta::minutes(5);
 /// How long after a PUT began the sweep leaves its open alone (its opener may still be at
 /// work) before retrying it.
 pub const RETRY_PAUSE: TimeDelta = TimeDelta::minutes(1);
@@ -94,15 +95,19 @@ pub fn rule_ref(env: &Env, request: &AccessRequest, policy: &Policy) -> RuleRef 
 }
 
 /// Marks an approved request as about to be opened: its rule is named and a PUT lease taken,
-/// and it is listed under `work:arm`, all before ARM is called. The caller saves it.
-pub fn prepare_open(env: &Env, request: &mut AccessRequest, policy: &Policy) -> Result<(), ApiError> {
+/// and it is listed under `work:arm`, all before ARM is called. The caller saves it, then
+/// calls [`open`] with the lease (its token).
+pub fn prepare_open(env: &Env, request: &mut AccessRequest, policy: &Policy) -> Result<Lease, ApiError> {
     store::add_to_list(env.kv, keys::ARM_WORK, request.id.as_str(), usize::MAX)?;
     if request.rule.is_none() {
         request.rule = Some(rule_ref(env, request, policy));
     }
-    request.put_lease_until = Some(env.fresh_now() + PUT_LEASE);
-    Ok(())
+    let now = env.fresh_now();
+    Ok(request.take_put_lease(now, now + PUT_LEASE))
 }
+
+/// A PUT lease one opener holds (the instant it runs out, which is also its token).
+pub type Lease = DateTime<Utc>;
 
 /// Runs `step`, and when another writer saved the request first, reloads it and runs `step`
 /// again on what that writer left: every step here is written for whatever state it finds.
@@ -123,27 +128,32 @@ fn retrying(
     }
 }
 
-/// Releases the PUT lease if it is still the one this call took: another opener may have
-/// renewed it for a PUT of its own, still in flight.
-fn release(request: &mut AccessRequest, mine: Option<DateTime<Utc>>) {
-    if request.put_lease_until == mine {
-        request.put_lease_until = None;
+/// Releases this opener's lease once its PUT's outcome is known for sure: confirmed, with no
+/// earlier attempt of this invocation that may still take effect. Otherwise the lease runs
+/// out by itself. Other openers' leases are never touched.
+fn release(env: &Env, request: &mut AccessRequest, mine: Option<Lease>) {
+    if let Some(mine) = mine.filter(|_| !env.arm.had_uncertain_writes()) {
+        request.release_put_lease(mine);
     }
 }
 
 /// The sweep's retry of an open that has not completed: unless the last PUT began less than
-/// [`RETRY_PAUSE`] ago (its opener may still be at work), renews the lease in the store, then
-/// opens. Two PUTs of one rule are harmless; a close waits for the later lease.
+/// [`RETRY_PAUSE`] ago (its opener may still be at work), takes a lease of its own in the
+/// store, then opens. Two PUTs of one rule are harmless; a close waits for every lease.
 pub fn retry_open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&Policy>) -> Result<(), ApiError> {
     let now = env.fresh_now();
-    if request.value.put_lease_until.is_some_and(|until| until - PUT_LEASE + RETRY_PAUSE > now) {
+    if request.value.put_lease_end().is_some_and(|end| end - PUT_LEASE + RETRY_PAUSE > now) {
         return Ok(());
     }
-    if let Some(policy) = policy {
-        prepare_open(env, &mut request.value, policy)?;
-        env.save_request(request)?;
-    }
-    open(env, request, policy)
+    let lease = match policy {
+        Some(policy) => {
+            let lease = prepare_open(env, &mut request.value, policy)?;
+            env.save_request(request)?;
+            Some(lease)
+        }
+        None => None,
+    };
+    open(env, request, policy, lease)
 }
 
 /// Puts the allow rule of an approved request and activates it, or records why not. The
@@ -151,7 +161,12 @@ pub fn retry_open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Opt
 /// by [`retry_open`]); it is released only once the outcome is known: confirmed, or refused.
 /// A PUT that failed otherwise (a timeout, a dropped connection) may still land, so its lease
 /// stays until it runs out.
-pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&Policy>) -> Result<(), ApiError> {
+pub fn open(
+    env: &Env,
+    request: &mut Versioned<AccessRequest>,
+    policy: Option<&Policy>,
+    mine: Option<Lease>,
+) -> Result<(), ApiError> {
     if request.value.state != State::Approved {
         return Ok(());
     }
@@ -161,11 +176,15 @@ pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&P
     if let Err(why) = still_allowed(&request.value, policy) {
         return abandon(env, request, format!("the policy no longer allows it: {why}"));
     }
-    if request.value.rule.is_none() || !request.value.put_in_flight(env.fresh_now()) {
-        prepare_open(env, &mut request.value, policy)?;
-        env.save_request(request)?;
-    }
-    let mine = request.value.put_lease_until;
+    let mine = match mine {
+        Some(lease) if request.value.rule.is_some() => lease,
+        _ => {
+            let lease = prepare_open(env, &mut request.value, policy)?;
+            env.save_request(request)?;
+            lease
+        }
+    };
+    let mine = Some(mine);
     let rule_ref = request.value.rule.clone().expect("named when approved");
     let mut rule = allow_rule(
         &request.value,
@@ -190,9 +209,10 @@ pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&P
                 return settle_foreign(env, request, mine);
             }
             // An earlier attempt may have put the rule before this one was refused (a timeout
-            // that succeeded after all, a crash before its record): remove it to be sure.
+            // that succeeded after all, a crash before its record): remove it to be sure. If
+            // this invocation had such an attempt, its lease stays until it can no longer land.
             record_attempt(request, &error);
-            release(&mut request.value, mine);
+            release(env, &mut request.value, mine);
             abandon(env, request, format!("ARM refused the rule: {error}"))
         }),
         Err(error @ (ArmError::Transient(_) | ArmError::PriorityConflict)) => retrying(env, request, |request| {
@@ -203,6 +223,8 @@ pub fn open(env: &Env, request: &mut Versioned<AccessRequest>, policy: Option<&P
             }
             let since = request.value.approved_at.unwrap_or(request.value.created_at);
             record_attempt(request, &error);
+            // Listed again, should the sweep have dropped it while it was being approved.
+            store::add_to_list(env.kv, keys::ARM_WORK, request.value.id.as_str(), usize::MAX)?;
             if env.now - since > OPEN_GRACE.max(request.value.duration.as_delta()) {
                 return abandon(env, request, format!("the rule could not be opened since {since}: {error}"));
             }
@@ -218,7 +240,7 @@ fn settle_opened(
     env: &Env,
     request: &mut Versioned<AccessRequest>,
     priority: u16,
-    mine: Option<DateTime<Utc>>,
+    mine: Option<Lease>,
 ) -> Result<(), ApiError> {
     if request.value.state != State::Approved {
         return settle_foreign(env, request, mine);
@@ -234,7 +256,7 @@ fn settle_opened(
     request.value.ends_at = Some(ends_at);
     request.value.arm_attempts = 0;
     request.value.last_error = None;
-    release(&mut request.value, mine);
+    release(env, &mut request.value, mine);
     if let Some(rule) = &mut request.value.rule {
         rule.priority = priority;
     }
@@ -248,17 +270,11 @@ fn settle_opened(
 /// After this call's PUT returned, the request turned out to have been changed by someone
 /// else. A PUT whose outcome is known releases its lease (`mine`; `None` keeps it), and a
 /// close that came meanwhile deletes the rule again, now that it has landed.
-fn settle_foreign(
-    env: &Env,
-    request: &mut Versioned<AccessRequest>,
-    mine: Option<DateTime<Utc>>,
-) -> Result<(), ApiError> {
+fn settle_foreign(env: &Env, request: &mut Versioned<AccessRequest>, mine: Option<Lease>) -> Result<(), ApiError> {
     match request.value.state {
         State::Approved | State::Active | State::Pending => Ok(()),
         State::Revoking { .. } => {
-            if mine.is_some() {
-                release(&mut request.value, mine);
-            }
+            release(env, &mut request.value, mine);
             finish_close(env, request)
         }
         State::Expired | State::Revoked | State::Denied | State::Cancelled | State::TimedOut | State::Failed => {
@@ -391,6 +407,9 @@ pub fn finish_close(env: &Env, request: &mut Versioned<AccessRequest>) -> Result
         if !matches!(request.value.state, State::Revoking { .. }) {
             return Ok(());
         }
+        // Leases are judged at the time the DELETE is sent: a PUT that lands after that, while
+        // its lease was still running, is deleted by a later try.
+        let sent_at = env.fresh_now();
         let outcome = match &request.value.rule {
             Some(rule) => {
                 let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
@@ -402,18 +421,20 @@ pub fn finish_close(env: &Env, request: &mut Versioned<AccessRequest>) -> Result
             None => Ok(()),
         };
         match outcome {
-            Ok(()) if request.value.put_in_flight(env.fresh_now()) => {
-                let until = request.value.put_lease_until.unwrap_or(env.now);
-                request.value.last_error = Some(format!(
-                    "a PUT of the rule may still be in flight until {until}: the sweep deletes again then"
-                ));
+            Ok(()) if request.value.put_in_flight(sent_at) => {
+                let until = request.value.put_lease_end().unwrap_or(env.now);
+                // A reason already there (why an open was abandoned) is worth more.
+                request.value.last_error.get_or_insert_with(|| {
+                    format!("a PUT of the rule may still be in flight until {until}: the sweep deletes again then")
+                });
+                store::add_to_list(env.kv, keys::ARM_WORK, request.value.id.as_str(), usize::MAX)?;
                 env.save_request(request)
             }
             Ok(()) => {
                 transition(request, Event::RuleClosed)?;
                 request.value.closed_at = Some(env.now);
                 request.value.arm_attempts = 0;
-                request.value.put_lease_until = None;
+                request.value.put_leases.clear();
                 if request.value.state != State::Failed {
                     // A failed request keeps why it failed.
                     request.value.last_error = None;
@@ -430,6 +451,7 @@ pub fn finish_close(env: &Env, request: &mut Versioned<AccessRequest>) -> Result
             }
             Err(error) => {
                 record_attempt(request, &error);
+                store::add_to_list(env.kv, keys::ARM_WORK, request.value.id.as_str(), usize::MAX)?;
                 env.save_request(request)
             }
         }
@@ -504,8 +526,8 @@ fn rewrite(
     if grant.value.state != State::Active || grant.value.put_in_flight(env.fresh_now()) {
         return Ok(());
     }
-    let mine = Some(env.fresh_now() + PUT_LEASE);
-    grant.value.put_lease_until = mine;
+    let now = env.fresh_now();
+    let mine = grant.value.take_put_lease(now, now + PUT_LEASE);
     match env.save_request(grant) {
         Ok(()) => {}
         // It changed meanwhile (extended, revoked, expiring): leave it as it is.
@@ -515,14 +537,13 @@ fn rewrite(
     let rule = allow_rule(&grant.value, policy, &rule_ref, &ports, ends_at);
     let outcome = env.arm.put_rule(&rule_ref.nsg, &rule);
     record_arm_write(env, "rule.put", subject_of(&grant.value), rule_details(&rule_ref.nsg, &rule), &outcome)?;
-    // Confirmed or refused, the PUT is over; failed otherwise, it may still land.
-    let known = matches!(outcome, Ok(_) | Err(ArmError::Refused { .. }));
-    let mine = if known { mine } else { None };
+    // Confirmed, the PUT is over; failed, it may still land and the lease runs out by itself.
+    let mine = outcome.is_ok().then_some(mine);
     retrying(env, grant, |grant| {
         if grant.value.state != State::Active {
             return settle_foreign(env, grant, mine);
         }
-        release(&mut grant.value, mine);
+        release(env, &mut grant.value, mine);
         match &outcome {
             Ok(_) => {
                 grant.value.ports = ports.clone();

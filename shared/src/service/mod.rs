@@ -67,6 +67,11 @@ impl Env<'_> {
         Env { kv, arm: self.arm, config: self.config, now: self.now, clock: self.clock, origin: self.origin.clone() }
     }
 
+    /// The same invocation with another ARM client.
+    pub fn with_arm<'b>(&'b self, arm: &'b dyn Arm) -> Env<'b> {
+        Env { kv: self.kv, arm, config: self.config, now: self.now, clock: self.clock, origin: self.origin.clone() }
+    }
+
     /// The time now, never before the invocation's.
     pub fn fresh_now(&self) -> DateTime<Utc> {
         self.clock.now().max(self.now)

@@ -75,8 +75,9 @@ pub fn create(
     // the save leaves nothing stranded: an approved request is listed for the sweep to open
     // (and is saved approved, in one write), a pending one has its timeout in the due index.
     let auto_approved = matches!(decision, Decision::AutoApproved { .. });
+    let mut lease = None;
     if auto_approved {
-        approve(env, &mut request, &policy)?;
+        lease = Some(approve(env, &mut request, &policy)?);
     } else {
         store::add_to_list(env.kv, &keys::pending(&policy.name), &id, usize::MAX)?;
         if let Some(deadline) = request.pending_until {
@@ -107,7 +108,7 @@ pub fn create(
         );
     }
     if auto_approved {
-        grants::open(env, &mut request, Some(&policy))?;
+        grants::open(env, &mut request, Some(&policy), lease)?;
     }
     Ok(Reply::created(request_json(&request.value)))
 }
@@ -153,7 +154,7 @@ fn check_duplicates_and_quotas(env: &Env, request: &AccessRequest, policy: &Poli
 /// Moves a pending request to approved, naming its rule and taking the PUT lease, so a revoke
 /// that comes while the PUT is in flight knows what to delete and waits for the PUT before it
 /// is final. The caller saves it.
-fn approve(env: &Env, request: &mut AccessRequest, policy: &Policy) -> Result<(), ApiError> {
+fn approve(env: &Env, request: &mut AccessRequest, policy: &Policy) -> Result<grants::Lease, ApiError> {
     request.state =
         request.state.apply(Event::Approve).map_err(|e| ApiError::conflict("invalid_state", e.to_string()))?;
     request.approved_at = Some(env.now);
@@ -175,11 +176,11 @@ fn approval_details(request: &AccessRequest) -> serde_json::Value {
 
 /// Approves a pending request and opens its rule (ARM failures stay queued for the sweep).
 pub fn approve_and_open(env: &Env, request: &mut Versioned<AccessRequest>, policy: &Policy) -> Result<(), ApiError> {
-    approve(env, &mut request.value, policy)?;
+    let lease = approve(env, &mut request.value, policy)?;
     let details = approval_details(&request.value);
     env.commit(request, "request.approved", details)?;
     store::remove_from_list(env.kv, &keys::pending(&policy.name), request.value.id.as_str())?;
-    grants::open(env, request, Some(policy))
+    grants::open(env, request, Some(policy), Some(lease))
 }
 
 /// Whether a caller may see a request: its requester, admins, auditors, and the approvers of

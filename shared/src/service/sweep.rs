@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Env, grants, reconcile};
 use crate::api::ApiError;
+use crate::arm::Arm;
 use crate::domain::request::Ending;
 use crate::domain::{AccessRequest, Event, RequestId, State};
 use crate::keys;
@@ -228,8 +229,14 @@ impl Overdue {
     }
 }
 
-/// Runs one sweep at `env.now`.
+/// Runs one sweep at `env.now`, the reconciler's share on the same ARM client.
 pub fn sweep(env: &Env) -> Result<SweepReport, ApiError> {
+    sweep_with(env, env.arm)
+}
+
+/// Runs one sweep at `env.now`; the reconciler's share uses `reconciler_arm`, a client with
+/// ARM time of its own, so an ARM that hangs on the closes cannot starve the safety net.
+pub fn sweep_with(env: &Env, reconciler_arm: &dyn Arm) -> Result<SweepReport, ApiError> {
     let budget = Budgeted::new(env.kv);
     let env = &env.with_store(&budget);
     let mut report = SweepReport::default();
@@ -251,7 +258,7 @@ pub fn sweep(env: &Env) -> Result<SweepReport, ApiError> {
         }
     }
     if !budget.spent() {
-        match reconcile::round(env, &budget, &mut overdue) {
+        match reconcile::round(&env.with_arm(reconciler_arm), &budget, &mut overdue) {
             Ok(looked) => report.reconciled = looked,
             Err(error) => eprintln!("sweep: reconciling: {}", error.internal.as_deref().unwrap_or(&error.message)),
         }

@@ -181,7 +181,7 @@ fn an_open_that_keeps_failing_is_abandoned_and_its_rule_removed() {
     assert_eq!(world.state("r1"), "approved");
     world.at(at(90), sweep::sweep).unwrap();
     assert_eq!(world.state("r1"), "revoking", "the last PUT may still land until its lease runs out");
-    let report = world.at(at(94), sweep::sweep).unwrap();
+    let report = world.at(at(96), sweep::sweep).unwrap();
     assert_eq!(report.failed, 1);
     assert_eq!(world.state("r1"), "failed");
     // Abandoning deletes whatever a timed-out PUT may have left: 3 failed PUTs, then a DELETE,
@@ -372,7 +372,7 @@ fn a_close_while_a_put_may_be_in_flight_deletes_but_stays_revoking_until_the_lea
     world
         .at(at(1), |env| {
             let mut request = env.request("r1").unwrap();
-            request.value.put_lease_until = Some(at(1) + super::grants::PUT_LEASE);
+            request.value.take_put_lease(at(1), at(1) + super::grants::PUT_LEASE);
             env.save_request(&mut request)
         })
         .unwrap();
@@ -382,8 +382,8 @@ fn a_close_while_a_put_may_be_in_flight_deletes_but_stays_revoking_until_the_lea
     world.arm.rules.borrow_mut().push(crate::testing::rule());
     world.arm.rules.borrow_mut().last_mut().unwrap().name = "jit-r1".into();
     world.at(at(3), sweep::sweep).unwrap();
-    assert_eq!(world.state("r1"), "revoking", "the lease runs to at(4)");
-    world.at(at(5), sweep::sweep).unwrap();
+    assert_eq!(world.state("r1"), "revoking", "the lease runs to at(6)");
+    world.at(at(7), sweep::sweep).unwrap();
     assert_eq!(world.state("r1"), "revoked");
     assert!(world.allow_rules().is_empty(), "the late rule was deleted: {:?}", world.allow_rules());
 }
@@ -473,9 +473,9 @@ fn an_approved_request_whose_policy_was_deleted_is_abandoned_and_its_rule_delete
     world.at(at(1), |env| policies::delete(env, &admin(), "demo-vm", false)).unwrap();
     world.at(at(2), sweep::sweep).unwrap();
     assert!(world.allow_rules().is_empty(), "deleted at once");
-    // The timed-out PUT's lease (to at(3)) keeps the close open: it could still land.
+    // The timed-out PUT's lease (to at(5)) keeps the close open: it could still land.
     assert_eq!(world.state("r1"), "revoking");
-    world.at(at(4), sweep::sweep).unwrap();
+    world.at(at(6), sweep::sweep).unwrap();
     assert_eq!(world.state("r1"), "failed");
     assert!(world.allow_rules().is_empty(), "{:?}", world.allow_rules());
 }
@@ -609,4 +609,33 @@ fn approving_a_request_of_someone_no_longer_allowed_to_ask_is_refused() {
     let error = world.at(at(2), |env| decisions::approve(env, &bob(), "r1", b"")).unwrap_err();
     assert_eq!(error.code, "policy_changed", "{error:?}");
     assert!(world.allow_rules().is_empty());
+}
+
+#[test]
+fn an_opener_releases_only_its_own_lease_and_a_close_waits_for_the_others() {
+    let world = World::new(policy_json());
+    // The API opener's PUT times out: its lease (to at(5)) stays, for the PUT may still land.
+    world.arm.outcomes.borrow_mut().push_back(Err(ArmError::Transient("timed out".into())));
+    world.create("r1", raw_request()).unwrap();
+    // A minute later the sweep opens it under a lease of its own, and releases only that one.
+    world.at(at(1), sweep::sweep).unwrap();
+    assert_eq!(world.state("r1"), "active");
+    let leases = world.at(at(1), |env| env.request("r1").unwrap().value.put_leases);
+    assert_eq!(leases, [at(5)], "the timed-out opener's lease is still held");
+    let revoked = world.at(at(2), |env| decisions::revoke(env, &alice(), "r1", b"")).unwrap();
+    assert_eq!(revoked.body["state"], "revoking", "not final while the first PUT may land");
+    assert!(world.allow_rules().is_empty(), "deleted at once");
+    world.at(at(6), sweep::sweep).unwrap();
+    assert_eq!(world.state("r1"), "revoked");
+}
+
+#[test]
+fn a_confirmed_put_after_an_uncertain_attempt_keeps_its_lease() {
+    let world = World::new(policy_json());
+    // An earlier attempt of this invocation timed out before the retry was confirmed.
+    world.arm.uncertain.set(true);
+    world.create("r1", raw_request()).unwrap();
+    assert_eq!(world.state("r1"), "active");
+    let leases = world.at(at(0), |env| env.request("r1").unwrap().value.put_leases);
+    assert_eq!(leases.len(), 1, "kept until the timed-out attempt can no longer land");
 }

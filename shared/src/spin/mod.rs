@@ -82,6 +82,12 @@ impl Ctx {
         Env { kv: &self.kv, arm, config: &self.config, now: self.clock.now(), clock: &self.clock, origin }
     }
 
+    /// Runs a sweep, with a second ARM client (time of its own) for the reconciler's share.
+    pub fn sweep(&self) -> Result<crate::service::sweep::SweepReport, ApiError> {
+        let (arm, reconciler_arm) = (self.arm(), self.arm());
+        crate::service::sweep::sweep_with(&self.env(&arm, Origin::system()), &reconciler_arm)
+    }
+
     /// Runs an operation for `origin` (see [`Ctx::env`]).
     pub fn run<T>(&self, origin: Origin, operation: impl FnOnce(&Env) -> T) -> T {
         let arm = self.arm();

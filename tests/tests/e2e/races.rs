@@ -90,7 +90,7 @@ async fn a_revoke_during_a_put_that_times_out_but_lands_still_removes_the_rule()
     let (_, id) = tokio::join!(create, revoke);
     // Give the late answers time to land, then let the leases run out.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    world.advance_minutes(4);
+    world.advance_minutes(6);
     world.tick().await;
     assert!(world.jit_rules().is_empty(), "{:?}", world.jit_rules());
     assert_eq!(world.get_request(&id).await["state"], "revoked");
