@@ -171,7 +171,10 @@ pub fn delete(env: &Env, caller: &Caller, name: &str, revoke: bool) -> Result<Re
     }
     env.record("policy.deleted", subject_of_policy(&name), Outcome::Ok, json!({ "revoke": revoke }))?;
     env.kv.delete(&keys::policy(&name))?;
-    store::remove_from_list(env.kv, keys::POLICIES, name.as_str())?;
+    // While it has grants, it stays in the reconciler's round (which drops it after them).
+    if store::read_list(env.kv, &keys::live(&name))?.is_empty() {
+        store::remove_from_list(env.kv, keys::POLICIES, name.as_str())?;
+    }
     Ok(Reply::ok(json!({ "deleted": name, "revoked": revoked, "cancelled": cancelled })))
 }
 

@@ -100,12 +100,14 @@ pub(crate) fn round(env: &Env, budget: &Budgeted, overdue: &mut Overdue) -> Resu
 
 fn reconcile_policy(env: &Env, name: &str, work: &[String], overdue: &mut Overdue) -> Result<(), ApiError> {
     let Ok(name) = PolicyName::parse(name) else { return Ok(()) };
-    let Some(policy) = store::load::<Policy>(env.kv, &keys::policy(&name))? else { return Ok(()) };
+    let Some(policy) = store::load::<Policy>(env.kv, &keys::policy(&name))? else {
+        return reconcile_deleted(env, &name, work, overdue);
+    };
     let previous = store::load::<DriftScan>(env.kv, &keys::drift(&name))?.map(|v| v.value);
     if previous.as_ref().is_some_and(|p| p.scanned_at + env.config.drift.every > env.now + TimeDelta::seconds(5)) {
         return Ok(());
     }
-    let grants = close_overdue_grants(env, &policy.value, work, overdue)?;
+    let grants = close_overdue_grants(env, &name, work, overdue)?;
     let mut scan = DriftScan {
         policy: name.to_string(),
         nsg: policy.value.nsg.as_str().to_owned(),
@@ -137,12 +139,12 @@ fn reconcile_policy(env: &Env, name: &str, work: &[String], overdue: &mut Overdu
 /// is put back on the sweep's list. Answers the grants that are rightly active.
 fn close_overdue_grants(
     env: &Env,
-    policy: &Policy,
+    policy: &PolicyName,
     work: &[String],
     overdue: &mut Overdue,
 ) -> Result<Vec<Versioned<AccessRequest>>, ApiError> {
     let mut active = Vec::new();
-    for id in store::read_list(env.kv, &keys::live(&policy.name))? {
+    for id in store::read_list(env.kv, &keys::live(policy))? {
         let Ok(request_id) = RequestId::parse(&id) else { continue };
         let mut request = match store::load::<AccessRequest>(env.kv, &keys::request(&request_id)) {
             Ok(Some(request)) => request,
@@ -170,6 +172,20 @@ fn close_overdue_grants(
         }
     }
     Ok(active)
+}
+
+/// A deleted policy stays in the round while it has grants: they still close on time whatever
+/// the due index says. Once none is left, it leaves the round.
+fn reconcile_deleted(env: &Env, name: &PolicyName, work: &[String], overdue: &mut Overdue) -> Result<(), ApiError> {
+    close_overdue_grants(env, name, work, overdue)?;
+    if store::read_list(env.kv, &keys::live(name))?.is_empty() {
+        store::remove_from_list(env.kv, keys::POLICIES, name.as_str())?;
+        // Created again meanwhile: it belongs in the round after all.
+        if store::load::<Policy>(env.kv, &keys::policy(name))?.is_some() {
+            store::add_to_list(env.kv, keys::POLICIES, name.as_str(), usize::MAX)?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether a rule is one of portcullis's grant rules, and the request id it names.

@@ -639,3 +639,19 @@ fn a_confirmed_put_after_an_uncertain_attempt_keeps_its_lease() {
     let leases = world.at(at(0), |env| env.request("r1").unwrap().value.put_leases);
     assert_eq!(leases.len(), 1, "kept until the timed-out attempt can no longer land");
 }
+
+#[test]
+fn a_deleted_policys_grant_whose_due_entry_was_lost_is_still_closed() {
+    let world = World::new(policy_json());
+    world.create("r1", raw_request()).unwrap();
+    world.at(at(1), |env| policies::delete(env, &admin(), "demo-vm", false)).unwrap();
+    assert_eq!(crate::store::read_list(&world.kv, keys::POLICIES).unwrap(), ["demo-vm"], "kept while it has grants");
+    for key in world.kv.keys().into_iter().filter(|k| k.starts_with("due:")) {
+        world.kv.delete(&key).unwrap();
+    }
+    world.at(at(61), sweep::sweep).unwrap();
+    assert_eq!(world.state("r1"), "expired");
+    assert!(world.allow_rules().is_empty());
+    world.at(at(62), sweep::sweep).unwrap();
+    assert!(crate::store::read_list(&world.kv, keys::POLICIES).unwrap().is_empty(), "then it leaves the round");
+}
