@@ -1,7 +1,7 @@
 //! `GET /api/health`: the watchdog. 503 when expiry is not keeping up (the sweep stopped, a
 //! grant is open well past its end, the due index or the work list is falling behind). With
-//! no credential it says only that; admins and auditors also see when the last sweep ran and
-//! the backlog it left.
+//! no credential it says that and when the last sweep ran; admins and auditors also see the
+//! backlog it left and the problems.
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::json;
@@ -19,11 +19,13 @@ const DEFERRED_STREAK_LIMIT: u32 = 5;
 /// completes a minute only once it is two minutes past.
 const DUE_SETTLE_MINUTES: i64 = 3;
 
-/// `GET /api/health` without a credential: only whether expiry keeps up (200 or 503), so an
-/// uptime check can watch it and nobody learns from it when a grant outlives its end.
+/// `GET /api/health` without a credential: whether expiry keeps up (200 or 503) and when the
+/// last sweep ran, so an uptime check can watch it; the backlog (which would tell anyone when
+/// a grant is outliving its end) is for admins and auditors.
 pub fn public(env: &Env) -> Result<Reply, ApiError> {
     let detailed = assess(env)?;
-    Ok(Reply { status: detailed.status, body: json!({ "status": detailed.body["status"] }) })
+    let body = json!({ "status": detailed.body["status"], "last_sweep_at": detailed.body["last_sweep_at"] });
+    Ok(Reply { status: detailed.status, body })
 }
 
 /// `GET /api/health` with an admin's or auditor's credential: the backlog and the problems.
