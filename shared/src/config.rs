@@ -103,6 +103,8 @@ pub struct Config {
     pub audit: AuditSettings,
     /// The reconciler and the health check.
     pub drift: DriftSettings,
+    /// The largest request body accepted (413 above it).
+    pub max_body_bytes: usize,
 }
 
 /// What the reconciler does with a grant whose rule is missing from its NSG.
@@ -240,7 +242,13 @@ impl Config {
             },
             max_sweep_age: delta("health_max_sweep_age", "PT3M")?,
         };
+        let max_body_bytes = optional("max_body_bytes", "65536")
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .context("variable 'max_body_bytes' must be a positive number")?;
         Ok(Self {
+            max_body_bytes,
             drift,
             arm: ArmSettings {
                 identity,

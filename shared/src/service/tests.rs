@@ -54,6 +54,7 @@ impl World {
                 trusted_proxies: vec![],
                 audit: crate::config::AuditSettings { checkpoint_key: None, checkpoint_every: 1000 },
                 drift: crate::config::DriftSettings::default(),
+                max_body_bytes: 65536,
             },
         };
         world.at(at(0), |env| policies::put(env, &admin(), "demo-vm", policy.to_string().as_bytes(), false)).unwrap();

@@ -124,7 +124,8 @@ impl Ctx {
             "method": request.method().to_string(),
             "path": request.path().chars().take(200).collect::<String>(),
             "code": error.code,
-            "reason": error.message,
+            // The reason can quote what the caller sent (a token's `kid`): never all of it.
+            "reason": error.message.chars().take(200).collect::<String>(),
         });
         let recorded = self.run(origin, |env| env.record(action, Subject::default(), Outcome::Refused, details));
         if let Err(failure) = recorded {
@@ -143,6 +144,16 @@ fn is_change(request: &Request) -> bool {
 /// plus its route table. Refused attempts at changes (401, 403) are audited.
 pub fn serve_api(request: &Request, route: impl FnOnce(&Ctx, &Env, &Caller) -> Result<Reply, ApiError>) -> Response {
     let outcome = Ctx::load().and_then(|ctx| {
+        // Before anything reads it, and before authentication: a flood of large bodies costs
+        // nothing more than the bytes.
+        if request.body().len() > ctx.config.max_body_bytes {
+            return Err(ApiError {
+                status: 413,
+                code: "body_too_large",
+                message: format!("request bodies are at most {} bytes", ctx.config.max_body_bytes),
+                internal: None,
+            });
+        }
         let (caller, origin) = ctx.caller(request)?;
         let outcome = ctx.run(origin.clone(), |env| route(&ctx, env, &caller));
         if let Err(error) = &outcome

@@ -129,3 +129,32 @@ async fn bad_policies_are_refused_and_change_nothing() {
     assert_eq!(world.call("GET", "/api/nothing-here", Some(ADMIN), None).await.0, 404);
     assert_eq!(world.call("PATCH", "/api/policies/demo-vm", Some(ADMIN), Some("{}")).await.0, 405);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_over_the_limit_are_refused_with_413_before_anything_reads_them() {
+    let world = World::start().await;
+    world.auto_policy().await;
+    let keys_before = world.store_keys();
+    let trail_before = world.audit("").await.len();
+    for size in [64 * 1024 + 1, 1 << 20, 20 << 20] {
+        let body = format!("{{\"justification\": \"{}\"}}", "x".repeat(size));
+        for (key, path) in
+            [(Some(ALICE), "/api/requests"), (None, "/api/requests"), (Some(BOB), "/api/requests/x/approve")]
+        {
+            let (status, answer) = world.call("POST", path, key, Some(&body)).await;
+            assert_eq!((status, answer["error"]["code"].as_str()), (413, Some("body_too_large")), "{size} {path}");
+        }
+    }
+    // Just under the limit is read (and refused for what it says, not its size).
+    let body = format!(
+        "{{\"policy\": \"demo-vm\", \"ports\": [22], \"duration\": \"PT1H\", \"justification\": \"{}\"}}",
+        "x".repeat(60_000)
+    );
+    assert_eq!(
+        world.call("POST", "/api/requests", Some(ALICE), Some(&body)).await.1["error"]["code"],
+        "invalid_justification"
+    );
+    assert_eq!(world.store_keys(), keys_before, "nothing stored");
+    assert_eq!(world.audit("").await.len(), trail_before, "nothing recorded");
+    assert!(world.jit_rules().is_empty());
+}
