@@ -26,6 +26,7 @@
 //! | `audit:head` | the audit trail's last event, moved by compare-and-swap |
 //! | `audit:e:<seq>` | audit event number `seq` (from 1, contiguous) |
 //! | `audit:checkpoint` | the latest signed checkpoint of the audit trail |
+//! | `audit:cp:<seq>` | the checkpoint signed at event `seq`, written once |
 
 use chrono::{DateTime, Utc};
 
@@ -100,6 +101,12 @@ pub const AUDIT_HEAD: &str = "audit:head";
 /// The latest signed audit checkpoint.
 pub const AUDIT_CHECKPOINT: &str = "audit:checkpoint";
 
+/// The checkpoint signed at event `seq`: written once, never replaced (the append-only record
+/// behind `audit:checkpoint`).
+pub fn audit_checkpoint_at(seq: u64) -> String {
+    format!("audit:cp:{seq}")
+}
+
 /// Audit event number `seq`.
 pub fn audit_event(seq: u64) -> String {
     format!("audit:e:{seq}")
@@ -129,6 +136,7 @@ mod tests {
             open_of(&policy, &principal),
             live(&policy),
             audit_event(u64::MAX),
+            audit_checkpoint_at(u64::MAX),
             POLICIES.into(),
             RECENT_REQUESTS.into(),
             ARM_WORK.into(),

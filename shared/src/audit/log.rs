@@ -87,7 +87,7 @@ pub fn append(
         if let Err(error) = kv.set(&keys::audit_event(event.seq), &bytes) {
             eprintln!("audit: event {} stays in the head until the next append archives it: {error}", event.seq);
         }
-        if let Some(checkpointing) = checkpointing.filter(|c| c.every > 0 && event.seq.is_multiple_of(c.every))
+        if let Some(checkpointing) = checkpointing.filter(|c| checkpoint_due(kv, event.seq, c.every))
             && let Err(error) = save_checkpoint(kv, &Checkpoint::sign(checkpointing.key, event.seq, &event.hash))
         {
             eprintln!("audit: checkpoint at {} not saved (the next one will be): {error}", event.seq);
@@ -110,13 +110,76 @@ fn parse(key: &str, bytes: &[u8]) -> Result<AuditEvent, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { key: key.to_owned(), reason: e.to_string() })
 }
 
-/// Stores a checkpoint unless a later one is already there.
+/// How often an append looks whether the stored checkpoints fell behind (the key was just
+/// set, or a save failed), and signs its own event if so.
+const CHECKPOINT_CATCH_UP: u64 = 100;
+
+/// Whether the event at `seq` is to be signed: every `every` events, and at the next
+/// hundredth when the latest stored checkpoint is missing or a period behind.
+fn checkpoint_due(kv: &dyn KvStore, seq: u64, every: u64) -> bool {
+    every > 0
+        && (seq.is_multiple_of(every)
+            || seq.is_multiple_of(CHECKPOINT_CATCH_UP)
+                && latest_checkpoint(kv).ok().flatten().is_none_or(|latest| latest.seq + every <= seq))
+}
+
+/// Stores a checkpoint: once under its own sequence number (never replaced), and as the
+/// latest unless a later one is already there.
 pub fn save_checkpoint(kv: &dyn KvStore, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec(checkpoint).map_err(|e| StoreError::Backend(e.to_string()))?;
+    // Written once: a swap over the absent key (a second signing of one event changes nothing).
+    kv.compare_and_swap(&keys::audit_checkpoint_at(checkpoint.seq), None, &bytes)?;
     store::update::<Checkpoint, _>(kv, keys::AUDIT_CHECKPOINT, |stored| match stored {
         Some(stored) if stored.seq >= checkpoint.seq => None,
         _ => Some(checkpoint.clone()),
     })
     .map(drop)
+}
+
+/// With a key configured, checkpoints must keep up with the trail: the latest must be at or
+/// after the last multiple of `every` the head has passed, and it must stand in the
+/// append-only record. A checkpoint that is missing, or an older genuine one put back in its
+/// place (to hide a cut tail), is reported, not skipped.
+fn check_checkpoint_record(
+    kv: &dyn KvStore,
+    verifier: &mut Verifier,
+    last: u64,
+    every: u64,
+    latest: Option<&Checkpoint>,
+) -> Result<(), StoreError> {
+    let due = last / every * every;
+    if due == 0 {
+        return Ok(());
+    }
+    match latest {
+        None => verifier.fail(due, format!("no checkpoint is stored, though one is due at event {due}")),
+        Some(latest) if latest.seq < due => verifier.fail(
+            due,
+            format!(
+                "the latest checkpoint is at event {}, before the one due at {due}: it was put back or lost",
+                latest.seq
+            ),
+        ),
+        Some(latest) => {
+            let recorded = store_get_checkpoint(kv, latest.seq)?;
+            if recorded.as_ref() != Some(latest) {
+                verifier.fail(
+                    latest.seq,
+                    format!("the checkpoint at event {} is not in the append-only record", latest.seq),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn store_get_checkpoint(kv: &dyn KvStore, seq: u64) -> Result<Option<Checkpoint>, StoreError> {
+    let key = keys::audit_checkpoint_at(seq);
+    kv.get(&key)?
+        .map(|bytes| {
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })
+        })
+        .transpose()
 }
 
 /// The latest stored checkpoint.
@@ -192,8 +255,9 @@ pub fn verify_stored(
     kv: &dyn KvStore,
     from: u64,
     to: Option<u64>,
-    key: Option<&[u8]>,
+    checkpointing: Option<Checkpointing>,
 ) -> Result<StoredVerification, StoreError> {
+    let key = checkpointing.map(|c| c.key);
     let from = from.max(1);
     let head = head(kv)?;
     let last = head.as_ref().map_or(0, |h| h.seq);
@@ -210,6 +274,7 @@ pub fn verify_stored(
         Some(_) => latest_checkpoint(kv)?,
         None => None,
     };
+    let latest = checkpoint.clone();
     let mut at_checkpoint = None;
     for seq in from..=to {
         if verifier.is_broken() {
@@ -263,6 +328,9 @@ pub fn verify_stored(
         }
         _ => None,
     };
+    if let Some(checkpointing) = checkpointing.filter(|c| c.every > 0 && to == last) {
+        check_checkpoint_record(kv, &mut verifier, last, checkpointing.every, latest.as_ref())?;
+    }
     Ok(StoredVerification { from, to, chain: verifier.finish(), checkpoint })
 }
 

@@ -101,8 +101,12 @@ pub fn verify(env: &Env, caller: &Caller, query: &str) -> Result<Reply, ApiError
     require_auditor(caller)?;
     let from = number(query, "from")?.unwrap_or(1);
     let to = number(query, "to")?;
-    let key = env.config.audit.checkpoint_key.as_ref().map(|k| k.expose().as_bytes());
-    let report = log::verify_stored(env.kv, from, to, key)?;
+    let audit = &env.config.audit;
+    let checkpointing = audit
+        .checkpoint_key
+        .as_ref()
+        .map(|k| log::Checkpointing { key: k.expose().as_bytes(), every: audit.checkpoint_every });
+    let report = log::verify_stored(env.kv, from, to, checkpointing)?;
     let mut body = serde_json::to_value(&report).map_err(ApiError::internal)?;
     body["valid"] = json!(report.chain.broken.is_none());
     Ok(Reply::ok(body))

@@ -18,6 +18,7 @@ fn record(n: u64) -> Record {
 }
 
 const KEY: &[u8] = b"checkpoint key";
+const CHECKPOINTING: Option<Checkpointing> = Some(Checkpointing { key: KEY, every: 5 });
 
 fn trail(n: u64) -> MemStore {
     let kv = MemStore::default();
@@ -28,7 +29,7 @@ fn trail(n: u64) -> MemStore {
 }
 
 fn broken_at(kv: &MemStore) -> Option<u64> {
-    verify_stored(kv, 1, None, Some(KEY)).unwrap().chain.broken.map(|b| b.seq)
+    verify_stored(kv, 1, None, CHECKPOINTING).unwrap().chain.broken.map(|b| b.seq)
 }
 
 #[test]
@@ -38,7 +39,7 @@ fn appends_are_numbered_from_one_chained_and_kept_under_their_own_keys() {
     assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6, 7]);
     assert_eq!(verify(events.clone(), None).broken, None);
     assert_eq!(head(&kv).unwrap().as_ref(), events.last());
-    let report = verify_stored(&kv, 1, None, Some(KEY)).unwrap();
+    let report = verify_stored(&kv, 1, None, CHECKPOINTING).unwrap();
     assert_eq!((report.chain.checked, report.chain.broken), (7, None));
     assert_eq!(report.checkpoint, Some(CheckpointStatus { seq: 5, verified: true }));
 }
@@ -107,7 +108,7 @@ fn tampering_is_reported_at_the_right_sequence_number() {
     for seq in 4..=6 {
         truncated.delete(&keys::audit_event(seq)).unwrap();
     }
-    let report = verify_stored(&truncated, 1, None, Some(KEY)).unwrap();
+    let report = verify_stored(&truncated, 1, None, CHECKPOINTING).unwrap();
     assert_eq!(report.chain.broken.map(|b| b.seq), Some(4));
     assert!(verify_stored(&truncated, 1, None, None).unwrap().chain.broken.is_none(), "the chain alone cannot tell");
 
@@ -196,4 +197,49 @@ impl KvStore for FailingSet<'_> {
     fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
         self.0.increment(key, delta)
     }
+}
+
+#[test]
+fn a_missing_or_restored_checkpoint_is_reported_not_skipped() {
+    // The head is at 12: the checkpoint due at 10 must be the latest, and in the record.
+    let fine = trail(12);
+    assert_eq!(broken_at(&fine), None);
+    assert_eq!(verify_stored(&fine, 1, None, CHECKPOINTING).unwrap().checkpoint.map(|c| c.seq), Some(10));
+
+    let missing = trail(12);
+    missing.delete(keys::AUDIT_CHECKPOINT).unwrap();
+    assert_eq!(broken_at(&missing), Some(10), "a missing checkpoint");
+
+    // An older genuine checkpoint put back as the latest (the first step of hiding a cut tail).
+    let restored = trail(12);
+    let older: Checkpoint =
+        serde_json::from_slice(&restored.get(&keys::audit_checkpoint_at(5)).unwrap().unwrap()).unwrap();
+    let version = crate::store::load::<Checkpoint>(&restored, keys::AUDIT_CHECKPOINT).unwrap().unwrap().version;
+    crate::store::save(&restored, keys::AUDIT_CHECKPOINT, &older, Some(version)).unwrap();
+    let report = verify_stored(&restored, 1, None, CHECKPOINTING).unwrap();
+    assert_eq!(report.chain.broken.as_ref().map(|b| b.seq), Some(10), "{report:?}");
+
+    // The latest copy without its record.
+    let unrecorded = trail(12);
+    unrecorded.delete(&keys::audit_checkpoint_at(10)).unwrap();
+    assert_eq!(broken_at(&unrecorded), Some(10));
+
+    // Without a key nothing is required (README says what that proves).
+    assert_eq!(verify_stored(&missing, 1, None, None).unwrap().chain.broken, None);
+}
+
+#[test]
+fn checkpoints_catch_up_when_the_key_is_set_late() {
+    let kv = MemStore::default();
+    for i in 1..=250 {
+        append(&kv, record(i), at(i as i64), None).unwrap();
+    }
+    // Checkpoints every 1000 from now on: the next hundredth event signs, so verify is valid
+    // before the 1000th event.
+    let late = Some(Checkpointing { key: KEY, every: 1000 });
+    for i in 251..=300 {
+        append(&kv, record(i), at(i as i64), late).unwrap();
+    }
+    assert_eq!(latest_checkpoint(&kv).unwrap().map(|c| c.seq), Some(300));
+    assert_eq!(verify_stored(&kv, 1, None, late).unwrap().chain.broken, None);
 }
