@@ -23,6 +23,7 @@
 //! | `open:<policy>:<principal>` | ids of a requester's pending and active requests under a policy |
 //! | `live:<policy>` | ids of a policy's active grants (until their rule is confirmed gone) |
 //! | `pending:<policy>` | ids of a policy's requests waiting for approval |
+//! | `authfail:<yyyymmddhhmm>` | a counter (`increment` only): failed logins in that minute |
 //! | `audit:head` | the audit trail's last event, moved by compare-and-swap |
 //! | `audit:e:<seq>` | audit event number `seq` (from 1, contiguous) |
 //! | `audit:checkpoint` | the latest signed checkpoint of the audit trail |
@@ -73,6 +74,11 @@ pub fn due_slot(at: DateTime<Utc>, slot: i64) -> String {
 /// A policy's requests waiting for approval (cancelled when it is disabled or deleted).
 pub fn pending(policy: &PolicyName) -> String {
     format!("pending:{policy}")
+}
+
+/// Failed logins in the minute of `at` (a counter, `increment` only).
+pub fn auth_failures(at: DateTime<Utc>) -> String {
+    format!("authfail:{}", at.format("%Y%m%d%H%M"))
 }
 
 /// The reconciler's last scan of a policy's NSG.
@@ -128,6 +134,7 @@ mod tests {
             self::request(&request),
             requests_by(&principal),
             due_count(Utc::now()),
+            auth_failures(Utc::now()),
             due_slot(Utc::now(), i64::MAX),
             pending(&policy),
             drift(&policy),

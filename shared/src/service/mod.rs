@@ -7,6 +7,7 @@ pub mod grants;
 pub mod health;
 pub mod policies;
 pub mod reconcile;
+pub mod refusals;
 pub mod requests;
 pub mod sweep;
 

@@ -156,7 +156,9 @@ fn clear_due(kv: &dyn KvStore, minute: DateTime<Utc>, slots: usize) -> Result<()
     for slot in 1..=slots {
         kv.delete(&keys::due_slot(minute, slot as i64))?;
     }
-    kv.delete(&keys::due_count(minute))
+    kv.delete(&keys::due_count(minute))?;
+    // The minute's count of failed logins is done with too.
+    kv.delete(&keys::auth_failures(minute))
 }
 
 /// A store that counts the compare-and-swaps and increments made through it.

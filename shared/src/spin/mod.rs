@@ -119,8 +119,18 @@ impl Ctx {
 
     /// Audits a refused attempt at a change; a failure to record goes to the log, and the
     /// caller gets the refusal either way.
+    /// Failed logins are counted per minute and only the 1st, 10th, 100th... of a minute is
+    /// recorded, with the count ([`crate::service::refusals`]).
     pub fn record_refusal(&self, request: &Request, origin: Origin, action: &'static str, error: &ApiError) {
+        let failures = match action {
+            "auth.failed" => match crate::service::refusals::failure_to_record(&self.kv, self.clock.now()) {
+                Some(count) => Some(count),
+                None => return,
+            },
+            _ => None,
+        };
         let details = json!({
+            "failures_this_minute": failures,
             "method": request.method().to_string(),
             "path": request.path().chars().take(200).collect::<String>(),
             "code": error.code,

@@ -257,7 +257,8 @@ async fn concurrent_appends_keep_one_contiguous_valid_chain() {
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "contiguous, each number once");
     let count = |action: &str| events.iter().filter(|e| e["action"] == action).count();
-    assert_eq!((count("auth.failed"), count("auth.forbidden")), (8, 8));
+    // Failed logins are counted per minute and recorded at the 1st, 10th, 100th...
+    assert_eq!((count("auth.failed"), count("auth.forbidden")), (1, 8));
     // Every request answered 201 has its event, and every event names a request that exists.
     let recorded: Vec<&str> = events
         .iter()

@@ -2,6 +2,7 @@
 //! the ARM emulator.
 //!
 //! - `support`: the `World` harness (host + emulator + typed calls + failure report).
+//! - `abuse`: a flood of bad credentials while grants expire.
 //! - `audit`: the events every action leaves, tampering, concurrency, offline verification, no secrets.
 //! - `lifecycle`: the whole loop: request, approve, open, expire, close.
 //! - `validation`: bad input gets a clear 4xx and changes nothing.
@@ -15,6 +16,7 @@
 //! - `azure`: parity with Azure's JIT: VM resolution, baseline deny rules, rules it does not
 //!   own, identities, and the ARM cost of a grant.
 
+mod abuse;
 mod audit;
 mod azure;
 mod drift;

@@ -1,0 +1,41 @@
+//! Abuse: a flood of bad credentials neither grows the audit trail without bound nor keeps
+//! the sweep from closing grants on time.
+
+use futures_util::StreamExt;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_bad_credentials_while_grants_expire_closes_every_rule_on_time() {
+    let world = World::start().await;
+    world.auto_policy().await;
+    let mut grants = Vec::new();
+    for key in [ALICE, CAROL, ERIN] {
+        let (status, grant) = world.request(key, &ssh("PT5M")).await;
+        assert_eq!(status, 201, "{grant}");
+        grants.push(id(&grant));
+    }
+    let before = world.audit("").await.len();
+    world.advance_minutes(6);
+    // 1,000 bad credentials at once, racing the tick that must close the grants.
+    let flood = futures_util::stream::iter(0..1000).for_each_concurrent(32, |n| {
+        let world = &world;
+        async move {
+            let key = format!("not-a-key-{n}");
+            let (status, _) = world.call("POST", "/api/requests", Some(&key), Some("{}")).await;
+            assert_eq!(status, 401);
+        }
+    });
+    let started = std::time::Instant::now();
+    let ((), ()) = tokio::join!(flood, world.tick());
+    let flood_time = started.elapsed();
+    assert!(world.jit_rules().is_empty(), "every rule closed in the flood's tick: {:?}", world.jit_rules());
+    for id in &grants {
+        assert_eq!(world.get_request(id).await["state"], "expired");
+    }
+    let failures: Vec<_> = world.audit("action=auth.failed").await;
+    let counts: Vec<i64> = failures.iter().map(|e| e["details"]["failures_this_minute"].as_i64().unwrap()).collect();
+    assert_eq!(counts, [1, 10, 100, 1000], "a handful of events, with the count");
+    let grown = world.audit("").await.len() - before;
+    println!("flood: 1000 bad credentials in {flood_time:?}; the trail grew by {grown} events (4 for the flood)");
+}
