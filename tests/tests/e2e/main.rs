@@ -3,6 +3,7 @@
 //!
 //! - `support`: the `World` harness (host + emulator + typed calls + failure report).
 //! - `abuse`: a flood of bad credentials while grants expire.
+//! - `corpus`: the hostile-input corpus in `tests/corpus/`, end to end.
 //! - `audit`: the events every action leaves, tampering, concurrency, offline verification, no secrets.
 //! - `lifecycle`: the whole loop: request, approve, open, expire, close.
 //! - `validation`: bad input gets a clear 4xx and changes nothing.
@@ -19,6 +20,7 @@
 mod abuse;
 mod audit;
 mod azure;
+mod corpus;
 mod drift;
 mod faults;
 mod identity;
