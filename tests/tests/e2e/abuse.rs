@@ -35,7 +35,12 @@ async fn a_flood_of_bad_credentials_while_grants_expire_closes_every_rule_on_tim
     }
     let failures: Vec<_> = world.audit("action=auth.failed").await;
     let counts: Vec<i64> = failures.iter().map(|e| e["details"]["failures_this_minute"].as_i64().unwrap()).collect();
-    assert_eq!(counts, [1, 10, 100, 1000], "a handful of events, with the count");
+    // 1, 10, 100, 1000 within one minute; the flood may straddle two (the count starts again).
+    let powers_of_ten = counts.iter().all(|n| [1, 10, 100, 1000].contains(n));
+    assert!(powers_of_ten && (4..=8).contains(&counts.len()), "a handful of events, with the count: {counts:?}");
     let grown = world.audit("").await.len() - before;
-    println!("flood: 1000 bad credentials in {flood_time:?}; the trail grew by {grown} events (4 for the flood)");
+    println!(
+        "flood: 1000 bad credentials in {flood_time:?}; the trail grew by {grown} events ({} for the flood)",
+        counts.len()
+    );
 }
