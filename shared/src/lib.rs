@@ -27,3 +27,6 @@ pub mod spin;
 
 #[cfg(test)]
 pub(crate) mod testing;
+
+#[cfg(test)]
+mod properties;
