@@ -35,6 +35,13 @@ fn route(request: &Request) -> Response {
     {
         return serve_public(health::public);
     }
+    // An unknown route is answered before any credential is looked at: nothing to audit.
+    if !known(&segments(request, "/api")) {
+        return shared::spin::respond(Err(ApiError::not_found(
+            "no_such_route",
+            format!("no API at {}", request.path().chars().take(200).collect::<String>()),
+        )));
+    }
     serve_api(request, |ctx, env, caller| match (request.method(), segments(request, "/api").as_slice()) {
         (Method::Get, ["policies"]) => policies::list(env, caller),
         (Method::Put, ["policies", name]) => {
@@ -77,4 +84,21 @@ fn route(request: &Request) -> Response {
         ) => Err(ApiError::method_not_allowed(format!("{} is not supported on {}", request.method(), request.path()))),
         _ => Err(ApiError::not_found("no_such_route", format!("no API at {}", request.path()))),
     })
+}
+
+/// Whether a path is one of this component's routes (in any method).
+fn known(path: &[&str]) -> bool {
+    matches!(
+        path,
+        ["policies"]
+            | ["policies", _]
+            | ["policies", _, "evaluate"]
+            | ["requests"]
+            | ["requests", _]
+            | ["requests", _, "cancel"]
+            | ["audit"]
+            | ["audit", "export" | "verify" | "checkpoint"]
+            | ["drift"]
+            | ["health"]
+    )
 }

@@ -44,3 +44,14 @@ async fn a_flood_of_bad_credentials_while_grants_expire_closes_every_rule_on_tim
         counts.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_routes_are_answered_before_credentials_and_never_audited() {
+    let world = World::start().await;
+    let before = world.audit("").await.len();
+    for path in ["/api/nothing", "/api/requests/x/y/z", "/api/admin/../policies%2Fx"] {
+        let (status, answer) = world.call("POST", path, Some("not-a-key"), Some("{}")).await;
+        assert_eq!((status, answer["error"]["code"].as_str()), (404, Some("no_such_route")), "{path}");
+    }
+    assert_eq!(world.audit("").await.len(), before, "nothing recorded");
+}
