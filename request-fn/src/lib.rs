@@ -69,20 +69,8 @@ fn route(request: &Request) -> Response {
         (Method::Post, ["audit", "checkpoint"]) => audit::checkpoint(env, caller),
         (Method::Get, ["requests", id]) => requests::get(env, caller, id),
         (Method::Post, ["requests", id, "cancel"]) => requests::cancel(env, caller, id),
-        (
-            _,
-            ["policies"]
-            | ["policies", _]
-            | ["policies", _, "evaluate"]
-            | ["requests"]
-            | ["requests", _]
-            | ["requests", _, "cancel"]
-            | ["audit"]
-            | ["drift"]
-            | ["health"]
-            | ["audit", "export" | "verify" | "checkpoint"],
-        ) => Err(ApiError::method_not_allowed(format!("{} is not supported on {}", request.method(), request.path()))),
-        _ => Err(ApiError::not_found("no_such_route", format!("no API at {}", request.path()))),
+        // Unknown paths were answered above: a known one with another method.
+        _ => Err(ApiError::method_not_allowed(format!("{} is not supported on {}", request.method(), request.path()))),
     })
 }
 
