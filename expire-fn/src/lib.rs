@@ -2,7 +2,6 @@
 //! `POST /internal/sweep` with the sweep secret, for hosts without the cron trigger.
 
 use shared::api::{ApiError, Reply};
-use shared::service::Origin;
 use shared::service::sweep::SweepReport;
 use shared::spin::{Ctx, respond};
 use spin_sdk::http::{Method, Request, Response};
@@ -49,12 +48,7 @@ fn route(request: &Request) -> Result<Reply, ApiError> {
         .as_ref()
         .ok_or_else(|| ApiError::forbidden("sweep_disabled", "no sweep_secret is configured"))?;
     let header = request.header("authorization").and_then(|v| v.as_str());
-    if let Err(refused) = shared::auth::check_shared_secret(header, secret.expose()) {
-        let error = ApiError::from(refused);
-        let origin = Origin { actor: "anonymous".into(), source_ip: ctx.client_ip(request) };
-        ctx.record_refusal(request, origin, "auth.failed", &error);
-        return Err(error);
-    }
+    ctx.guard_login(request, || Ok(shared::auth::check_shared_secret(header, secret.expose())?))?;
     let report = run_sweep()?;
     Ok(Reply::ok(serde_json::to_value(report).map_err(ApiError::internal)?))
 }

@@ -42,6 +42,8 @@ pub struct ApiError {
     pub message: String,
     /// The cause of a 5xx, for the logs only.
     pub internal: Option<String>,
+    /// For 429: seconds until the caller may try again (the `Retry-After` header).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -51,7 +53,17 @@ impl ApiError {
     }
 
     fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), internal: None }
+        Self { status, code, message: message.into(), internal: None, retry_after: None }
+    }
+
+    /// 413: the body is larger than the configured limit.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(413, "body_too_large", message)
+    }
+
+    /// 429: over a rate limit; the caller may try again in `retry_after` seconds.
+    pub fn rate_limited(message: impl Into<String>, retry_after: u32) -> Self {
+        Self { retry_after: Some(retry_after), ..Self::new(429, "rate_limited", message) }
     }
 
     /// 400: the input cannot be read.
@@ -96,6 +108,7 @@ impl ApiError {
             code: "internal_error",
             message: "internal error; the cause is in the service logs".into(),
             internal: Some(cause.to_string()),
+            retry_after: None,
         }
     }
 
@@ -124,9 +137,7 @@ impl From<StoreError> for ApiError {
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
         match error {
-            AuthError::Unavailable(_) => {
-                Self { status: 503, code: "identity_provider_unavailable", message: error.to_string(), internal: None }
-            }
+            AuthError::Unavailable(_) => Self::new(503, "identity_provider_unavailable", error.to_string()),
             AuthError::Missing | AuthError::Unknown | AuthError::InvalidToken(_) => {
                 Self::unauthorized(error.to_string())
             }

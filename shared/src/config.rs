@@ -105,6 +105,20 @@ pub struct Config {
     pub drift: DriftSettings,
     /// The largest request body accepted (413 above it).
     pub max_body_bytes: usize,
+    /// How fast one principal or address may act.
+    pub rate_limits: RateLimits,
+}
+
+/// Calls allowed per minute (UTC, refilled at each minute boundary); `None`: no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimits {
+    /// Changes (anything but reads) by one principal.
+    pub changes_per_principal: Option<u32>,
+    /// Changes from one address (an IPv6 caller's /64).
+    pub changes_per_address: Option<u32>,
+    /// Failed logins from one address; past it, the address is refused before its
+    /// credential is looked at, until the minute ends.
+    pub failed_logins_per_address: Option<u32>,
 }
 
 /// What the reconciler does with a grant whose rule is missing from its NSG.
@@ -247,8 +261,23 @@ impl Config {
             .ok()
             .filter(|n| *n > 0)
             .context("variable 'max_body_bytes' must be a positive number")?;
+        let limit = |name: &str, default: &str| -> Result<Option<u32>> {
+            let value: u32 =
+                optional(name, default).parse().with_context(|| format!("variable '{name}' must be a number"))?;
+            Ok((value > 0).then_some(value))
+        };
+        let rate_limits = match optional("rate_limits", "on").as_str() {
+            "on" => RateLimits {
+                changes_per_principal: limit("rate_limit_changes_per_principal", "60")?,
+                changes_per_address: limit("rate_limit_changes_per_address", "300")?,
+                failed_logins_per_address: limit("rate_limit_failed_logins_per_address", "30")?,
+            },
+            "off" => RateLimits::default(),
+            other => bail!("rate_limits '{other}' is not one of on, off"),
+        };
         Ok(Self {
             max_body_bytes,
+            rate_limits,
             drift,
             arm: ArmSettings {
                 identity,
@@ -308,6 +337,21 @@ mod tests {
         assert_eq!(config.arm.identity, Identity::ClientSecret);
         assert_eq!((config.priorities.min, config.priorities.max, config.deny_priorities.min), (100, 3999, 4000));
         assert_eq!(config.arm.timeout, std::time::Duration::from_secs(10));
+        let limits = config.rate_limits;
+        assert_eq!(
+            (limits.changes_per_principal, limits.changes_per_address, limits.failed_logins_per_address),
+            (Some(60), Some(300), Some(30))
+        );
+    }
+
+    #[test]
+    fn rate_limits_have_an_off_switch_and_zero_lifts_one_limit() {
+        let off = Config::load(&vars(&[("rate_limits", "off")])).unwrap();
+        assert_eq!(off.rate_limits, RateLimits::default());
+        let one = Config::load(&vars(&[("rate_limit_changes_per_address", "0")])).unwrap();
+        assert_eq!(one.rate_limits.changes_per_address, None);
+        assert_eq!(one.rate_limits.changes_per_principal, Some(60));
+        assert!(Config::load(&vars(&[("rate_limits", "maybe")])).is_err());
     }
 
     #[test]
@@ -322,6 +366,8 @@ mod tests {
             let error = format!("{:#}", Config::load(&vars(extra)).unwrap_err());
             assert!(error.contains(named), "{error}");
         }
+        let error = format!("{:#}", Config::load(&vars(&[("rate_limit_changes_per_principal", "-1")])).unwrap_err());
+        assert!(error.contains("rate_limit_changes_per_principal"), "{error}");
         let managed = Config::load(&vars(&[("arm_identity", "managed_identity"), ("arm_client_secret", "")])).unwrap();
         assert_eq!(managed.arm.identity, Identity::ManagedIdentity);
     }

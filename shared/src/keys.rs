@@ -24,6 +24,11 @@
 //! | `live:<policy>` | ids of a policy's active grants (until their rule is confirmed gone) |
 //! | `pending:<policy>` | ids of a policy's requests waiting for approval |
 //! | `authfail:<yyyymmddhhmm>` | a counter (`increment` only): failed logins in that minute |
+//! | `tally:<yyyymmddhhmm>:<kind>:<subject>` | a rate-limit counter (`increment` only) of one principal or address in that minute; kind `fail` (failed logins), `by` (changes by a principal), `from` (changes from an address) |
+//! | `tally:<yyyymmddhhmm>:block:<address>` | present when an address is over its failed-login limit in that minute |
+//! | `tally:<yyyymmddhhmm>:n` | a counter (`increment` only): slots taken in that minute's tally index |
+//! | `tally:<yyyymmddhhmm>:<k>` | slot `k`: the name of a tally key created in that minute (the sweep deletes them) |
+//! | `tally:cursor` | the first minute whose tallies the sweep has not deleted yet |
 //! | `audit:head` | the audit trail's last event, moved by compare-and-swap |
 //! | `audit:e:<seq>` | audit event number `seq` (from 1, contiguous) |
 //! | `audit:checkpoint` | the latest signed checkpoint of the audit trail |
@@ -81,6 +86,24 @@ pub fn auth_failures(at: DateTime<Utc>) -> String {
     format!("authfail:{}", at.format("%Y%m%d%H%M"))
 }
 
+/// A rate-limit counter: `kind` of `subject` in the minute of `at`.
+pub fn tally(at: DateTime<Utc>, kind: &str, subject: &str) -> String {
+    format!("tally:{}:{kind}:{subject}", at.format("%Y%m%d%H%M"))
+}
+
+/// How many slots the tally index of the minute of `at` has handed out (a counter).
+pub fn tally_count(at: DateTime<Utc>) -> String {
+    format!("tally:{}:n", at.format("%Y%m%d%H%M"))
+}
+
+/// Slot `slot` (from 1) of the tally index of the minute of `at`: one tally key's name.
+pub fn tally_slot(at: DateTime<Utc>, slot: i64) -> String {
+    format!("tally:{}:{slot}", at.format("%Y%m%d%H%M"))
+}
+
+/// The first minute whose tallies are not all deleted yet.
+pub const TALLY_CURSOR: &str = "tally:cursor";
+
 /// The reconciler's last scan of a policy's NSG.
 pub fn drift(policy: &PolicyName) -> String {
     format!("drift:{policy}")
@@ -135,6 +158,10 @@ mod tests {
             requests_by(&principal),
             due_count(Utc::now()),
             auth_failures(Utc::now()),
+            tally(Utc::now(), "block", "ffff:ffff:ffff:ffff::"),
+            tally(Utc::now(), "by", principal.as_str()),
+            tally_slot(Utc::now(), i64::MAX),
+            TALLY_CURSOR.into(),
             due_slot(Utc::now(), i64::MAX),
             pending(&policy),
             drift(&policy),

@@ -178,9 +178,11 @@ pub struct MemStore {
 }
 
 impl MemStore {
-    /// All keys, for assertions.
+    /// All keys, counters among them, for assertions.
     pub fn keys(&self) -> Vec<String> {
-        self.map.borrow().keys().cloned().collect()
+        let mut keys: Vec<String> = self.map.borrow().keys().cloned().collect();
+        keys.extend(self.counters.borrow().keys().cloned());
+        keys
     }
 }
 
@@ -202,6 +204,8 @@ impl KvStore for MemStore {
             return Err(StoreError::Backend("injected write failure".into()));
         }
         self.map.borrow_mut().remove(key);
+        // A counter is a key like any other to delete (as in Spin's stores).
+        self.counters.borrow_mut().remove(key);
         Ok(())
     }
 

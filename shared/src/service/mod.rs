@@ -7,9 +7,9 @@ pub mod grants;
 pub mod health;
 pub mod policies;
 pub mod reconcile;
-pub mod refusals;
 pub mod requests;
 pub mod sweep;
+pub mod throttle;
 
 use std::net::IpAddr;
 

@@ -239,6 +239,7 @@ pub fn sweep(env: &Env) -> Result<SweepReport, ApiError> {
 /// Runs one sweep at `env.now`; the reconciler's share uses `reconciler_arm`, a client with
 /// ARM time of its own, so an ARM that hangs on the closes cannot starve the safety net.
 pub fn sweep_with(env: &Env, reconciler_arm: &dyn Arm) -> Result<SweepReport, ApiError> {
+    let unbudgeted = env.kv;
     let budget = Budgeted::new(env.kv);
     let env = &env.with_store(&budget);
     let mut report = SweepReport::default();
@@ -268,6 +269,10 @@ pub fn sweep_with(env: &Env, reconciler_arm: &dyn Arm) -> Result<SweepReport, Ap
         report.deferred = true;
     }
     report.overdue = overdue.count;
+    // Last, and with a budget of its own: the rate limits' counters of minutes that are over.
+    if let Err(error) = super::throttle::clear_tallies(unbudgeted, env.now) {
+        eprintln!("sweep: deleting rate-limit tallies: {error}");
+    }
     let previous: Option<SweepStatus> =
         env.kv.get(keys::SWEEP_STATUS).ok().flatten().and_then(|bytes| serde_json::from_slice(&bytes).ok());
     let status = SweepStatus {

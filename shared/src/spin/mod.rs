@@ -20,6 +20,7 @@ use crate::auth::{self, Caller};
 use crate::config::{Config, Variables};
 use crate::domain::RequestId;
 use crate::http::{Clock, SystemClock};
+use crate::service::throttle::Throttle;
 use crate::service::{Env, Origin};
 
 /// How long one invocation may spend waiting on ARM (backoff and polling) before it leaves
@@ -94,49 +95,93 @@ impl Ctx {
         operation(&self.env(&arm, origin))
     }
 
-    /// Authenticates an API call; a failed attempt at a change is audited (as `anonymous`,
-    /// with the reason but never the credential).
+    /// The rate limits of this call.
+    pub fn throttle(&self) -> Throttle<'_> {
+        Throttle::new(&self.kv, self.clock.now(), self.config.rate_limits)
+    }
+
+    /// Authenticates an API call (see [`Ctx::guard_login`]).
     pub fn caller(&self, request: &Request) -> Result<(Caller, Origin), ApiError> {
-        let source_ip = self.client_ip(request);
-        match self.authenticate(request) {
-            Ok(caller) => {
-                let origin = Origin { actor: caller.principal.to_string(), source_ip };
-                Ok((caller, origin))
+        let caller = self.guard_login(request, || self.authenticate(request))?;
+        let origin = Origin { actor: caller.principal.to_string(), source_ip: self.client_ip(request) };
+        Ok((caller, origin))
+    }
+
+    /// Runs a credential check under the failed-login limits: an address over its limit is
+    /// refused (429) before its credential is looked at; every failed login (401) is counted,
+    /// and the 1st, 10th, 100th... of an address's minute is audited (as `anonymous`, with the
+    /// reason but never the credential; see [`crate::service::throttle`]).
+    pub fn guard_login<T>(
+        &self,
+        request: &Request,
+        check: impl FnOnce() -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let anonymous = Origin { actor: "anonymous".into(), source_ip: self.client_ip(request) };
+        let throttle = self.throttle();
+        if throttle.is_blocked(anonymous.source_ip) {
+            let error = ApiError::rate_limited(
+                format!("too many failed logins from this address; retry in {} s", throttle.retry_after()),
+                throttle.retry_after(),
+            );
+            self.record_failed_login(&throttle, request, anonymous, &error);
+            return Err(error);
+        }
+        check().inspect_err(|error| {
+            if error.status == 401 {
+                self.record_failed_login(&throttle, request, anonymous, error);
             }
-            Err(error) => {
-                if error.status == 401 && is_change(request) {
-                    self.record_refusal(
-                        request,
-                        Origin { actor: "anonymous".into(), source_ip },
-                        "auth.failed",
-                        &error,
-                    );
-                }
-                Err(error)
-            }
+        })
+    }
+
+    /// Counts a failed login and audits it when it is one to record.
+    fn record_failed_login(&self, throttle: &Throttle, request: &Request, origin: Origin, error: &ApiError) {
+        let counted = throttle.failed_login(origin.source_ip);
+        if counted.record {
+            let counts = json!({
+                "failures_from_address_this_minute": counted.from_address,
+                "failures_this_minute": counted.all,
+                "throttled": error.status == 429,
+            });
+            self.record_refusal(request, origin, "auth.failed", error, counts);
         }
     }
 
-    /// Audits a refused attempt at a change; a failure to record goes to the log, and the
-    /// caller gets the refusal either way.
-    /// Failed logins are counted per minute and only the 1st, 10th, 100th... of a minute is
-    /// recorded, with the count ([`crate::service::refusals`]).
-    pub fn record_refusal(&self, request: &Request, origin: Origin, action: &'static str, error: &ApiError) {
-        let failures = match action {
-            "auth.failed" => match crate::service::refusals::failure_to_record(&self.kv, self.clock.now()) {
-                Some(count) => Some(count),
-                None => return,
-            },
-            _ => None,
-        };
-        let details = json!({
-            "failures_this_minute": failures,
+    /// Counts a change against the caller's rate limits; over one, the change is refused (429)
+    /// and the 1st, 10th, 100th... refusal of the minute is audited.
+    pub fn check_rate(&self, request: &Request, caller: &Caller, origin: &Origin) -> Result<(), ApiError> {
+        let Err(limited) = self.throttle().change(&caller.principal, origin.source_ip) else { return Ok(()) };
+        let error = ApiError::rate_limited(
+            format!("too many changes from this {} this minute; retry in {} s", limited.scope, limited.retry_after),
+            limited.retry_after,
+        );
+        if limited.to_record() {
+            let counts = json!({"limit": limited.scope, "over_limit_this_minute": limited.over});
+            self.record_refusal(request, origin.clone(), "rate.limited", &error, counts);
+        }
+        Err(error)
+    }
+
+    /// Audits a refused call with `counts` beside what was asked; a failure to record goes to
+    /// the log, and the caller gets the refusal either way. Every field the caller chose is
+    /// cut to 200 characters.
+    pub fn record_refusal(
+        &self,
+        request: &Request,
+        origin: Origin,
+        action: &'static str,
+        error: &ApiError,
+        counts: serde_json::Value,
+    ) {
+        let mut details = json!({
             "method": request.method().to_string(),
             "path": request.path().chars().take(200).collect::<String>(),
             "code": error.code,
             // The reason can quote what the caller sent (a token's `kid`): never all of it.
             "reason": error.message.chars().take(200).collect::<String>(),
         });
+        if let (Some(details), serde_json::Value::Object(counts)) = (details.as_object_mut(), counts) {
+            details.extend(counts);
+        }
         let recorded = self.run(origin, |env| env.record(action, Subject::default(), Outcome::Refused, details));
         if let Err(failure) = recorded {
             eprintln!("could not audit {action}: {}", failure.internal.unwrap_or(failure.message));
@@ -157,20 +202,18 @@ pub fn serve_api(request: &Request, route: impl FnOnce(&Ctx, &Env, &Caller) -> R
         // Before anything reads it, and before authentication: a flood of large bodies costs
         // nothing more than the bytes.
         if request.body().len() > ctx.config.max_body_bytes {
-            return Err(ApiError {
-                status: 413,
-                code: "body_too_large",
-                message: format!("request bodies are at most {} bytes", ctx.config.max_body_bytes),
-                internal: None,
-            });
+            return Err(ApiError::too_large(format!("request bodies are at most {} bytes", ctx.config.max_body_bytes)));
         }
         let (caller, origin) = ctx.caller(request)?;
+        if is_change(request) {
+            ctx.check_rate(request, &caller, &origin)?;
+        }
         let outcome = ctx.run(origin.clone(), |env| route(&ctx, env, &caller));
         if let Err(error) = &outcome
             && error.status == 403
             && is_change(request)
         {
-            ctx.record_refusal(request, origin, "auth.forbidden", error);
+            ctx.record_refusal(request, origin, "auth.forbidden", error, json!({}));
         }
         outcome
     });
@@ -199,6 +242,7 @@ pub fn new_request_id() -> RequestId {
 /// Renders an operation's outcome; a 5xx's cause goes to stderr (the host's log), never to
 /// the client.
 pub fn respond(result: Result<Reply, ApiError>) -> Response {
+    let retry_after = result.as_ref().err().and_then(|error| error.retry_after);
     let (status, body) = match result {
         Ok(reply) => (reply.status, reply.body),
         Err(error) => {
@@ -208,5 +252,10 @@ pub fn respond(result: Result<Reply, ApiError>) -> Response {
             (error.status, error.body())
         }
     };
-    Response::builder().status(status).header("content-type", "application/json").body(body.to_string()).build()
+    let mut response = Response::builder();
+    response.status(status).header("content-type", "application/json");
+    if let Some(seconds) = retry_after {
+        response.header("retry-after", seconds.to_string());
+    }
+    response.body(body.to_string()).build()
 }

@@ -39,7 +39,7 @@ fn state(world: &World) -> Vec<(String, String)> {
         .host
         .dump_store()
         .into_iter()
-        .filter(|(key, _)| !["audit:", "authfail:", "cache:"].iter().any(|p| key.starts_with(p)))
+        .filter(|(key, _)| !["audit:", "authfail:", "tally:", "cache:"].iter().any(|p| key.starts_with(p)))
         .collect()
 }
 
