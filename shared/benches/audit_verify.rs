@@ -47,6 +47,7 @@ fn record(n: u64) -> Record {
         action: ["request.created", "request.approved", "rule.put", "rule.deleted"][(n % 4) as usize],
         subject: Subject { request: Some(format!("{n:024x}")), policy: Some("demo-vm".into()) },
         source_ip: Some("203.0.113.7".into()),
+        actor_name: None,
         outcome: Outcome::Ok,
         details: serde_json::json!({"ports": [22], "duration": "PT1H", "arm_request_id": "00000000-0000-0000-0000-000000000000"}),
     }
@@ -66,6 +67,7 @@ fn main() {
             action: ["request.created", "request.approved", "rule.put", "rule.deleted"][(n % 4) as usize].into(),
             subject: Subject { request: Some(format!("{n:024x}")), policy: Some("demo-vm".into()) },
             source_ip: Some("203.0.113.7".into()),
+            actor_name: None,
             outcome: Outcome::Ok,
             details: serde_json::json!({"ports": [22], "duration": "PT1H", "arm_request_id": "00000000-0000-0000-0000-000000000000"}),
             prev_hash: String::new(),

@@ -209,8 +209,8 @@ impl Config {
             issuer if issuer.is_empty() => None,
             issuer => {
                 let principal_claim = optional("oidc_principal_claim", "preferred_username");
-                if !["preferred_username", "upn", "email"].contains(&principal_claim.as_str()) {
-                    bail!("oidc_principal_claim must be preferred_username, upn or email");
+                if !["oid", "preferred_username", "upn", "email"].contains(&principal_claim.as_str()) {
+                    bail!("oidc_principal_claim must be oid, preferred_username, upn or email");
                 }
                 let groups_claim = optional("oidc_groups_claim", "groups");
                 if !["groups", "roles"].contains(&groups_claim.as_str()) {

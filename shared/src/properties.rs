@@ -90,6 +90,7 @@ proptest! {
                 action: "request.created",
                 subject: Subject { request: Some(format!("r{n}")), policy: Some("demo-vm".into()) },
                 source_ip: Some("203.0.113.7".into()),
+                actor_name: None,
                 outcome: Outcome::Ok,
                 details: serde_json::json!({"n": n}),
             };

@@ -63,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
             action: ["request.created", "request.approved", "rule.put", "rule.deleted"][(n % 4) as usize],
             subject: Subject { request: Some(format!("{n:024x}")), policy: Some("demo-vm".into()) },
             source_ip: Some("203.0.113.7".into()),
+            actor_name: None,
             outcome: Outcome::Ok,
             details: serde_json::json!({"ports": [22], "duration": "PT1H"}),
         };

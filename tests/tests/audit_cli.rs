@@ -16,6 +16,7 @@ fn chain(n: u64) -> Vec<AuditEvent> {
             action: "request.created".into(),
             subject: Subject { request: Some(format!("r{i}")), policy: Some("demo-vm".into()) },
             source_ip: None,
+            actor_name: None,
             outcome: Outcome::Ok,
             details: serde_json::json!({}),
             prev_hash: String::new(),

@@ -47,6 +47,9 @@ pub struct AuditEvent {
     pub at: DateTime<Utc>,
     /// A principal, or `system`.
     pub actor: String,
+    /// The actor's name for people to read (an OIDC token's `name`), when it differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_name: Option<String>,
     /// What happened (`request.created`, `rule.deleted`...).
     pub action: String,
     /// What it happened to.
@@ -70,6 +73,9 @@ struct Canonical<'a> {
     seq: u64,
     at: &'a DateTime<Utc>,
     actor: &'a str,
+    // Absent when `None`, so events from before it hash as they did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    actor_name: &'a Option<String>,
     action: &'a str,
     subject: &'a Subject,
     source_ip: &'a Option<String>,
@@ -85,6 +91,7 @@ impl AuditEvent {
             seq: self.seq,
             at: &self.at,
             actor: &self.actor,
+            actor_name: &self.actor_name,
             action: &self.action,
             subject: &self.subject,
             source_ip: &self.source_ip,
@@ -274,6 +281,7 @@ mod tests {
             action: "request.created".into(),
             subject: Subject { request: Some(format!("r{n}")), policy: Some("demo-vm".into()) },
             source_ip: Some("203.0.113.7".into()),
+            actor_name: None,
             outcome: Outcome::Ok,
             details: serde_json::json!({"ports": [22], "duration": "PT1H"}),
             prev_hash: String::new(),

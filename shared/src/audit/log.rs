@@ -23,6 +23,8 @@ const APPEND_ATTEMPTS: usize = 64;
 pub struct Record {
     /// A principal, or `system`.
     pub actor: String,
+    /// The actor's name for people to read, when it has one.
+    pub actor_name: Option<String>,
     /// What happened (`request.created`, `rule.put`...).
     pub action: &'static str,
     /// What it happened to.
@@ -41,6 +43,7 @@ impl Record {
             seq: 0,
             at,
             actor: self.actor,
+            actor_name: self.actor_name,
             action: self.action.to_owned(),
             subject: self.subject,
             source_ip: self.source_ip,

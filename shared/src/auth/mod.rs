@@ -31,6 +31,9 @@ pub enum Role {
 pub struct Caller {
     /// Who they are.
     pub principal: Principal,
+    /// A name for people to read (an OIDC token's `name`), shown beside the principal;
+    /// nothing is decided by it.
+    pub display_name: Option<String>,
     /// Their groups.
     pub groups: Vec<GroupName>,
     /// Their roles.
@@ -87,9 +90,17 @@ impl ApiKeys {
                 .ok()
                 .and_then(|bytes| bytes.try_into().ok())
                 .with_context(|| format!("api_keys entry for '{}': sha256 must be 64 hex digits", key.principal))?;
-            keys.push((hash, Caller { principal: key.principal, groups: key.groups, roles: key.roles }));
+            let caller = Caller { principal: key.principal, display_name: None, groups: key.groups, roles: key.roles };
+            keys.push((hash, caller));
         }
         Ok(Self(keys))
+    }
+
+    /// Whether an API key is held by `principal`. OIDC tokens naming such a principal are
+    /// refused, so the two kinds of principal never meet: a person whose username matches a
+    /// key's principal does not act as the key (its grants, its approvals, its requests).
+    pub fn has_principal(&self, principal: &Principal) -> bool {
+        self.0.iter().any(|(_, caller)| &caller.principal == principal)
     }
 
     /// Finds the caller for an `Authorization` header value. Every configured hash is compared

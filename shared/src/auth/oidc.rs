@@ -28,7 +28,7 @@ pub struct OidcSettings {
     pub audience: String,
     /// The issuer's JWKS.
     pub jwks_url: String,
-    /// The claim naming the principal (`preferred_username`, `upn` or `email`).
+    /// The claim naming the principal (`oid`, `preferred_username`, `upn` or `email`).
     pub principal_claim: String,
     /// The claim listing groups (`groups` or `roles`).
     pub groups_claim: String,
@@ -143,11 +143,27 @@ fn check_key_matches(jwk: &Jwk, alg: Algorithm) -> Result<(), AuthError> {
     Ok(())
 }
 
+/// Longest display name kept (the rest is cut).
+const MAX_DISPLAY_NAME: usize = 100;
+
 fn caller_from_claims(claims: &serde_json::Value, settings: &OidcSettings) -> Result<Caller, AuthError> {
-    let name = claims[&settings.principal_claim]
-        .as_str()
-        .ok_or_else(|| invalid(format!("the token has no '{}' claim to name the caller", settings.principal_claim)))?;
-    let principal = Principal::parse(name).map_err(|e| invalid(e.to_string()))?;
+    let claim = |name: &str| claims[name].as_str().filter(|v| !v.is_empty());
+    let missing = |name: &str| invalid(format!("the token has no '{name}' claim to name the caller"));
+    let principal = match settings.principal_claim.as_str() {
+        // Entra's object id is unique within its tenant only, and never reassigned: with the
+        // tenant beside it, one person for good.
+        "oid" => {
+            format!("{}@{}", claim("oid").ok_or_else(|| missing("oid"))?, claim("tid").ok_or_else(|| missing("tid"))?)
+        }
+        other => claim(other).ok_or_else(|| missing(other))?.to_owned(),
+    };
+    let principal = Principal::parse(&principal).map_err(|e| invalid(e.to_string()))?;
+    // Shown beside the principal (an object id means little to a person); never trusted.
+    let display_name = ["name", "preferred_username", "email"]
+        .into_iter()
+        .find_map(claim)
+        .map(|name| name.chars().filter(|c| !c.is_control()).take(MAX_DISPLAY_NAME).collect::<String>())
+        .filter(|name| name != principal.as_str());
     let strings = |claim: &str| -> Vec<String> {
         claims[claim]
             .as_array()
@@ -166,5 +182,5 @@ fn caller_from_claims(claims: &serde_json::Value, settings: &OidcSettings) -> Re
             _ => None,
         })
         .collect();
-    Ok(Caller { principal, groups, roles })
+    Ok(Caller { principal, display_name, groups, roles })
 }

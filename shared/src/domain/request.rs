@@ -112,6 +112,9 @@ pub struct AccessRequest {
     pub policy: PolicyName,
     /// Who asked.
     pub requester: Principal,
+    /// Their name for people to read, when their credential gave one (never decided on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requester_name: Option<String>,
     /// The groups they were in when they asked (what `requesters` is checked against again
     /// when the request is approved or opened).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -319,6 +322,7 @@ impl AccessRequest {
             id,
             policy: policy.name.clone(),
             requester: requester.clone(),
+            requester_name: None,
             requester_groups: requester_groups.to_vec(),
             ports,
             protocol: protocol.expect("a port set is never empty"),

@@ -34,6 +34,8 @@ const FAILURE_RECORD_ATTEMPTS: usize = 4;
 pub struct Origin {
     /// The authenticated principal, or `system` (the sweep) or `anonymous`.
     pub actor: String,
+    /// The principal's name for people to read, when it has one.
+    pub actor_name: Option<String>,
     /// The caller's address, when there was a caller.
     pub source_ip: Option<IpAddr>,
 }
@@ -41,7 +43,17 @@ pub struct Origin {
 impl Origin {
     /// The service itself (the sweep).
     pub fn system() -> Self {
-        Self { actor: "system".into(), source_ip: None }
+        Self { actor: "system".into(), actor_name: None, source_ip: None }
+    }
+
+    /// A caller who could not be authenticated.
+    pub fn anonymous(source_ip: Option<IpAddr>) -> Self {
+        Self { actor: "anonymous".into(), actor_name: None, source_ip }
+    }
+
+    /// An authenticated caller.
+    pub fn of(caller: &crate::auth::Caller, source_ip: Option<IpAddr>) -> Self {
+        Self { actor: caller.principal.to_string(), actor_name: caller.display_name.clone(), source_ip }
     }
 }
 
@@ -114,6 +126,7 @@ impl Env<'_> {
     ) -> Result<AuditEvent, ApiError> {
         let record = Record {
             actor: self.origin.actor.clone(),
+            actor_name: self.origin.actor_name.clone(),
             action,
             subject,
             source_ip: self.origin.source_ip.map(|ip| ip.to_string()),

@@ -47,6 +47,7 @@ pub fn create(
     let policy = env.policy(&name)?.value;
     let mut request = AccessRequest::from_raw(raw, &policy, &caller.principal, &caller.groups, caller_ip, id, env.now)
         .map_err(refusal)?;
+    request.requester_name.clone_from(&caller.display_name);
     check_duplicates_and_quotas(env, &request, &policy)?;
     let decision = if request.break_glass {
         Decision::AutoApproved { rule: None }

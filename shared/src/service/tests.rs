@@ -23,6 +23,7 @@ struct World {
 fn caller(name: &str, roles: &[Role], groups: &[&str]) -> Caller {
     Caller {
         principal: Principal::parse(name).unwrap(),
+        display_name: None,
         groups: groups.iter().map(|g| GroupName::parse(g).unwrap()).collect(),
         roles: roles.to_vec(),
     }

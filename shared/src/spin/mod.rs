@@ -60,7 +60,14 @@ impl Ctx {
         let bearer = header.and_then(|h| h.strip_prefix("Bearer ")).map(str::trim);
         match (&self.config.oidc, bearer) {
             (Some(oidc), Some(token)) if auth::oidc::looks_like_jwt(token) => {
-                Ok(auth::oidc::authenticate(token, oidc, &self.kv, &self.http, self.clock.now())?)
+                let caller = auth::oidc::authenticate(token, oidc, &self.kv, &self.http, self.clock.now())?;
+                if self.config.api_keys.has_principal(&caller.principal) {
+                    return Err(ApiError::unauthorized(format!(
+                        "the token names '{}', an API key's principal: OIDC and API-key principals must differ",
+                        caller.principal
+                    )));
+                }
+                Ok(caller)
             }
             _ => Ok(self.config.api_keys.authenticate(header)?),
         }
@@ -103,7 +110,7 @@ impl Ctx {
     /// Authenticates an API call (see [`Ctx::guard_login`]).
     pub fn caller(&self, request: &Request) -> Result<(Caller, Origin), ApiError> {
         let caller = self.guard_login(request, || self.authenticate(request))?;
-        let origin = Origin { actor: caller.principal.to_string(), source_ip: self.client_ip(request) };
+        let origin = Origin::of(&caller, self.client_ip(request));
         Ok((caller, origin))
     }
 
@@ -116,7 +123,7 @@ impl Ctx {
         request: &Request,
         check: impl FnOnce() -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let anonymous = Origin { actor: "anonymous".into(), source_ip: self.client_ip(request) };
+        let anonymous = Origin::anonymous(self.client_ip(request));
         let throttle = self.throttle();
         if throttle.is_blocked(anonymous.source_ip) {
             let error = ApiError::rate_limited(
@@ -223,7 +230,7 @@ pub fn serve_api(request: &Request, route: impl FnOnce(&Ctx, &Env, &Caller) -> R
 /// Serves a call that takes no credential (the health check): configuration and the store,
 /// no caller; it must not change anything.
 pub fn serve_public(route: impl FnOnce(&Env) -> Result<Reply, ApiError>) -> Response {
-    respond(Ctx::load().and_then(|ctx| ctx.run(Origin { actor: "anonymous".into(), source_ip: None }, route)))
+    respond(Ctx::load().and_then(|ctx| ctx.run(Origin::anonymous(None), route)))
 }
 
 /// The path below `prefix` as segments (`/api/requests/x/approve` -> `["requests", "x", "approve"]`).

@@ -135,3 +135,55 @@ async fn the_principal_can_come_from_the_email_claim_and_api_keys_still_work() {
     assert_eq!((status, request["requester"].as_str()), (201, Some("alice.mail@example.com")));
     assert_eq!(world.request(ALICE, &ssh("PT1H")).await.0, 201);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_object_id_as_principal_a_renamed_user_stays_one_person_and_a_reassigned_name_another() {
+    let world = World::with_variables(&[("oidc_principal_claim", "oid")]).await;
+    world.manual_policy(1).await;
+    const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    const ALICE_OID: &str = "4a3b2c1d-0000-4000-8000-00000000a11c";
+    let token = |oid: &str, username: &str, roles: &[&str]| {
+        let mut claims = world.claims(username, &["devs", "ops"], roles);
+        claims["oid"] = json!(oid);
+        claims["tid"] = json!(TENANT);
+        claims["name"] = json!(format!("{username} (display)"));
+        world.local.emulator.mint("rsa-1", &claims)
+    };
+    let (status, request) = who_am_i(&world, &token(ALICE_OID, "alice@example.com", &["requester"])).await;
+    let alice = format!("{ALICE_OID}@{TENANT}");
+    assert_eq!((status, request["requester"].as_str()), (201, Some(alice.as_str())), "{request}");
+    assert_eq!(request["requester_name"], "alice@example.com (display)");
+    let created = world.audit(&format!("request={}&action=request.created", id(&request))).await;
+    assert_eq!(
+        (created[0]["actor"].as_str(), created[0]["actor_name"].as_str()),
+        (Some(alice.as_str()), Some("alice@example.com (display)"))
+    );
+
+    // Alice, renamed, is still Alice: she cannot approve her own request.
+    let renamed = token(ALICE_OID, "alice.new@example.com", &["approver"]);
+    let (status, answer) = world.decide(&id(&request), "approve", &renamed).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (403, Some("self_approval")), "{answer}");
+    // Someone else later given the name alice@example.com is someone else: her request is not
+    // even visible to them.
+    let reassigned = token("9f9f9f9f-0000-4000-8000-000000000b0b", "alice@example.com", &["requester"]);
+    let cancel = format!("/api/requests/{}/cancel", id(&request));
+    let (status, answer) = world.call("POST", &cancel, Some(&reassigned), None).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (404, Some("request_not_found")), "{answer}");
+    assert_eq!(world.get_request(&id(&request)).await["state"], "pending");
+
+    let mut no_tenant = world.claims("carol@example.com", &["devs"], &["requester"]);
+    no_tenant["oid"] = json!(ALICE_OID);
+    let (status, answer) = who_am_i(&world, &world.local.emulator.mint("rsa-1", &no_tenant)).await;
+    assert_eq!(status, 401, "the object id alone is unique only within a tenant: {answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_naming_an_api_keys_principal_is_refused() {
+    let world = World::start().await;
+    world.auto_policy().await;
+    // `alice` is the demo API key's principal; a token whose username is `alice` is not her.
+    let (status, answer) = who_am_i(&world, &world.token("alice", &["devs"], &["requester"])).await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("API key"), "{answer}");
+    assert_eq!(world.request(ALICE, &ssh("PT1H")).await.0, 201, "the key itself still works");
+}

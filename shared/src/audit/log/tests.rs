@@ -12,6 +12,7 @@ fn record(n: u64) -> Record {
         action: if n.is_multiple_of(3) { "rule.put" } else { "request.created" },
         subject: Subject { request: Some(format!("r{n}")), policy: Some("demo-vm".into()) },
         source_ip: Some("203.0.113.7".into()),
+        actor_name: None,
         outcome: Outcome::Ok,
         details: json!({"n": n}),
     }
