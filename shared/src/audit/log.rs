@@ -199,7 +199,7 @@ pub fn head(kv: &dyn KvStore) -> Result<Option<AuditEvent>, StoreError> {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Slot {
     /// A readable event.
-    Event(AuditEvent),
+    Event(Box<AuditEvent>),
     /// Nothing: deleted, or never written.
     Missing,
     /// Something that is not an event.
@@ -211,7 +211,7 @@ pub fn read(kv: &dyn KvStore, seq: u64) -> Result<Slot, StoreError> {
     Ok(match kv.get(&keys::audit_event(seq))? {
         None => Slot::Missing,
         Some(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(event) => Slot::Event(event),
+            Ok(event) => Slot::Event(Box::new(event)),
             Err(e) => Slot::Unreadable(e.to_string()),
         },
     })
@@ -221,7 +221,7 @@ pub fn read(kv: &dyn KvStore, seq: u64) -> Result<Slot, StoreError> {
 /// chain shows the gap).
 pub fn range(kv: &dyn KvStore, from: u64, to: u64) -> impl Iterator<Item = Result<AuditEvent, StoreError>> + '_ {
     (from.max(1)..=to).filter_map(move |seq| match read(kv, seq) {
-        Ok(Slot::Event(event)) => Some(Ok(event)),
+        Ok(Slot::Event(event)) => Some(Ok(*event)),
         Ok(Slot::Missing | Slot::Unreadable(_)) => None,
         Err(e) => Some(Err(e)),
     })
@@ -286,7 +286,7 @@ pub fn verify_stored(
         match read(kv, seq)? {
             Slot::Event(event) => {
                 let hash = event.hash.clone();
-                if verifier.push(event) && checkpoint.as_ref().is_some_and(|c| c.seq == seq) {
+                if verifier.push(*event) && checkpoint.as_ref().is_some_and(|c| c.seq == seq) {
                     at_checkpoint = Some(hash);
                 }
             }
@@ -398,7 +398,7 @@ pub fn page(kv: &dyn KvStore, filter: &Filter, cursor: Option<u64>, limit: usize
     for seq in start..=end {
         last_read = seq;
         let event = match read(kv, seq)? {
-            Slot::Event(event) => event,
+            Slot::Event(event) => *event,
             Slot::Missing if seq == head.seq => head.clone(),
             Slot::Missing | Slot::Unreadable(_) => continue,
         };
