@@ -47,6 +47,8 @@ pub struct ArmSettings {
     pub client_id: String,
     /// Its secret. Never logged: [`ArmSettings`]'s `Debug` is derived, so keep it out of logs.
     pub client_secret: Secret,
+    /// Seals the cached ARM token in the store, when `token_encryption_key` is set.
+    pub token_key: Option<crate::seal::SealingKey>,
 }
 
 /// A secret string whose `Debug` output is redacted.
@@ -293,6 +295,11 @@ impl Config {
                 tenant_id: optional("arm_tenant_id", ""),
                 client_id: optional("arm_client_id", ""),
                 client_secret: Secret::new(optional("arm_client_secret", "")),
+                token_key: match optional("token_encryption_key", "") {
+                    key if key.is_empty() => None,
+                    key if key.len() < 32 => bail!("variable 'token_encryption_key' must be at least 32 characters"),
+                    key => Some(crate::seal::SealingKey::from_secret(&key)),
+                },
             },
             api_keys: ApiKeys::parse(&optional("api_keys", "[]"))?,
             oidc,
@@ -366,6 +373,8 @@ mod tests {
             let error = format!("{:#}", Config::load(&vars(extra)).unwrap_err());
             assert!(error.contains(named), "{error}");
         }
+        let short = Config::load(&vars(&[("token_encryption_key", "too short")])).unwrap_err();
+        assert!(format!("{short:#}").contains("token_encryption_key"), "{short:#}");
         let error = format!("{:#}", Config::load(&vars(&[("rate_limit_changes_per_principal", "-1")])).unwrap_err());
         assert!(error.contains("rate_limit_changes_per_principal"), "{error}");
         let managed = Config::load(&vars(&[("arm_identity", "managed_identity"), ("arm_client_secret", "")])).unwrap();

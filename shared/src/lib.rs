@@ -19,6 +19,7 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod keys;
+pub mod seal;
 pub mod service;
 pub mod store;
 

@@ -57,6 +57,7 @@ pub fn arm_settings() -> ArmSettings {
         tenant_id: "t".into(),
         client_id: "c".into(),
         client_secret: Secret::new("s".into()),
+        token_key: None,
     }
 }
 

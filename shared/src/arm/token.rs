@@ -7,6 +7,7 @@ use super::ArmError;
 use crate::config::{ArmSettings, Identity};
 use crate::http::{HttpClient, HttpRequest, Method};
 use crate::keys;
+use crate::seal::SealingKey;
 use crate::store::{self, KvStore};
 
 /// The scope of ARM tokens for client credentials (the same for an emulator).
@@ -20,6 +21,36 @@ const RENEW_EARLY: TimeDelta = TimeDelta::minutes(5);
 struct CachedToken {
     access_token: String,
     expires_at: DateTime<Utc>,
+}
+
+/// The cache as stored: sealed when a `token_encryption_key` is configured, else plain.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Stored {
+    Sealed { sealed: String },
+    Plain(CachedToken),
+}
+
+impl Stored {
+    fn seal(token: &CachedToken, key: Option<&SealingKey>) -> Self {
+        let json = || serde_json::to_vec(token).expect("a token serializes");
+        match key {
+            Some(key) => Self::Sealed { sealed: key.seal(keys::ARM_TOKEN, &json()) },
+            None => Self::Plain(CachedToken { access_token: token.access_token.clone(), expires_at: token.expires_at }),
+        }
+    }
+
+    /// The token, if this build can read it with its key: a plain token while a key is
+    /// configured, or a box sealed under another key, is not used (a fresh one replaces it).
+    fn open(self, key: Option<&SealingKey>) -> Option<CachedToken> {
+        match (self, key) {
+            (Self::Plain(token), None) => Some(token),
+            (Self::Sealed { sealed }, Some(key)) => {
+                key.open(keys::ARM_TOKEN, &sealed).and_then(|json| serde_json::from_slice(&json).ok())
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -47,10 +78,12 @@ pub(super) fn token(
     now: DateTime<Utc>,
 ) -> Result<String, ArmError> {
     // A cache that cannot be read is only a cache: fetch a fresh token.
-    if let Ok(Some(cached)) = store::load::<CachedToken>(kv, keys::ARM_TOKEN)
-        && cached.value.expires_at - RENEW_EARLY > now
+    let key = settings.token_key.as_ref();
+    if let Ok(Some(stored)) = store::load::<Stored>(kv, keys::ARM_TOKEN)
+        && let Some(cached) = stored.value.open(key)
+        && cached.expires_at - RENEW_EARLY > now
     {
-        return Ok(cached.value.access_token);
+        return Ok(cached.access_token);
     }
     let request = match &settings.identity {
         Identity::ClientSecret => {
@@ -120,7 +153,7 @@ pub(super) fn token(
     let cached = CachedToken { access_token: parsed.access_token, expires_at };
     // Failing to cache costs one more token fetch later, nothing else.
     let version = store::load::<serde_json::Value>(kv, keys::ARM_TOKEN).ok().flatten().map(|v| v.version);
-    let _ = store::save(kv, keys::ARM_TOKEN, &cached, version);
+    let _ = store::save(kv, keys::ARM_TOKEN, &Stored::seal(&cached, key), version);
     Ok(cached.access_token)
 }
 
@@ -142,6 +175,43 @@ fn percent_encode(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::http::HttpResponse;
+    use crate::store::MemStore;
+    use crate::testing::{ScriptedHttp, arm_settings, at};
+
+    fn issued(token: &str) -> HttpResponse {
+        let body = serde_json::json!({"access_token": token, "expires_in": 3600});
+        HttpResponse { status: 200, headers: vec![], body: body.to_string().into_bytes() }
+    }
+
+    #[test]
+    fn with_a_key_the_cached_token_is_sealed_and_still_reused() {
+        let kv = MemStore::default();
+        let mut settings = arm_settings();
+        settings.token_key = Some(SealingKey::from_secret("0123456789abcdef0123456789abcdef"));
+        let http = ScriptedHttp::new(vec![issued("secret-bearer-1"), issued("secret-bearer-2")]);
+        assert_eq!(token(&http, &kv, &settings, at(0)).unwrap(), "secret-bearer-1");
+        let stored = String::from_utf8(kv.get(keys::ARM_TOKEN).unwrap().unwrap()).unwrap();
+        assert!(!stored.contains("secret-bearer") && stored.contains("\"sealed\":\"v1."), "{stored}");
+        assert_eq!(token(&http, &kv, &settings, at(1)).unwrap(), "secret-bearer-1", "read from the cache");
+        assert_eq!(http.urls().len(), 1);
+        // Another key cannot open it: a fresh token is fetched and sealed under the new key.
+        settings.token_key = Some(SealingKey::from_secret("another key, at least 32 characters"));
+        assert_eq!(token(&http, &kv, &settings, at(2)).unwrap(), "secret-bearer-2");
+    }
+
+    #[test]
+    fn a_plain_cached_token_is_not_used_once_a_key_is_configured() {
+        let kv = MemStore::default();
+        let mut settings = arm_settings();
+        let http = ScriptedHttp::new(vec![issued("plain-1"), issued("sealed-2")]);
+        assert_eq!(token(&http, &kv, &settings, at(0)).unwrap(), "plain-1");
+        settings.token_key = Some(SealingKey::from_secret("0123456789abcdef0123456789abcdef"));
+        assert_eq!(token(&http, &kv, &settings, at(1)).unwrap(), "sealed-2");
+        let stored = String::from_utf8(kv.get(keys::ARM_TOKEN).unwrap().unwrap()).unwrap();
+        assert!(!stored.contains("plain-1") && !stored.contains("sealed-2"), "{stored}");
+    }
 
     #[test]
     fn form_values_are_percent_encoded() {

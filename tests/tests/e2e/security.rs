@@ -103,3 +103,18 @@ async fn secrets_never_reach_the_store_or_responses() {
         assert!(!value.contains("demo-secret") && !value.contains("demo-alice"), "{key} holds a secret");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_token_encryption_key_the_cached_arm_token_is_sealed_in_the_store() {
+    let world = World::with_variables(&[("token_encryption_key", "a-long-random-secret-of-at-least-32-chars")]).await;
+    world.auto_policy().await;
+    let (status, body) = world.request(ALICE, &ssh("PT1H")).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = world.request(CAROL, &ssh("PT1H")).await;
+    assert_eq!(status, 201, "{body}");
+    let store = world.local.host.dump_store();
+    let cached = &store.iter().find(|(key, _)| key == "cache:arm-token").expect("a cached token").1;
+    assert!(cached.contains("\"sealed\":\"v1.") && !cached.contains("emu-"), "{cached}");
+    assert!(store.iter().all(|(_, value)| !value.contains("emu-")), "no bearer token in plain text anywhere");
+    assert_eq!(world.local.emulator.tokens_issued("client_credentials"), 1, "the sealed token is reused");
+}
