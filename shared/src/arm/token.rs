@@ -31,22 +31,33 @@ enum Stored {
     Plain(CachedToken),
 }
 
+/// What a sealed token is bound to: its store key and the identity it was issued to, so a
+/// token of a previous identity is never used after the identity changes.
+fn label(settings: &ArmSettings) -> String {
+    let identity = match settings.identity {
+        Identity::ClientSecret => "client_secret",
+        Identity::ManagedIdentity => "managed_identity",
+        Identity::AppService { .. } => "app_service",
+    };
+    format!("{} {identity} {} {}", keys::ARM_TOKEN, settings.tenant_id, settings.client_id)
+}
+
 impl Stored {
-    fn seal(token: &CachedToken, key: Option<&SealingKey>) -> Self {
+    fn seal(token: &CachedToken, key: Option<&SealingKey>, label: &str) -> Self {
         let json = || serde_json::to_vec(token).expect("a token serializes");
         match key {
-            Some(key) => Self::Sealed { sealed: key.seal(keys::ARM_TOKEN, &json()) },
+            Some(key) => Self::Sealed { sealed: key.seal(label, &json()) },
             None => Self::Plain(CachedToken { access_token: token.access_token.clone(), expires_at: token.expires_at }),
         }
     }
 
     /// The token, if this build can read it with its key: a plain token while a key is
     /// configured, or a box sealed under another key, is not used (a fresh one replaces it).
-    fn open(self, key: Option<&SealingKey>) -> Option<CachedToken> {
+    fn open(self, key: Option<&SealingKey>, label: &str) -> Option<CachedToken> {
         match (self, key) {
             (Self::Plain(token), None) => Some(token),
             (Self::Sealed { sealed }, Some(key)) => {
-                key.open(keys::ARM_TOKEN, &sealed).and_then(|json| serde_json::from_slice(&json).ok())
+                key.open(label, &sealed).and_then(|json| serde_json::from_slice(&json).ok())
             }
             _ => None,
         }
@@ -80,7 +91,7 @@ pub(super) fn token(
     // A cache that cannot be read is only a cache: fetch a fresh token.
     let key = settings.token_key.as_ref();
     if let Ok(Some(stored)) = store::load::<Stored>(kv, keys::ARM_TOKEN)
-        && let Some(cached) = stored.value.open(key)
+        && let Some(cached) = stored.value.open(key, &label(settings))
         && cached.expires_at - RENEW_EARLY > now
     {
         return Ok(cached.access_token);
@@ -153,7 +164,7 @@ pub(super) fn token(
     let cached = CachedToken { access_token: parsed.access_token, expires_at };
     // Failing to cache costs one more token fetch later, nothing else.
     let version = store::load::<serde_json::Value>(kv, keys::ARM_TOKEN).ok().flatten().map(|v| v.version);
-    let _ = store::save(kv, keys::ARM_TOKEN, &Stored::seal(&cached, key), version);
+    let _ = store::save(kv, keys::ARM_TOKEN, &Stored::seal(&cached, key, &label(settings)), version);
     Ok(cached.access_token)
 }
 
@@ -190,7 +201,8 @@ mod tests {
         let kv = MemStore::default();
         let mut settings = arm_settings();
         settings.token_key = Some(SealingKey::from_secret("0123456789abcdef0123456789abcdef"));
-        let http = ScriptedHttp::new(vec![issued("secret-bearer-1"), issued("secret-bearer-2")]);
+        let http =
+            ScriptedHttp::new(vec![issued("secret-bearer-1"), issued("secret-bearer-2"), issued("secret-bearer-3")]);
         assert_eq!(token(&http, &kv, &settings, at(0)).unwrap(), "secret-bearer-1");
         let stored = String::from_utf8(kv.get(keys::ARM_TOKEN).unwrap().unwrap()).unwrap();
         assert!(!stored.contains("secret-bearer") && stored.contains("\"sealed\":\"v1."), "{stored}");
@@ -199,6 +211,9 @@ mod tests {
         // Another key cannot open it: a fresh token is fetched and sealed under the new key.
         settings.token_key = Some(SealingKey::from_secret("another key, at least 32 characters"));
         assert_eq!(token(&http, &kv, &settings, at(2)).unwrap(), "secret-bearer-2");
+        // Nor is a token of another identity.
+        settings.client_id = "another-app".into();
+        assert_eq!(token(&http, &kv, &settings, at(3)).unwrap(), "secret-bearer-3");
     }
 
     #[test]

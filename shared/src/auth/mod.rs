@@ -86,6 +86,7 @@ impl ApiKeys {
         let raw: Vec<RawKey> = serde_json::from_str(json).context("api_keys is not a JSON list of keys")?;
         let mut keys = Vec::with_capacity(raw.len());
         for key in raw {
+            check_not_reserved(&key.principal).map_err(anyhow::Error::msg)?;
             let hash: [u8; 32] = hex::decode(&key.sha256)
                 .ok()
                 .and_then(|bytes| bytes.try_into().ok())
@@ -122,6 +123,18 @@ impl ApiKeys {
     }
 }
 
+/// The actors the service itself uses in the audit trail; no caller may be named so.
+const RESERVED_PRINCIPALS: [&str; 2] = ["system", "anonymous"];
+
+/// Refuses a principal named like the service's own actors (`system`, the sweep; `anonymous`,
+/// a failed login), so that no caller's events can pass for theirs.
+pub fn check_not_reserved(principal: &Principal) -> Result<(), String> {
+    if RESERVED_PRINCIPALS.contains(&principal.as_str()) {
+        return Err(format!("the principal '{principal}' is reserved for the service's own audit events"));
+    }
+    Ok(())
+}
+
 /// Checks `Authorization: Bearer <secret>` against a shared secret (the sweep's), comparing
 /// SHA-256 digests in constant time so neither content nor length leaks.
 pub fn check_shared_secret(authorization: Option<&str>, secret: &str) -> Result<(), AuthError> {
@@ -139,21 +152,29 @@ pub fn hash_key(key: &str) -> String {
 /// The caller's address: the connection's peer (`spin-client-addr`), or the last hop of
 /// `X-Forwarded-For` when, and only when, the peer is a configured trusted proxy.
 pub fn client_ip(peer: Option<&str>, forwarded_for: Option<&str>, trusted_proxies: &[IpNet]) -> Option<IpAddr> {
-    let peer = peer.and_then(|p| p.parse::<SocketAddr>().map(|s| s.ip()).ok().or_else(|| p.parse::<IpAddr>().ok()))?;
-    let peer = canonical(peer);
+    let peer = peer.and_then(address)?;
     if !trusted_proxies.iter().any(|proxy| proxy.contains(&peer)) {
         return Some(peer);
     }
     // Walk from the right: the nearest untrusted hop is the client.
     let hops = forwarded_for.unwrap_or_default().split(',').map(str::trim).filter(|h| !h.is_empty());
     for hop in hops.rev() {
-        match hop.parse::<IpAddr>().map(canonical) {
-            Ok(ip) if trusted_proxies.iter().any(|proxy| proxy.contains(&ip)) => continue,
-            Ok(ip) => return Some(ip),
-            Err(_) => return None,
+        match address(hop) {
+            Some(ip) if trusted_proxies.iter().any(|proxy| proxy.contains(&ip)) => continue,
+            Some(ip) => return Some(ip),
+            // A hop that is no address: the caller is unknown (never the proxy: its address
+            // would become the default source of a grant).
+            None => return None,
         }
     }
     Some(peer)
+}
+
+/// An address as peers and proxies write it: `203.0.113.7`, `203.0.113.7:5000` (Azure
+/// Application Gateway adds the port), `2001:db8::1` or `[2001:db8::1]:443`.
+fn address(text: &str) -> Option<IpAddr> {
+    let ip = text.parse::<SocketAddr>().map(|s| s.ip()).ok().or_else(|| text.parse::<IpAddr>().ok())?;
+    Some(canonical(ip))
 }
 
 /// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) are IPv4 callers.
@@ -198,6 +219,8 @@ mod tests {
     fn bad_configuration_is_an_error_not_an_empty_key_set() {
         assert!(ApiKeys::parse("{}").is_err());
         assert!(ApiKeys::parse(r#"[{"sha256":"abc","principal":"x","roles":[]}]"#).is_err());
+        let system = format!(r#"[{{"sha256":"{}","principal":"system","roles":["admin"]}}]"#, hash_key("k"));
+        assert!(format!("{:#}", ApiKeys::parse(&system).unwrap_err()).contains("reserved"));
     }
 
     #[test]
@@ -217,5 +240,9 @@ mod tests {
         assert_eq!(client_ip(Some("[2001:db8::1]:443"), None, &[]), ip("2001:db8::1"));
         assert_eq!(client_ip(Some("[::ffff:203.0.113.7]:443"), None, &[]), ip("203.0.113.7"));
         assert_eq!(client_ip(None, Some("203.0.113.7"), &proxies), None);
+        // Proxies that add the port, and hops that are no address.
+        assert_eq!(client_ip(Some("10.1.2.3:5000"), Some("203.0.113.7:61000"), &proxies), ip("203.0.113.7"));
+        assert_eq!(client_ip(Some("10.1.2.3:5000"), Some("[2001:db8::7]:443"), &proxies), ip("2001:db8::7"));
+        assert_eq!(client_ip(Some("10.1.2.3:5000"), Some("unknown, 10.1.0.5"), &proxies), None);
     }
 }

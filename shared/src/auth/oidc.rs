@@ -143,6 +143,13 @@ fn check_key_matches(jwk: &Jwk, alg: Algorithm) -> Result<(), AuthError> {
     Ok(())
 }
 
+/// Control, zero-width and bidirectional-override characters: they can make a name display as
+/// another one.
+fn is_invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}' | '\u{00AD}')
+}
+
 /// Longest display name kept (the rest is cut).
 const MAX_DISPLAY_NAME: usize = 100;
 
@@ -158,12 +165,15 @@ fn caller_from_claims(claims: &serde_json::Value, settings: &OidcSettings) -> Re
         other => claim(other).ok_or_else(|| missing(other))?.to_owned(),
     };
     let principal = Principal::parse(&principal).map_err(|e| invalid(e.to_string()))?;
-    // Shown beside the principal (an object id means little to a person); never trusted.
-    let display_name = ["name", "preferred_username", "email"]
+    super::check_not_reserved(&principal).map_err(invalid)?;
+    // Shown beside the principal (an object id means little to a person); never decided on.
+    // Only what the directory holds (`name`, else the sign-in name), without the characters
+    // that could make it display as something else.
+    let display_name = ["name", "preferred_username"]
         .into_iter()
         .find_map(claim)
-        .map(|name| name.chars().filter(|c| !c.is_control()).take(MAX_DISPLAY_NAME).collect::<String>())
-        .filter(|name| name != principal.as_str());
+        .map(|name| name.chars().filter(|c| !is_invisible(*c)).take(MAX_DISPLAY_NAME).collect::<String>())
+        .filter(|name| !name.trim().is_empty() && name != principal.as_str());
     let strings = |claim: &str| -> Vec<String> {
         claims[claim]
             .as_array()

@@ -269,10 +269,6 @@ pub fn sweep_with(env: &Env, reconciler_arm: &dyn Arm) -> Result<SweepReport, Ap
         report.deferred = true;
     }
     report.overdue = overdue.count;
-    // Last, and with a budget of its own: the rate limits' counters of minutes that are over.
-    if let Err(error) = super::throttle::clear_tallies(unbudgeted, env.now) {
-        eprintln!("sweep: deleting rate-limit tallies: {error}");
-    }
     let previous: Option<SweepStatus> =
         env.kv.get(keys::SWEEP_STATUS).ok().flatten().and_then(|bytes| serde_json::from_slice(&bytes).ok());
     let status = SweepStatus {
@@ -287,6 +283,11 @@ pub fn sweep_with(env: &Env, reconciler_arm: &dyn Arm) -> Result<SweepReport, Ap
     // One writer's status is as good as another's: a plain write, no swap.
     let bytes = serde_json::to_vec(&status).map_err(ApiError::internal)?;
     env.kv.set(keys::SWEEP_STATUS, &bytes)?;
+    // Last, after the status (the health check), with a budget of its own: the rate limits'
+    // counters of minutes that are over.
+    if let Err(error) = super::throttle::clear_tallies(unbudgeted, env.now) {
+        eprintln!("sweep: deleting rate-limit tallies: {error}");
+    }
     Ok(report)
 }
 

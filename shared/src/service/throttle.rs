@@ -24,13 +24,17 @@ use crate::store::{KvStore, StoreError};
 
 /// Failed logins in a minute (all addresses) past which they are recorded in aggregate only.
 pub const EVENTS_BEFORE_AGGREGATING: i64 = 100;
+/// Failed logins in a minute (all addresses) past which no more per-address counters are
+/// made: a flood from more addresses than that is counted in aggregate only, so it cannot
+/// fill the store with counters faster than the sweep deletes them.
+const ADDRESSES_COUNTED_UNTIL: i64 = 20_000;
 
 /// A minute's tallies are deleted once it is this far behind.
 const TALLY_SETTLE: TimeDelta = TimeDelta::minutes(2);
 /// At most this many tally keys are deleted by one sweep (the rest wait for the next).
 const TALLY_DELETES_PER_SWEEP: usize = 2000;
-/// At most this many minutes are looked at by one sweep.
-const TALLY_MINUTES_PER_SWEEP: i64 = 240;
+/// At most this much time is spent deleting by one sweep.
+const TALLY_TIME_PER_SWEEP: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The rate limits of one call at `now`.
 pub struct Throttle<'a> {
@@ -42,9 +46,10 @@ pub struct Throttle<'a> {
 /// A failed login, counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FailedLogin {
-    /// Failed logins from this address this minute, this one included (0: unknown).
-    pub from_address: i64,
-    /// Failed logins from all addresses this minute (0: unknown).
+    /// Failed logins from this address this minute, this one included (`None`: the address
+    /// is unknown, or the flood is counted in aggregate only).
+    pub from_address: Option<i64>,
+    /// Failed logins from all addresses this minute.
     pub all: i64,
     /// Whether this one is to become an audit event.
     pub record: bool,
@@ -79,10 +84,11 @@ impl<'a> Throttle<'a> {
         60 - self.now.second().min(59)
     }
 
-    /// Whether `address` is over its failed-login limit this minute. A store that cannot be
-    /// read lets the call through to authentication, which still decides.
+    /// Whether `address` is over its failed-login limit this minute. An unknown address is
+    /// never blocked (callers the host cannot tell apart would lock each other out), and a
+    /// store that cannot be read lets the call through to authentication, which still decides.
     pub fn is_blocked(&self, address: Option<IpAddr>) -> bool {
-        if self.limits.failed_logins_per_address.is_none() {
+        if self.limits.failed_logins_per_address.is_none() || address.is_none() {
             return false;
         }
         match self.kv.get(&keys::tally(self.now, "block", &address_subject(address))) {
@@ -95,30 +101,43 @@ impl<'a> Throttle<'a> {
     }
 
     /// Counts a failed login (or one refused for being blocked) from `address`, blocks the
-    /// address when it reaches its limit, and says whether to record it. A counter that cannot
-    /// be written records the failure anyway: the first of a flood is never lost.
-    pub fn failed_login(&self, address: Option<IpAddr>) -> FailedLogin {
-        let subject = address_subject(address);
-        let from_address = self.count(&keys::tally(self.now, "fail", &subject)).unwrap_or(0);
-        let all = self.kv.increment(&keys::auth_failures(self.now), 1).unwrap_or(0);
-        if let Some(limit) = self.limits.failed_logins_per_address
-            && from_address >= i64::from(limit)
+    /// address when it reaches its limit, and says whether to record it. Counters that cannot
+    /// be written are logged and the failure is not recorded: under a flood that is when
+    /// recording every one would do the most harm.
+    pub fn failed_login(&self, address: Option<IpAddr>) -> Option<FailedLogin> {
+        let all = match self.count(&keys::auth_failures(self.now)) {
+            Ok(all) => all,
+            Err(error) => {
+                eprintln!("rate limits: counting failed logins: {error}");
+                return None;
+            }
+        };
+        let from_address = match address {
+            Some(_) if all <= ADDRESSES_COUNTED_UNTIL => {
+                let subject = address_subject(address);
+                match self.count(&keys::tally(self.now, "fail", &subject)) {
+                    Ok(count) => Some(count),
+                    Err(error) => {
+                        eprintln!("rate limits: counting failed logins from {subject}: {error}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        if let (Some(limit), Some(count)) = (self.limits.failed_logins_per_address, from_address)
+            && count == i64::from(limit)
         {
-            let block = keys::tally(self.now, "block", &subject);
-            let blocked = self
-                .kv
-                .set(&block, b"1")
-                .and_then(|()| if from_address == i64::from(limit) { self.register(&block) } else { Ok(()) });
-            if let Err(error) = blocked {
-                eprintln!("rate limits: blocking {subject}: {error}");
+            let block = keys::tally(self.now, "block", &address_subject(address));
+            if let Err(error) = self.kv.set(&block, b"1").and_then(|()| self.register(&block)) {
+                eprintln!("rate limits: blocking {}: {error}", address_subject(address));
             }
         }
-        let record = match (from_address, all) {
-            (0, _) | (_, 0) => true,
-            (_, all) if all > EVENTS_BEFORE_AGGREGATING => is_power_of_ten(all),
-            (from_address, _) => is_power_of_ten(from_address),
+        let record = match from_address {
+            Some(count) if all <= EVENTS_BEFORE_AGGREGATING => is_power_of_ten(count),
+            _ => is_power_of_ten(all),
         };
-        FailedLogin { from_address, all, record }
+        Some(FailedLogin { from_address, all, record })
     }
 
     /// Counts a change by `principal` from `address`; refused when either is over its limit.
@@ -127,7 +146,13 @@ impl<'a> Throttle<'a> {
     pub fn change(&self, principal: &Principal, address: Option<IpAddr>) -> Result<(), Limited> {
         let limits = [
             ("principal", "by", principal.to_string(), self.limits.changes_per_principal),
-            ("address", "from", address_subject(address), self.limits.changes_per_address),
+            // An unknown address has no limit of its own (callers would share one).
+            (
+                "address",
+                "from",
+                address_subject(address),
+                self.limits.changes_per_address.filter(|_| address.is_some()),
+            ),
         ];
         for (scope, kind, subject, limit) in limits {
             let Some(limit) = limit else { continue };
@@ -176,18 +201,19 @@ pub fn address_subject(address: Option<IpAddr>) -> String {
     }
 }
 
-/// Deletes the tallies of the minutes that are over, from where the last sweep stopped, at
-/// most [`TALLY_DELETES_PER_SWEEP`] keys at a time. Answers how many keys it deleted.
+/// Deletes the tallies of the minutes that are over, from where the last sweep stopped (however
+/// far back: a minute skipped would never be deleted), at most [`TALLY_DELETES_PER_SWEEP`]
+/// keys and [`TALLY_TIME_PER_SWEEP`] at a time. Answers how many keys it deleted.
 pub fn clear_tallies(kv: &dyn KvStore, now: DateTime<Utc>) -> Result<usize, StoreError> {
+    let started = std::time::Instant::now();
     let last = minute_floor(now) - TALLY_SETTLE;
     let cursor: Option<DateTime<Utc>> =
         kv.get(keys::TALLY_CURSOR)?.and_then(|bytes| serde_json::from_slice(&bytes).ok());
     // Before the first sweep: start an hour back (tallies older than the deployment are few).
-    let mut minute =
-        cursor.unwrap_or(last - TimeDelta::hours(1)).max(last - TimeDelta::minutes(TALLY_MINUTES_PER_SWEEP));
+    let mut minute = cursor.unwrap_or(last - TimeDelta::hours(1));
     let mut budget = TALLY_DELETES_PER_SWEEP;
     let mut deleted = 0;
-    while minute <= last {
+    while minute <= last && started.elapsed() < TALLY_TIME_PER_SWEEP {
         let (done, count) = clear_minute(kv, minute, &mut budget)?;
         deleted += count;
         if !done {
@@ -204,26 +230,48 @@ pub fn clear_tallies(kv: &dyn KvStore, now: DateTime<Utc>) -> Result<usize, Stor
 /// whether the minute is clear, and how many keys went.
 fn clear_minute(kv: &dyn KvStore, minute: DateTime<Utc>, budget: &mut usize) -> Result<(bool, usize), StoreError> {
     // Counters are read through `increment`, never `get` (see the sweep's due index).
-    let mut slot = kv.increment(&keys::tally_count(minute), 0)?;
+    let count_key = keys::tally_count(minute);
+    let mut slot = kv.increment(&count_key, 0)?;
     let mut deleted = 0;
-    while slot > 0 {
-        if *budget == 0 {
-            return Ok((false, deleted));
+    loop {
+        while slot > 0 {
+            if *budget == 0 {
+                return Ok((false, deleted));
+            }
+            let slot_key = keys::tally_slot(minute, slot);
+            if let Some(name) = kv.get(&slot_key)?.and_then(|bytes| String::from_utf8(bytes).ok())
+                && is_tally_of(&name, minute)
+            {
+                kv.delete(&name)?;
+                deleted += 1;
+            }
+            kv.delete(&slot_key)?;
+            *budget -= 1;
+            // Each sweep takes the next slot from the counter, so two sweeps at once share it.
+            slot = kv.increment(&count_key, -1)?;
         }
-        let slot_key = keys::tally_slot(minute, slot);
-        if let Some(name) = kv.get(&slot_key)?.and_then(|bytes| String::from_utf8(bytes).ok())
-            && name.starts_with("tally:")
-        {
-            kv.delete(&name)?;
-            deleted += 1;
+        // A writer whose clock lags may have taken a slot since: look once more.
+        slot = kv.increment(&count_key, 0)?;
+        if slot <= 0 {
+            break;
         }
-        kv.delete(&slot_key)?;
-        *budget -= 1;
-        // Each sweep takes the next slot from the counter, so two sweeps at once share the work.
-        slot = kv.increment(&keys::tally_count(minute), -1)?;
     }
-    kv.delete(&keys::tally_count(minute))?;
+    kv.delete(&count_key)?;
     Ok((true, deleted))
+}
+
+/// Whether `name` is a key the tally index of `minute` may list: a rate-limit counter or
+/// block of that minute, or its count of failed logins. A slot pointing anywhere else
+/// (a damaged store) deletes nothing.
+fn is_tally_of(name: &str, minute: DateTime<Utc>) -> bool {
+    let stamp = minute.format("%Y%m%d%H%M").to_string();
+    if name == keys::auth_failures(minute) {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix("tally:").and_then(|r| r.strip_prefix(stamp.as_str())) else { return false };
+    ["fail", "by", "from", "block"]
+        .iter()
+        .any(|kind| rest.strip_prefix(':').is_some_and(|r| r.starts_with(&format!("{kind}:"))))
 }
 
 fn minute_floor(at: DateTime<Utc>) -> DateTime<Utc> {
@@ -262,13 +310,13 @@ mod tests {
         let kv = MemStore::default();
         let throttle = Throttle::new(&kv, at(0), RateLimits::default());
         let recorded: Vec<i64> = (0..100_000)
-            .map(|_| throttle.failed_login(ip("203.0.113.7")))
+            .map(|_| throttle.failed_login(ip("203.0.113.7")).unwrap())
             .filter(|f| f.record)
             .map(|f| f.all)
             .collect();
         assert_eq!(recorded, [1, 10, 100, 1000, 10_000, 100_000]);
         let next_minute = Throttle::new(&kv, at(1), RateLimits::default());
-        assert!(next_minute.failed_login(ip("203.0.113.7")).record, "a new minute starts again");
+        assert!(next_minute.failed_login(ip("203.0.113.7")).unwrap().record, "a new minute starts again");
     }
 
     #[test]
@@ -276,7 +324,7 @@ mod tests {
         let kv = MemStore::default();
         let throttle = Throttle::new(&kv, at(0), RateLimits::default());
         let recorded = (0..50_000u32)
-            .map(|n| throttle.failed_login(Some(IpAddr::from(n.to_be_bytes()))))
+            .map(|n| throttle.failed_login(Some(IpAddr::from(n.to_be_bytes()))).unwrap())
             .filter(|f| f.record)
             .count();
         // One event for each of the first hundred addresses, then 1,000 and 10,000 in all.
@@ -338,11 +386,65 @@ mod tests {
         // At minute 4, minutes 0..=2 are over and settled.
         let deleted = clear_tallies(&kv, at(4)).unwrap();
         assert_eq!(tallies(&kv), 0, "left: {:?}", kv.keys());
-        // Each minute: 30 addresses' failures, alice's changes, and 3 addresses' before her limit.
-        assert_eq!(deleted, 3 * (30 + 1 + 3));
+        // Each minute: 30 addresses' failures, alice's changes, 3 addresses' before her limit,
+        // and the minute's count of failed logins.
+        assert_eq!(deleted, 3 * (30 + 1 + 3 + 1));
+        assert!(!kv.keys().iter().any(|k| k.starts_with("authfail:")), "{:?}", kv.keys());
         Throttle::new(&kv, at(4), LIMITS).failed_login(ip("203.0.113.7"));
         clear_tallies(&kv, at(5)).unwrap();
         assert!(tallies(&kv) > 0, "the current minute's are kept");
+    }
+
+    #[test]
+    fn an_unknown_address_is_never_blocked_and_has_no_address_limit() {
+        let kv = MemStore::default();
+        let throttle = Throttle::new(&kv, at(0), LIMITS);
+        for _ in 0..10 {
+            assert_eq!(throttle.failed_login(None).unwrap().from_address, None);
+        }
+        assert!(!throttle.is_blocked(None));
+        let bob = Principal::parse("bob").unwrap();
+        let carol = Principal::parse("carol").unwrap();
+        assert!([&alice(), &bob, &carol].iter().all(|who| (0..3).all(|_| throttle.change(who, None).is_ok())));
+    }
+
+    #[test]
+    fn a_store_that_cannot_count_records_nothing_and_blocks_nothing() {
+        let kv = MemStore::default();
+        kv.fail_writes.set(true);
+        let throttle = Throttle::new(&kv, at(0), LIMITS);
+        assert!((0..10).all(|_| throttle.failed_login(ip("203.0.113.7")).is_none()));
+        assert!(!throttle.is_blocked(ip("203.0.113.7")));
+        assert_eq!(throttle.change(&alice(), ip("203.0.113.7")), Ok(()), "fails open: the caller is authenticated");
+    }
+
+    #[test]
+    fn a_slot_naming_a_key_outside_its_minutes_tallies_deletes_nothing() {
+        let kv = MemStore::default();
+        for (slot, name) in ["policy:demo-vm", "tally:cursor", "tally:202601011201:fail:x", "authfail:202601011201"]
+            .into_iter()
+            .enumerate()
+        {
+            kv.set(name, b"keep").unwrap();
+            kv.increment(&keys::tally_count(at(0)), 1).unwrap();
+            kv.set(&keys::tally_slot(at(0), slot as i64 + 1), name.as_bytes()).unwrap();
+        }
+        clear_tallies(&kv, at(3)).unwrap();
+        for name in ["policy:demo-vm", "tally:202601011201:fail:x", "authfail:202601011201"] {
+            assert_eq!(kv.get(name).unwrap().as_deref(), Some(b"keep".as_slice()), "{name}");
+        }
+        assert!(is_tally_of("tally:202601011200:block:203.0.113.7", at(0)));
+        assert!(!is_tally_of("tally:202601011200:n", at(0)) && !is_tally_of("tally:202601011200:7", at(0)));
+    }
+
+    #[test]
+    fn minutes_far_behind_the_cursor_are_still_cleared() {
+        let kv = MemStore::default();
+        Throttle::new(&kv, at(0), LIMITS).failed_login(ip("203.0.113.7"));
+        clear_tallies(&kv, at(-1)).unwrap();
+        // No sweep for a day: the minute is still deleted, not skipped.
+        clear_tallies(&kv, at(24 * 60)).unwrap();
+        assert!(kv.keys().iter().all(|k| !k.starts_with("tally:20") && !k.starts_with("authfail:")), "{:?}", kv.keys());
     }
 
     #[test]
@@ -352,8 +454,9 @@ mod tests {
         for n in 0..3000u32 {
             throttle.failed_login(Some(IpAddr::from(n.to_be_bytes())));
         }
+        // 3,000 addresses' counters and the minute's count of failed logins.
         assert_eq!(clear_tallies(&kv, at(3)).unwrap(), TALLY_DELETES_PER_SWEEP);
-        assert_eq!(clear_tallies(&kv, at(4)).unwrap(), 3000 - TALLY_DELETES_PER_SWEEP);
+        assert_eq!(clear_tallies(&kv, at(4)).unwrap(), 3001 - TALLY_DELETES_PER_SWEEP);
         assert!(kv.keys().iter().all(|k| !k.starts_with("tally:20")), "{:?}", kv.keys());
     }
 }

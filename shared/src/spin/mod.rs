@@ -140,9 +140,16 @@ impl Ctx {
         })
     }
 
+    /// Counts a failed login that no limit held back (the sweep's secret is compared first,
+    /// so that nobody sharing the scheduler's address can lock the sweep out).
+    pub fn count_failed_login(&self, request: &Request, error: &ApiError) {
+        let origin = Origin::anonymous(self.client_ip(request));
+        self.record_failed_login(&self.throttle(), request, origin, error);
+    }
+
     /// Counts a failed login and audits it when it is one to record.
     fn record_failed_login(&self, throttle: &Throttle, request: &Request, origin: Origin, error: &ApiError) {
-        let counted = throttle.failed_login(origin.source_ip);
+        let Some(counted) = throttle.failed_login(origin.source_ip) else { return };
         if counted.record {
             let counts = json!({
                 "failures_from_address_this_minute": counted.from_address,
@@ -180,7 +187,8 @@ impl Ctx {
         counts: serde_json::Value,
     ) {
         let mut details = json!({
-            "method": request.method().to_string(),
+            // Any token is a method to HTTP: never more than a known one's length.
+            "method": request.method().to_string().chars().take(16).collect::<String>(),
             "path": request.path().chars().take(200).collect::<String>(),
             "code": error.code,
             // The reason can quote what the caller sent (a token's `kid`): never all of it.

@@ -160,3 +160,16 @@ async fn unknown_routes_are_answered_before_credentials_and_never_audited() {
     }
     assert_eq!(world.audit("").await.len(), before, "nothing recorded");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_address_locked_out_of_the_api_can_still_run_the_sweep_with_its_secret() {
+    let world = World::with_variables(&[("rate_limits", "on"), ("rate_limit_failed_logins_per_address", "3")]).await;
+    for n in 0..3 {
+        assert_eq!(world.call("GET", "/api/requests", Some(&format!("guess-{n}")), None).await.0, 401);
+    }
+    assert_eq!(world.call("GET", "/api/requests", Some(ADMIN), None).await.0, 429, "loopback is locked out");
+    let secret = portcullis_host::local::DEMO_SWEEP_SECRET;
+    let (status, report) = world.call("POST", "/internal/sweep", Some(secret), None).await;
+    assert_eq!(status, 200, "the sweep's secret is checked whatever the address did: {report}");
+    assert_eq!(world.call("POST", "/internal/sweep", Some("guess"), None).await.0, 401);
+}
