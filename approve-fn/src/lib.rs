@@ -4,13 +4,27 @@
 
 use shared::api::ApiError;
 use shared::service::decisions;
-use shared::spin::{segments, serve_api};
-use spin_sdk::http::{Method, Request, Response};
+use shared::spin::{answer, deliver_after_answer, respond, segments, serve_api};
+use spin_sdk::http::conversions::TryFromIncomingRequest;
+use spin_sdk::http::{IncomingRequest, Method, Request, Response, ResponseOutparam};
 use spin_sdk::http_component;
 
+/// Answers, then tells the webhook subscriptions what changed.
 #[http_component]
-fn handle(request: Request) -> Response {
-    serve_api(&request, |_, env, caller| match (request.method(), segments(&request, "/api").as_slice()) {
+async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
+    let request = match Request::try_from_incoming_request(incoming).await {
+        Ok(request) => request,
+        Err(error) => {
+            let refused = ApiError::bad_request("unreadable_request", format!("cannot read the request: {error}"));
+            return answer(response_out, respond(Err(refused))).await;
+        }
+    };
+    answer(response_out, route(&request)).await;
+    deliver_after_answer();
+}
+
+fn route(request: &Request) -> Response {
+    serve_api(request, |_, env, caller| match (request.method(), segments(request, "/api").as_slice()) {
         (Method::Post, ["requests", id, "approve"]) => decisions::approve(env, caller, id, request.body()),
         (Method::Post, ["requests", id, "deny"]) => decisions::deny(env, caller, id, request.body()),
         (Method::Post, ["requests", id, "revoke"]) => decisions::revoke(env, caller, id, request.body()),

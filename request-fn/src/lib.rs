@@ -1,11 +1,13 @@
 //! request-fn: policies (admin), access requests (create, read, list, cancel), the audit
-//! trail (read, export, verify, checkpoint), the reconciler's drift reports and the health
-//! check.
+//! trail (read, export, verify, checkpoint), the reconciler's drift reports, webhook
+//! subscriptions and the health check.
 //! Routes: `/api/...` except what approve-fn owns. The rules live in `shared::service`.
 
 use shared::api::{ApiError, query_param};
-use shared::service::{audit, health, policies, reconcile, requests};
-use shared::spin::{answer, new_request_id, segments, serve_api, serve_public, stream_export};
+use shared::service::{audit, health, policies, reconcile, requests, webhooks};
+use shared::spin::{
+    answer, deliver_after_answer, new_request_id, random_bytes, segments, serve_api, serve_public, stream_export,
+};
 use spin_sdk::http::conversions::TryFromIncomingRequest;
 use spin_sdk::http::{IncomingRequest, Method, Request, Response, ResponseOutparam};
 use spin_sdk::http_component;
@@ -23,7 +25,12 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
     if *request.method() == Method::Get && segments(&request, "/api") == ["audit", "export"] {
         return stream_export(&request, response_out).await;
     }
-    answer(response_out, route(&request)).await
+    let changed = !matches!(request.method(), Method::Get | Method::Head | Method::Options);
+    answer(response_out, route(&request)).await;
+    // The caller has its answer: now tell the subscriptions (the sweep sends what this leaves).
+    if changed {
+        deliver_after_answer();
+    }
 }
 
 fn route(request: &Request) -> Response {
@@ -69,6 +76,15 @@ fn route(request: &Request) -> Response {
         (Method::Post, ["audit", "checkpoint"]) => audit::checkpoint(env, caller),
         (Method::Get, ["requests", id]) => requests::get(env, caller, id),
         (Method::Post, ["requests", id, "cancel"]) => requests::cancel(env, caller, id),
+        (Method::Get, ["webhooks"]) => webhooks::list(env, caller),
+        (Method::Put, ["webhooks", name]) => webhooks::put(env, caller, name, request.body(), random_bytes(32)),
+        (Method::Get, ["webhooks", name]) => webhooks::get(env, caller, name),
+        (Method::Delete, ["webhooks", name]) => webhooks::delete(env, caller, name),
+        (Method::Post, ["webhooks", name, "rotate-secret"]) => {
+            webhooks::rotate_secret(env, caller, name, random_bytes(32))
+        }
+        (Method::Get, ["webhooks", name, "deliveries"]) => webhooks::deliveries(env, caller, name),
+        (Method::Post, ["webhooks", name, "deliveries", id, "retry"]) => webhooks::retry(env, caller, name, id),
         // Unknown paths were answered above: a known one with another method.
         _ => Err(ApiError::method_not_allowed(format!("{} is not supported on {}", request.method(), request.path()))),
     })
@@ -88,5 +104,9 @@ fn known(path: &[&str]) -> bool {
             | ["audit", "export" | "verify" | "checkpoint"]
             | ["drift"]
             | ["health"]
+            | ["webhooks"]
+            | ["webhooks", _]
+            | ["webhooks", _, "rotate-secret" | "deliveries"]
+            | ["webhooks", _, "deliveries", _, "retry"]
     )
 }

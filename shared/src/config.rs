@@ -109,6 +109,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// How fast one principal or address may act.
     pub rate_limits: RateLimits,
+    /// Where webhooks may be sent.
+    pub webhooks: crate::webhooks::WebhookSettings,
 }
 
 /// Calls allowed per minute (UTC, refilled at each minute boundary); `None`: no limit.
@@ -277,9 +279,19 @@ impl Config {
             "off" => RateLimits::default(),
             other => bail!("rate_limits '{other}' is not one of on, off"),
         };
+        let list = |value: String| -> Vec<String> {
+            value.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_owned).collect()
+        };
+        let webhooks = crate::webhooks::WebhookSettings {
+            // Each is one `allowed_outbound_hosts` entry of the components (never empty there).
+            allowed_hosts: (1..=4).flat_map(|n| list(optional(&format!("webhook_host_{n}"), ""))).collect(),
+            dev_hosts: list(optional("webhook_dev_hosts", "")),
+            public_url: optional("public_url", "http://127.0.0.1:3000").trim_end_matches('/').to_owned(),
+        };
         Ok(Self {
             max_body_bytes,
             rate_limits,
+            webhooks,
             drift,
             arm: ArmSettings {
                 identity,

@@ -29,6 +29,10 @@
 //! | `tally:<yyyymmddhhmm>:n` | a counter (`increment` only): slots taken in that minute's tally index |
 //! | `tally:<yyyymmddhhmm>:<k>` | slot `k`: the name of a tally key created in that minute (the sweep deletes them) |
 //! | `tally:cursor` | the first minute whose tallies the sweep has not deleted yet |
+//! | `idx:webhooks` | names of all webhook subscriptions |
+//! | `hook:<name>` | a webhook subscription (with its signing secrets) |
+//! | `hook:<name>:state` | its delivery state: cursor into the audit trail, queue, backoff |
+//! | `hook:<name>:d:<seq>` | one delivery: the event of audit number `seq`, its body and attempts |
 //! | `audit:head` | the audit trail's last event, moved by compare-and-swap |
 //! | `audit:e:<seq>` | audit event number `seq` (from 1, contiguous) |
 //! | `audit:checkpoint` | the latest signed checkpoint of the audit trail |
@@ -36,7 +40,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::{PolicyName, Principal, RequestId};
+use crate::domain::{PolicyName, Principal, RequestId, WebhookName};
 
 /// A policy document.
 pub fn policy(name: &PolicyName) -> String {
@@ -123,6 +127,24 @@ pub fn open_of(policy: &PolicyName, principal: &Principal) -> String {
 /// A policy's active grants (the per-VM quota).
 pub fn live(policy: &PolicyName) -> String {
     format!("live:{policy}")
+}
+
+/// All webhook subscriptions.
+pub const WEBHOOKS: &str = "idx:webhooks";
+
+/// A webhook subscription.
+pub fn webhook(name: &WebhookName) -> String {
+    format!("hook:{name}")
+}
+
+/// A webhook subscription's delivery state.
+pub fn webhook_state(name: &WebhookName) -> String {
+    format!("hook:{name}:state")
+}
+
+/// One delivery to a subscription: the event of audit number `seq`.
+pub fn webhook_delivery(name: &WebhookName, seq: u64) -> String {
+    format!("hook:{name}:d:{seq}")
 }
 
 /// The audit trail's head: its last event.

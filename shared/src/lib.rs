@@ -8,6 +8,7 @@
 //! - [`service`]: the operations the components expose (policies, requests, decisions, sweep).
 //! - [`api`]: the JSON error contract shared by every HTTP answer.
 //! - [`audit`]: the audit trail's hash chain, verification and checkpoints.
+//! - [`webhooks`]: subscriptions, their events, signing and delivery.
 //! - `spin` (feature `spin`): adapters that implement the ports with spin-sdk.
 #![deny(missing_docs)]
 
@@ -22,6 +23,7 @@ pub mod keys;
 pub mod seal;
 pub mod service;
 pub mod store;
+pub mod webhooks;
 
 #[cfg(feature = "spin")]
 pub mod spin;

@@ -4,10 +4,12 @@
 //! - [`host`]: routing, the key-value store, variables, outbound HTTP, cron.
 //! - [`emulator`]: ARM's token endpoint and NSG security-rule API on loopback.
 //! - [`local`]: the two wired together with demo settings (the README's first command).
+//! - [`receiver`]: a webhook receiver that records and checks deliveries.
 
 pub mod emulator;
 pub mod host;
 pub mod local;
+pub mod receiver;
 
 /// Where the build script put the components' `.wasm` files.
 pub const GUEST_DIR: &str = env!("PORTCULLIS_GUEST_DIR");

@@ -10,7 +10,7 @@ pub mod request;
 pub mod state;
 
 pub use duration::AccessDuration;
-pub use ids::{GroupName, Member, PolicyName, Principal, RequestId};
+pub use ids::{GroupName, Member, PolicyName, Principal, RequestId, WebhookName};
 pub use net::{AllowedSource, SourcePrefix};
 pub use policy::{Approval, NsgId, Placement, Policy, PortRule, RawPolicy, VmId};
 pub use ports::{Port, PortSet, Protocol};

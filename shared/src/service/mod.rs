@@ -10,6 +10,7 @@ pub mod reconcile;
 pub mod requests;
 pub mod sweep;
 pub mod throttle;
+pub mod webhooks;
 
 use std::net::IpAddr;
 

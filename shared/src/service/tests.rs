@@ -57,6 +57,7 @@ impl World {
                 drift: crate::config::DriftSettings::default(),
                 max_body_bytes: 65536,
                 rate_limits: Default::default(),
+                webhooks: Default::default(),
             },
         };
         world.at(at(0), |env| policies::put(env, &admin(), "demo-vm", policy.to_string().as_bytes(), false)).unwrap();

@@ -23,6 +23,11 @@ use crate::http::{Clock, SystemClock};
 use crate::service::throttle::Throttle;
 use crate::service::{Env, Origin};
 
+/// How long the sweep may spend on webhook deliveries.
+const SWEEP_DELIVERY_BUDGET: Duration = Duration::from_secs(20);
+/// How long a handler may spend on them after it has answered.
+const AFTER_ANSWER_DELIVERY_BUDGET: Duration = Duration::from_secs(5);
+
 /// How long one invocation may spend waiting on ARM (backoff and polling) before it leaves
 /// the rest to the sweep.
 const ARM_WAIT_BUDGET: Duration = Duration::from_secs(15);
@@ -90,10 +95,26 @@ impl Ctx {
         Env { kv: &self.kv, arm, config: &self.config, now: self.clock.now(), clock: &self.clock, origin }
     }
 
-    /// Runs a sweep, with a second ARM client (time of its own) for the reconciler's share.
+    /// Runs a sweep, with a second ARM client (time of its own) for the reconciler's share,
+    /// then the webhook deliveries, with a time budget of their own: a receiver that hangs
+    /// never holds up a close.
     pub fn sweep(&self) -> Result<crate::service::sweep::SweepReport, ApiError> {
         let (arm, reconciler_arm) = (self.arm(), self.arm());
-        crate::service::sweep::sweep_with(&self.env(&arm, Origin::system()), &reconciler_arm)
+        let report = crate::service::sweep::sweep_with(&self.env(&arm, Origin::system()), &reconciler_arm)?;
+        self.deliver_webhooks(SWEEP_DELIVERY_BUDGET);
+        Ok(report)
+    }
+
+    /// Sends what the webhook subscriptions are owed, for at most `budget`.
+    pub fn deliver_webhooks(&self, budget: Duration) {
+        let arm = self.arm();
+        let report = crate::webhooks::deliver::run(&self.env(&arm, Origin::system()), &self.http, budget);
+        if report.queued + report.delivered + report.failed + report.dead > 0 {
+            eprintln!(
+                "webhooks: {} queued, {} delivered, {} failed attempts, {} dead",
+                report.queued, report.delivered, report.failed, report.dead
+            );
+        }
     }
 
     /// Runs an operation for `origin` (see [`Ctx::env`]).
@@ -246,6 +267,20 @@ pub fn segments<'a>(request: &'a Request, prefix: &str) -> Vec<&'a str> {
     let path = request.path();
     let path = path.strip_prefix(prefix).unwrap_or(path);
     path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect()
+}
+
+/// Delivers webhooks once the handler has answered (the sweep sends whatever this leaves:
+/// work after the answer is lost when the host stops the instance).
+pub fn deliver_after_answer() {
+    match Ctx::load() {
+        Ok(ctx) => ctx.deliver_webhooks(AFTER_ANSWER_DELIVERY_BUDGET),
+        Err(error) => eprintln!("webhooks: {}", error.internal.unwrap_or(error.message)),
+    }
+}
+
+/// `n` random bytes from the host (signing secrets).
+pub fn random_bytes(n: u64) -> Vec<u8> {
+    wasi::random::random::get_random_bytes(n)
 }
 
 /// A fresh request id: 96 random bits as hex.

@@ -29,4 +29,5 @@ mod races;
 mod security;
 mod support;
 mod validation;
+mod webhooks;
 mod workflow;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use chrono::TimeDelta;
 use portcullis_host::emulator::{DEMO_NSG, DEMO_VM, Fault};
 use portcullis_host::local::{self, DemoKey, Local, LocalOptions};
+use portcullis_host::receiver::Receiver;
 use serde_json::{Value, json};
 
 pub const ADMIN: &str = "demo-admin";
@@ -33,6 +34,8 @@ pub const AUDIENCE: &str = "api://portcullis";
 pub struct World {
     pub local: Local,
     pub client: reqwest::Client,
+    /// The webhook receiver.
+    pub receiver: Receiver,
     _state: tempfile::TempDir,
 }
 
@@ -62,6 +65,7 @@ impl World {
     /// A world whose API listens on `listen` (`[::1]:0` for IPv6 callers).
     pub async fn listening(listen: &str, variables: &[(&str, &str)]) -> Self {
         let state = tempfile::tempdir().unwrap();
+        let receiver = Receiver::start().await.expect("starting the webhook receiver");
         let mut overrides: HashMap<String, String> =
             variables.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         overrides.entry("api_keys".into()).or_insert_with(|| local::api_keys_json(&KEYS));
@@ -76,6 +80,10 @@ impl World {
         ] {
             overrides.entry(name.into()).or_insert_with(|| value.into());
         }
+        // Webhooks may reach the test receiver (plain HTTP on loopback: a development host).
+        overrides.entry("webhook_host_1".into()).or_insert_with(|| receiver.origin());
+        overrides.entry("webhook_dev_hosts".into()).or_insert_with(|| receiver.authority());
+        overrides.entry("public_url".into()).or_insert_with(|| "https://jit.example.com".into());
         let local = local::start(LocalOptions {
             listen: listen.parse().unwrap(),
             emulator_listen: "127.0.0.1:0".parse().unwrap(),
@@ -88,7 +96,7 @@ impl World {
         })
         .await
         .expect("starting the host and emulator");
-        Self { local, client: reqwest::Client::new(), _state: state }
+        Self { local, client: reqwest::Client::new(), receiver, _state: state }
     }
 
     /// One API call; answers the status and the JSON body (`Null` when empty).

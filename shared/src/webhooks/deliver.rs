@@ -1,0 +1,406 @@
+//! Delivery: each subscription's cursor walks the audit trail, the events it wants and that
+//! took effect are queued, and the queue is sent in order, at least once, with backoff.
+//!
+//! A subscription is sent to by one deliverer at a time (a short lease in its state), from
+//! the sweep and after a handler has answered. Its queue is sent oldest first and stops at
+//! the first failure, so a receiver that was down gets every event, in order, when it
+//! returns; the retries follow Standard Webhooks' schedule as far as a once-a-minute sweep
+//! allows, and a delivery still failing three days after it was queued is dead.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::events::{self, kind_of, took_effect};
+use super::{Format, Subscription};
+use crate::api::ApiError;
+use crate::audit::log::{self, Slot};
+use crate::audit::{AuditEvent, Outcome, Subject};
+use crate::domain::{AccessRequest, Policy, PolicyName, RequestId, WebhookName};
+use crate::http::{HttpClient, HttpRequest, Method};
+use crate::keys;
+use crate::service::Env;
+use crate::store::{self, StoreError};
+
+/// Delays after consecutive failures (minutes): close to Standard Webhooks' schedule.
+const BACKOFF_MINUTES: [i64; 7] = [1, 5, 30, 120, 300, 600, 600];
+/// A delivery still failing this long after it was queued is dead.
+pub const GIVE_UP_AFTER: TimeDelta = TimeDelta::days(3);
+/// An event its request does not show this long after it was written never took effect.
+const SETTLE: TimeDelta = TimeDelta::minutes(2);
+/// Audit events read per subscription and pass.
+const READ_PER_PASS: u64 = 500;
+/// Deliveries waiting per subscription; past it the cursor waits (the trail keeps them).
+const QUEUE_CAP: usize = 1000;
+/// Finished deliveries kept for `GET .../deliveries`.
+const RECENT_CAP: usize = 100;
+/// How long one attempt may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a deliverer holds a subscription.
+const LEASE: TimeDelta = TimeDelta::seconds(60);
+
+/// Where a subscription's deliveries stand.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DeliveryState {
+    /// The last audit event looked at.
+    pub cursor: u64,
+    /// Audit numbers of the deliveries waiting, oldest first.
+    #[serde(default)]
+    pub queue: Vec<u64>,
+    /// Consecutive failed attempts.
+    #[serde(default)]
+    pub failures: u32,
+    /// No attempt before this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Finished deliveries, newest last.
+    #[serde(default)]
+    pub recent: Vec<u64>,
+    /// Why deliveries stopped (a 410 from the receiver), until an admin retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<String>,
+    /// A deliverer at work until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_until: Option<DateTime<Utc>>,
+}
+
+/// How a delivery ended, so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryOutcome {
+    /// Waiting to be sent (again).
+    Pending,
+    /// A 2xx came back.
+    Delivered,
+    /// Given up.
+    Dead,
+}
+
+/// One attempt.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attempt {
+    /// When it was made.
+    pub at: DateTime<Utc>,
+    /// The receiver's status, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Why it failed without an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One event to one subscription.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Delivery {
+    /// `webhook-id`: the same on every attempt.
+    pub id: String,
+    /// The audit event it announces.
+    pub seq: u64,
+    /// Its event type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Exactly what is sent (and signed).
+    pub body: String,
+    /// When it was queued (or queued again by an admin).
+    pub queued_at: DateTime<Utc>,
+    /// Attempts so far, the last 20.
+    pub attempts: Vec<Attempt>,
+    /// Where it stands.
+    pub outcome: DeliveryOutcome,
+}
+
+/// What one pass did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DeliveryReport {
+    /// Deliveries queued.
+    pub queued: usize,
+    /// Deliveries sent and acknowledged.
+    pub delivered: usize,
+    /// Attempts that failed.
+    pub failed: usize,
+    /// Deliveries given up.
+    pub dead: usize,
+}
+
+/// Delivers to every subscription, for at most `budget` of wall time.
+pub fn run(env: &Env, http: &dyn HttpClient, budget: Duration) -> DeliveryReport {
+    let started = Instant::now();
+    let mut report = DeliveryReport::default();
+    let names = match store::read_list(env.kv, keys::WEBHOOKS) {
+        Ok(names) => names,
+        Err(error) => {
+            eprintln!("webhooks: reading the subscriptions: {error}");
+            return report;
+        }
+    };
+    for name in names {
+        if started.elapsed() >= budget {
+            break;
+        }
+        let Ok(name) = WebhookName::parse(&name) else { continue };
+        if let Err(error) = deliver_to(env, http, &name, started + budget, &mut report) {
+            eprintln!("webhooks: {name}: {}", error.internal.as_deref().unwrap_or(&error.message));
+        }
+    }
+    report
+}
+
+/// One subscription's pass: take the lease, queue what is new, send what is due.
+fn deliver_to(
+    env: &Env,
+    http: &dyn HttpClient,
+    name: &WebhookName,
+    deadline: Instant,
+    report: &mut DeliveryReport,
+) -> Result<(), ApiError> {
+    let Some(subscription) = store::load::<Subscription>(env.kv, &keys::webhook(name))?.map(|v| v.value) else {
+        return Ok(());
+    };
+    let Some(mut state) = store::load::<DeliveryState>(env.kv, &keys::webhook_state(name))? else { return Ok(()) };
+    if state.value.lease_until.is_some_and(|until| until > env.now) {
+        return Ok(());
+    }
+    state.value.lease_until = Some(env.now + LEASE);
+    match store::save(env.kv, &keys::webhook_state(name), &state.value, Some(state.version)) {
+        Ok(version) => state.version = version,
+        // Another deliverer took it first.
+        Err(StoreError::Conflict { .. }) => return Ok(()),
+        Err(other) => return Err(other.into()),
+    }
+    let state = &mut state;
+    report.queued += enqueue(env, &subscription, &mut state.value)?;
+    let before = (report.delivered, state.value.queue.first().copied());
+    send_due(env, http, &subscription, &mut state.value, deadline, report)?;
+    let delivered = report.delivered - before.0;
+    if delivered > 0 {
+        // One event a pass, not one a delivery: the receiver's own log has the rest.
+        let details = json!({"webhook": name, "delivered": delivered, "from_seq": before.1});
+        env.record("webhook.delivered", Subject::default(), Outcome::Ok, details)?;
+    }
+    state.value.lease_until = None;
+    store::save(env.kv, &keys::webhook_state(name), &state.value, Some(state.version))?;
+    Ok(())
+}
+
+/// Reads the trail past the cursor and queues the events the subscription wants that took
+/// effect. Stops at an event whose change may still be on its way to the store.
+fn enqueue(env: &Env, subscription: &Subscription, state: &mut DeliveryState) -> Result<usize, ApiError> {
+    let Some(head) = log::head(env.kv)? else { return Ok(0) };
+    let mut requests: HashMap<String, Option<AccessRequest>> = HashMap::new();
+    let mut vms: HashMap<String, Option<String>> = HashMap::new();
+    let mut queued = 0;
+    for seq in state.cursor + 1..=head.seq.min(state.cursor + READ_PER_PASS) {
+        if state.queue.len() >= QUEUE_CAP {
+            break;
+        }
+        let event = match log::read(env.kv, seq)? {
+            Slot::Event(event) => *event,
+            // The newest event lives in the head until the next append files it.
+            Slot::Missing if seq == head.seq => head.clone(),
+            Slot::Missing | Slot::Unreadable(_) => {
+                eprintln!("webhooks: audit event {seq} cannot be read; skipped");
+                state.cursor = seq;
+                continue;
+            }
+        };
+        match announce(env, subscription, &event, &mut requests, &mut vms)? {
+            Announce::Skip => {}
+            Announce::NotYet => break,
+            Announce::Queue(delivery) => {
+                store::save(env.kv, &keys::webhook_delivery(&subscription.name, seq), &delivery, None).or_else(
+                    |e| match e {
+                        // Queued before by a deliverer that lost its lease: the same delivery.
+                        StoreError::Conflict { .. } => Ok(0),
+                        other => Err(other),
+                    },
+                )?;
+                state.queue.push(seq);
+                queued += 1;
+            }
+        }
+        state.cursor = seq;
+    }
+    Ok(queued)
+}
+
+enum Announce {
+    Skip,
+    NotYet,
+    Queue(Delivery),
+}
+
+/// What to do with one audit event for one subscription.
+fn announce(
+    env: &Env,
+    subscription: &Subscription,
+    event: &AuditEvent,
+    requests: &mut HashMap<String, Option<AccessRequest>>,
+    vms: &mut HashMap<String, Option<String>>,
+) -> Result<Announce, ApiError> {
+    let Some(kind) = kind_of(&event.action).filter(|_| event.outcome == Outcome::Ok) else { return Ok(Announce::Skip) };
+    if !subscription.wants(kind, event.subject.policy.as_deref()) {
+        return Ok(Announce::Skip);
+    }
+    let request = match &event.subject.request {
+        Some(id) => {
+            if !requests.contains_key(id) {
+                let loaded = match RequestId::parse(id) {
+                    Ok(parsed) => store::load::<AccessRequest>(env.kv, &keys::request(&parsed))?.map(|v| v.value),
+                    Err(_) => None,
+                };
+                requests.insert(id.clone(), loaded);
+            }
+            let request = requests[id].as_ref();
+            if !request.is_some_and(|r| took_effect(kind, event, r)) {
+                let settled = env.now - event.at >= SETTLE;
+                return Ok(if settled { Announce::Skip } else { Announce::NotYet });
+            }
+            request
+        }
+        None => None,
+    };
+    let vm = match &event.subject.policy {
+        Some(policy) => {
+            if !vms.contains_key(policy) {
+                let loaded = match PolicyName::parse(policy) {
+                    Ok(name) => store::load::<Policy>(env.kv, &keys::policy(&name))
+                        .ok()
+                        .flatten()
+                        .map(|p| p.value.vm.to_string()),
+                    Err(_) => None,
+                };
+                vms.insert(policy.clone(), loaded);
+            }
+            vms[policy].clone()
+        }
+        None => None,
+    };
+    let public_url = &env.config.webhooks.public_url;
+    let data = events::data(kind, event, request, vm.as_deref(), public_url);
+    let body = events::body(subscription.format, kind, event, data, public_url);
+    Ok(Announce::Queue(Delivery {
+        id: events::webhook_id(event),
+        seq: event.seq,
+        kind: kind.to_owned(),
+        body,
+        queued_at: env.now,
+        attempts: Vec::new(),
+        outcome: DeliveryOutcome::Pending,
+    }))
+}
+
+/// Sends the queue oldest first, until it is empty, an attempt fails, or time is up.
+fn send_due(
+    env: &Env,
+    http: &dyn HttpClient,
+    subscription: &Subscription,
+    state: &mut DeliveryState,
+    deadline: Instant,
+    report: &mut DeliveryReport,
+) -> Result<(), ApiError> {
+    if state.disabled.is_some() || state.next_attempt_at.is_some_and(|at| at > env.now) {
+        return Ok(());
+    }
+    let name = &subscription.name;
+    while let Some(&seq) = state.queue.first() {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let key = keys::webhook_delivery(name, seq);
+        let Some(mut delivery) = store::load::<Delivery>(env.kv, &key)? else {
+            state.queue.remove(0);
+            continue;
+        };
+        let now = env.clock.now();
+        let answer = http.send(signed_request(subscription, &delivery.value, now));
+        let status = answer.as_ref().ok().map(|a| a.status);
+        let error = answer.as_ref().err().map(|e| e.to_string().chars().take(200).collect());
+        let attempts = &mut delivery.value.attempts;
+        attempts.push(Attempt { at: now, status, error });
+        if attempts.len() > 20 {
+            attempts.remove(0);
+        }
+        let details = |outcome: &str| json!({"webhook": name, "delivery": delivery.value.id, "seq": seq, "status": status, "attempts": delivery.value.attempts.len(), "outcome": outcome});
+        match status {
+            Some(200..=299) => {
+                delivery.value.outcome = DeliveryOutcome::Delivered;
+                state.failures = 0;
+                state.next_attempt_at = None;
+                report.delivered += 1;
+            }
+            Some(410) => {
+                // The receiver asks to be left alone: stop until an admin retries.
+                state.disabled = Some("the receiver answered 410 Gone".into());
+                store::save(env.kv, &key, &delivery.value, Some(delivery.version))?;
+                env.record("webhook.disabled", Subject::default(), Outcome::Failed, details("disabled"))?;
+                report.failed += 1;
+                break;
+            }
+            _ if now - delivery.value.queued_at >= GIVE_UP_AFTER => {
+                delivery.value.outcome = DeliveryOutcome::Dead;
+                state.failures = 0;
+                env.record("webhook.dead", Subject::default(), Outcome::Failed, details("dead"))?;
+                report.dead += 1;
+            }
+            _ => {
+                state.failures += 1;
+                let step = BACKOFF_MINUTES[(state.failures as usize - 1).min(BACKOFF_MINUTES.len() - 1)];
+                let asked =
+                    answer.as_ref().ok().and_then(|a| a.header("retry-after")).and_then(|s| s.parse::<i64>().ok());
+                let wait = TimeDelta::minutes(step).max(TimeDelta::seconds(asked.unwrap_or(0).clamp(0, 86_400)));
+                state.next_attempt_at = Some(env.now + wait);
+                store::save(env.kv, &key, &delivery.value, Some(delivery.version))?;
+                env.record("webhook.failed", Subject::default(), Outcome::Failed, details("retrying"))?;
+                report.failed += 1;
+                break;
+            }
+        }
+        store::save(env.kv, &key, &delivery.value, Some(delivery.version))?;
+        state.queue.remove(0);
+        finish(env, name, state, seq)?;
+    }
+    Ok(())
+}
+
+/// Moves a finished delivery to the recent list, forgetting the oldest.
+fn finish(env: &Env, name: &WebhookName, state: &mut DeliveryState, seq: u64) -> Result<(), StoreError> {
+    state.recent.retain(|s| *s != seq);
+    state.recent.push(seq);
+    while state.recent.len() > RECENT_CAP {
+        let old = state.recent.remove(0);
+        if !state.queue.contains(&old) {
+            env.kv.delete(&keys::webhook_delivery(name, old))?;
+        }
+    }
+    Ok(())
+}
+
+/// The HTTP request of one attempt: signed with every current secret (both during a
+/// rotation's overlap) over `<id>.<timestamp>.<body>`.
+fn signed_request(subscription: &Subscription, delivery: &Delivery, now: DateTime<Utc>) -> HttpRequest {
+    let timestamp = now.timestamp();
+    let signature = subscription
+        .signing_secrets(now)
+        .iter()
+        .map(|secret| secret.sign(&delivery.id, timestamp, delivery.body.as_bytes()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let content_type =
+        if subscription.format == Format::Cloudevents { "application/cloudevents+json" } else { "application/json" };
+    HttpRequest {
+        method: Method::Post,
+        url: subscription.url.clone(),
+        headers: vec![
+            ("content-type".into(), content_type.into()),
+            ("user-agent".into(), "portcullis-webhooks/1".into()),
+            ("webhook-id".into(), delivery.id.clone()),
+            ("webhook-timestamp".into(), timestamp.to_string()),
+            ("webhook-signature".into(), signature),
+        ],
+        body: delivery.body.clone().into_bytes(),
+        timeout: ATTEMPT_TIMEOUT,
+    }
+}

@@ -1,0 +1,232 @@
+//! The events subscriptions receive: which audit actions they come from, when one took
+//! effect, and how each format writes it.
+
+use serde_json::{Value, json};
+
+use super::Format;
+use crate::audit::AuditEvent;
+use crate::domain::{AccessRequest, State};
+
+/// Every event type a subscription can name.
+pub const EVENT_TYPES: [&str; 15] = [
+    "request.created",
+    "request.approved",
+    "request.denied",
+    "request.cancelled",
+    "request.timed_out",
+    "grant.activated",
+    "grant.extended",
+    "grant.expired",
+    "grant.revoked",
+    "grant.failed",
+    "break_glass.used",
+    "drift.rule_missing",
+    "drift.rule_removed",
+    "drift.baseline_restored",
+    "drift.exposure",
+];
+
+/// The event type an audit action is announced as, if any.
+pub fn kind_of(action: &str) -> Option<&'static str> {
+    Some(match action {
+        "request.created" => "request.created",
+        "request.approved" => "request.approved",
+        "request.denied" => "request.denied",
+        "request.cancelled" => "request.cancelled",
+        "request.timed_out" => "request.timed_out",
+        "request.activated" => "grant.activated",
+        "request.extended" => "grant.extended",
+        "request.expired" => "grant.expired",
+        "request.revoked" => "grant.revoked",
+        "request.failed" | "request.abandoned" => "grant.failed",
+        "break_glass.used" => "break_glass.used",
+        "drift.rule_missing" => "drift.rule_missing",
+        "drift.rule_removed" => "drift.rule_removed",
+        "drift.baseline_restored" => "drift.baseline_restored",
+        "drift.exposure" => "drift.exposure",
+        _ => return None,
+    })
+}
+
+/// Whether the request shows the change its event announced. An event is written before its
+/// change is saved; a change that lost its save never shows, and is never announced.
+pub fn took_effect(kind: &str, event: &AuditEvent, request: &AccessRequest) -> bool {
+    match kind {
+        "request.created" | "break_glass.used" => true,
+        "request.approved" => request.approved_at.is_some(),
+        "request.denied" => request.state == State::Denied,
+        "request.cancelled" => request.state == State::Cancelled,
+        "request.timed_out" => request.state == State::TimedOut,
+        "grant.activated" => request.activated_at.is_some(),
+        "grant.extended" => {
+            let announced =
+                event.details["ends_at"].as_str().and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok());
+            announced.is_some_and(|end| request.ends_at.is_some_and(|now_ends| now_ends >= end))
+        }
+        "grant.expired" => request.state == State::Expired,
+        "grant.revoked" => request.state == State::Revoked,
+        "grant.failed" => request.state == State::Failed,
+        _ => true,
+    }
+}
+
+/// The delivery id: the same for every attempt and every subscription (receivers deduplicate
+/// on it), and traceable to the audit event it announces.
+pub fn webhook_id(event: &AuditEvent) -> String {
+    format!("evt_{}", &event.hash[..event.hash.len().min(32)])
+}
+
+/// What the event says, the same in every format.
+pub fn data(
+    kind: &str,
+    event: &AuditEvent,
+    request: Option<&AccessRequest>,
+    vm: Option<&str>,
+    public_url: &str,
+) -> Value {
+    let mut data = json!({
+        "event_id": webhook_id(event),
+        "audit_seq": event.seq,
+        "actor": event.actor,
+        "actor_name": event.actor_name,
+        "policy": event.subject.policy,
+        "vm": vm,
+    });
+    let fields = data.as_object_mut().expect("an object");
+    if let Some(request) = request {
+        let extra = json!({
+            "request_id": request.id,
+            "url": format!("{}/api/requests/{}", public_url.trim_end_matches('/'), request.id),
+            "requester": request.requester,
+            "requester_name": request.requester_name,
+            "ports": request.ports.iter().map(|p| format!("{p}/{}", request.protocol.arm_name().to_lowercase())).collect::<Vec<_>>(),
+            "source": request.source.to_string(),
+            "duration": request.duration.to_string(),
+            "justification": request.justification,
+            "break_glass": request.break_glass,
+            "auto_approved": request.auto_approved,
+            "state": request.state.name(),
+            "created_at": request.created_at,
+            "ends_at": request.ends_at,
+            "approvals": request.approvals.iter().map(|a| json!({"by": a.by, "at": a.at})).collect::<Vec<_>>(),
+        });
+        fields.extend(extra.as_object().expect("an object").clone());
+    }
+    for key in ["reason", "ends_at", "by", "found", "repair"] {
+        if let Some(value) = event.details.get(key) {
+            fields.insert(if key == "ends_at" { "ends_at".into() } else { key.into() }, value.clone());
+        }
+    }
+    if !kind.starts_with("request.") && !kind.starts_with("grant.") && !kind.starts_with("break_glass") {
+        fields.insert("details".into(), event.details.clone());
+    }
+    data
+}
+
+/// The body of a delivery in `format`.
+pub fn body(format: Format, kind: &str, event: &AuditEvent, data: Value, source: &str) -> String {
+    match format {
+        Format::Standard => json!({"type": kind, "timestamp": event.at, "data": data}),
+        Format::Cloudevents => json!({
+            "specversion": "1.0", "id": webhook_id(event), "source": source,
+            "type": format!("io.portcullis.{kind}"), "subject": data["request_id"].as_str().or(event.subject.policy.as_deref()),
+            "time": event.at, "datacontenttype": "application/json", "data": data,
+        }),
+        Format::Slack => slack_message(kind, &data),
+        Format::Teams => teams_card(kind, &data),
+    }
+    .to_string()
+}
+
+/// One line for people: `alice asks for 22/tcp on demo-vm for PT1H`.
+fn summary(kind: &str, data: &Value) -> String {
+    let who = data["requester_name"].as_str().or(data["requester"].as_str()).unwrap_or("someone");
+    let actor = data["actor_name"].as_str().or(data["actor"].as_str()).unwrap_or("portcullis");
+    let ports = data["ports"]
+        .as_array()
+        .map(|p| p.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default();
+    let policy = data["policy"].as_str().unwrap_or("?");
+    match kind {
+        "request.created" => {
+            format!("{who} asks for {ports} on {policy} for {}", data["duration"].as_str().unwrap_or("?"))
+        }
+        "request.approved" => format!("{who}'s request for {ports} on {policy} was approved by {actor}"),
+        "request.denied" => format!("{who}'s request for {ports} on {policy} was denied by {actor}"),
+        "request.cancelled" => format!("{who}'s request for {ports} on {policy} was cancelled"),
+        "request.timed_out" => format!("{who}'s request for {ports} on {policy} timed out without a decision"),
+        "grant.activated" => {
+            format!("{ports} on {policy} is open to {who} until {}", data["ends_at"].as_str().unwrap_or("?"))
+        }
+        "grant.extended" => {
+            format!("{who}'s access to {ports} on {policy} now ends at {}", data["ends_at"].as_str().unwrap_or("?"))
+        }
+        "grant.expired" => format!("{who}'s access to {ports} on {policy} has ended; the port is closed"),
+        "grant.revoked" => format!("{who}'s access to {ports} on {policy} was revoked by {actor}"),
+        "grant.failed" => format!("{who}'s access to {ports} on {policy} could not be opened"),
+        "break_glass.used" => format!("BREAK GLASS: {who} opened {ports} on {policy} without approval"),
+        other => format!("{other} on {policy}"),
+    }
+}
+
+fn slack_message(kind: &str, data: &Value) -> Value {
+    let text = summary(kind, data);
+    let field = |label: &str, value: &Value| json!({"type": "mrkdwn", "text": format!("*{label}*\n{}", value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string()))});
+    let mut fields = Vec::new();
+    for (label, key) in [
+        ("Requester", "requester"),
+        ("Policy", "policy"),
+        ("Source", "source"),
+        ("Duration", "duration"),
+        ("State", "state"),
+    ] {
+        if !data[key].is_null() {
+            fields.push(field(label, &data[key]));
+        }
+    }
+    let mut blocks = vec![json!({"type": "section", "text": {"type": "mrkdwn", "text": truncate(&text, 3000)}})];
+    if !fields.is_empty() {
+        blocks.push(json!({"type": "section", "fields": fields}));
+    }
+    if let Some(justification) = data["justification"].as_str() {
+        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": truncate(&format!("*Justification*\n{justification}"), 3000)}}));
+    }
+    if let Some(url) = data["url"].as_str() {
+        blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!("<{url}|{}>", data["request_id"].as_str().unwrap_or("request"))}]}));
+    }
+    json!({"text": text, "blocks": blocks})
+}
+
+fn teams_card(kind: &str, data: &Value) -> Value {
+    let mut facts = Vec::new();
+    for (title, key) in [
+        ("Requester", "requester"),
+        ("Policy", "policy"),
+        ("Ports", "ports"),
+        ("Source", "source"),
+        ("Duration", "duration"),
+        ("Justification", "justification"),
+        ("State", "state"),
+    ] {
+        let value = match &data[key] {
+            Value::Null => continue,
+            Value::String(s) => s.clone(),
+            Value::Array(items) => items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "),
+            other => other.to_string(),
+        };
+        facts.push(json!({"title": title, "value": value}));
+    }
+    let mut card = json!({
+        "type": "AdaptiveCard", "version": "1.4",
+        "body": [{"type": "TextBlock", "text": summary(kind, data), "weight": "Bolder", "wrap": true},
+                 {"type": "FactSet", "facts": facts}],
+    });
+    if let Some(url) = data["url"].as_str() {
+        card["actions"] = json!([{"type": "Action.OpenUrl", "title": "Open in portcullis", "url": url}]);
+    }
+    json!({"type": "message", "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": null, "content": card}]})
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
+}
