@@ -287,6 +287,14 @@ impl Config {
             allowed_hosts: (1..=4).flat_map(|n| list(optional(&format!("webhook_host_{n}"), ""))).collect(),
             dev_hosts: list(optional("webhook_dev_hosts", "")),
             public_url: optional("public_url", "http://127.0.0.1:3000").trim_end_matches('/').to_owned(),
+            reminder_after: match optional("reminder_after", "PT15M").as_str() {
+                "off" => None,
+                _ => Some(delta("reminder_after", "PT15M")?),
+            },
+            notice_lead: match optional("notice_lead", "PT10M").as_str() {
+                "off" => None,
+                _ => Some(delta("notice_lead", "PT10M")?),
+            },
         };
         Ok(Self {
             max_body_bytes,

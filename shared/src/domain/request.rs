@@ -183,6 +183,9 @@ pub struct AccessRequest {
     /// The last ARM failure, for operators (never contains secrets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Notices already sent (`reminder`, `timing_out`, `expiring:<ends_at>`), each once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notices: Vec<String>,
 }
 
 /// Longest accepted justification, in characters.
@@ -323,6 +326,7 @@ impl AccessRequest {
             policy: policy.name.clone(),
             requester: requester.clone(),
             requester_name: None,
+            notices: Vec::new(),
             requester_groups: requester_groups.to_vec(),
             ports,
             protocol: protocol.expect("a port set is never empty"),

@@ -251,6 +251,7 @@ fn settle_opened(
     // The due entry goes first: once it exists, the sweep will close the rule whatever
     // happens to the rest of this call.
     super::sweep::schedule(env, ends_at, &request.value.id)?;
+    super::notices::schedule_for_grant(env, &request.value.id, ends_at)?;
     transition(request, Event::RuleOpened)?;
     request.value.activated_at = Some(opened_at);
     request.value.ends_at = Some(ends_at);

@@ -85,6 +85,7 @@ pub fn create(
             // The sweep times the request out from the same due index that ends grants.
             super::sweep::schedule(env, deadline, &request.id)?;
         }
+        super::notices::schedule_for_pending(env, &request)?;
     }
     let save = || Ok(store::save(env.kv, &keys::request(&request.id), &request, None)?);
     let version = if auto_approved {

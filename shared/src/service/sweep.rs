@@ -441,7 +441,15 @@ fn process_due(env: &Env, id: &str, report: &mut SweepReport, overdue: &mut Over
     }
     let due = request.value.ends_at.is_some_and(|end| end <= env.now);
     if request.value.state != State::Active || !due {
-        return Due::Nothing;
+        // Not due to end: perhaps due a notice (a reminder, a warning before its end).
+        return match super::notices::send_due(env, &mut request) {
+            Ok(_) => Due::Nothing,
+            Err(error) => {
+                eprintln!("sweep: notices of {id}: {}", error.internal.as_deref().unwrap_or(&error.message));
+                report.skipped += 1;
+                Due::Again
+            }
+        };
     }
     let result = grants::close(env, &mut request, Event::Due, None);
     overdue.note(&request.value, env.now);

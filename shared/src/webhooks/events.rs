@@ -8,8 +8,10 @@ use crate::audit::AuditEvent;
 use crate::domain::{AccessRequest, State};
 
 /// Every event type a subscription can name.
-pub const EVENT_TYPES: [&str; 15] = [
+pub const EVENT_TYPES: [&str; 17] = [
     "request.created",
+    "request.reminder",
+    "grant.expiring",
     "request.approved",
     "request.denied",
     "request.cancelled",
@@ -34,11 +36,14 @@ pub fn kind_of(action: &str) -> Option<&'static str> {
         "request.denied" => "request.denied",
         "request.cancelled" => "request.cancelled",
         "request.timed_out" => "request.timed_out",
+        "request.reminder" => "request.reminder",
+        "grant.expiring" => "grant.expiring",
         "request.activated" => "grant.activated",
         "request.extended" => "grant.extended",
         "request.expired" => "grant.expired",
         "request.revoked" => "grant.revoked",
-        "request.failed" | "request.abandoned" => "grant.failed",
+        // `request.abandoned` starts the close of a failed open; `request.failed` ends it.
+        "request.failed" => "grant.failed",
         "break_glass.used" => "break_glass.used",
         "drift.rule_missing" => "drift.rule_missing",
         "drift.rule_removed" => "drift.rule_removed",
@@ -66,6 +71,9 @@ pub fn took_effect(kind: &str, event: &AuditEvent, request: &AccessRequest) -> b
         "grant.expired" => request.state == State::Expired,
         "grant.revoked" => request.state == State::Revoked,
         "grant.failed" => request.state == State::Failed,
+        "request.reminder" | "grant.expiring" => {
+            event.details["notice"].as_str().is_some_and(|notice| request.notices.iter().any(|n| n == notice))
+        }
         _ => true,
     }
 }
@@ -112,7 +120,9 @@ pub fn data(
         });
         fields.extend(extra.as_object().expect("an object").clone());
     }
-    for key in ["reason", "ends_at", "by", "found", "repair"] {
+    for key in
+        ["reason", "ends_at", "by", "found", "repair", "notice", "times_out_at", "approvers_left", "minutes_left"]
+    {
         if let Some(value) = event.details.get(key) {
             fields.insert(if key == "ends_at" { "ends_at".into() } else { key.into() }, value.clone());
         }
@@ -165,6 +175,14 @@ fn summary(kind: &str, data: &Value) -> String {
         "grant.revoked" => format!("{who}'s access to {ports} on {policy} was revoked by {actor}"),
         "grant.failed" => format!("{who}'s access to {ports} on {policy} could not be opened"),
         "break_glass.used" => format!("BREAK GLASS: {who} opened {ports} on {policy} without approval"),
+        "request.reminder" if data["notice"] == "timing_out" => format!(
+            "{who}'s request for {ports} on {policy} times out at {} without a decision",
+            data["times_out_at"].as_str().unwrap_or("?")
+        ),
+        "request.reminder" => format!("{who}'s request for {ports} on {policy} is still waiting for approval"),
+        "grant.expiring" => {
+            format!("{who}'s access to {ports} on {policy} ends at {}", data["ends_at"].as_str().unwrap_or("?"))
+        }
         other => format!("{other} on {policy}"),
     }
 }

@@ -121,6 +121,11 @@ pub struct WebhookSettings {
     pub dev_hosts: Vec<String>,
     /// portcullis's own base URL, for links in payloads (`public_url`).
     pub public_url: String,
+    /// A pending request is reminded once after waiting this long (`reminder_after`).
+    pub reminder_after: Option<chrono::TimeDelta>,
+    /// How long before a pending request times out, or a grant ends, it says so
+    /// (`notice_lead`).
+    pub notice_lead: Option<chrono::TimeDelta>,
 }
 
 /// Why a subscription is refused.
@@ -318,6 +323,7 @@ mod tests {
             allowed_hosts: vec!["https://hooks.example.com".into(), "http://127.0.0.1:9000".into()],
             dev_hosts: vec!["127.0.0.1:9000".into()],
             public_url: "https://jit.example.com".into(),
+            ..WebhookSettings::default()
         }
     }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::TimeDelta;
-use portcullis_host::emulator::{DEMO_NSG, DEMO_VM, Fault};
+pub use portcullis_host::emulator::{DEMO_NSG, DEMO_VM, Fault};
 use portcullis_host::local::{self, DemoKey, Local, LocalOptions};
 use portcullis_host::receiver::Receiver;
 use serde_json::{Value, json};

@@ -89,6 +89,8 @@ async fn every_event_type_reaches_each_matching_subscription_once_signed_and_no_
         "grant.activated",
         "request.created",
         "request.timed_out",
+        // The break-glass grant (15 minutes) is warned 10 minutes before its end, then ends.
+        "grant.expiring",
         "grant.expired",
     ];
     let all = wait_for(&world, "/all", expected.len()).await;
@@ -281,4 +283,78 @@ async fn urls_portcullis_must_never_reach_are_refused_and_secrets_are_shown_once
             assert!(!text.contains(&secret["whsec_".len()..]), "a secret leaked: {text}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reminders_and_warnings_before_the_end_are_sent_once_each() {
+    let world = World::start().await;
+    let body = policy(json!({"mode": "manual", "approvers": ["group:ops"], "required": 1, "pending_timeout": "PT30M"}));
+    assert_eq!(world.put_policy("demo-vm", &body).await.0, 201);
+    subscribe(&world, "nudges", "/nudges", json!({"events": ["request.reminder", "grant.expiring"]})).await;
+    let (_, waiting) = world.request(ALICE, &ssh("PT1H")).await;
+    let (_, granted) = world.request(CAROL, &ssh("PT30M")).await;
+    world.decide(&id(&granted), "approve", BOB).await;
+    // Every few minutes for 70 minutes: the waiting request is reminded at 15 minutes and
+    // warned at 20 (10 before it times out); the grant is warned 10 minutes before its end,
+    // and again before its new end once extended.
+    for minute in 1..=70 {
+        world.advance_minutes(1);
+        if minute == 25 {
+            let extend = format!("/api/requests/{}/extend", id(&granted));
+            assert_eq!(world.call("POST", &extend, Some(CAROL), Some(r#"{"duration":"PT20M"}"#)).await.0, 200);
+        }
+        if minute % 3 == 0 {
+            world.tick().await;
+        }
+    }
+    world.tick().await;
+    let nudges = wait_for(&world, "/nudges", 4).await;
+    let summary: Vec<(String, String, String)> = nudges
+        .iter()
+        .map(|r| {
+            let data = &r.body["data"];
+            (
+                r.body["type"].as_str().unwrap().to_owned(),
+                data["request_id"].as_str().unwrap().to_owned(),
+                data["notice"].as_str().unwrap_or("").split(':').next().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let (w, g) = (id(&waiting), id(&granted));
+    let want = |kind: &str, id: &str, notice: &str| (kind.to_owned(), id.to_owned(), notice.to_owned());
+    assert_eq!(
+        summary,
+        [
+            want("request.reminder", &w, "reminder"),
+            want("request.reminder", &w, "timing_out"),
+            want("grant.expiring", &g, "expiring"),
+            want("grant.expiring", &g, "expiring"),
+        ],
+        "{nudges:#?}"
+    );
+    assert_eq!(nudges[0].body["data"]["approvers_left"], json!(["group:ops"]));
+    assert_ne!(
+        nudges[2].body["data"]["ends_at"], nudges[3].body["data"]["ends_at"],
+        "the second warning is for the new end"
+    );
+    assert_eq!(world.get_request(&w).await["state"], "timed_out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_grant_and_a_missing_rule_are_announced_too() {
+    let world = World::start().await;
+    world.auto_policy().await;
+    subscribe(&world, "ops", "/ops", json!({"events": ["grant.failed", "drift.*"]})).await;
+    // ARM refuses the rule outright: the grant fails and nothing is open.
+    world.inject(Fault::new("PUT", 403, "AuthorizationFailed", 1));
+    let (_, refused) = world.request(ALICE, &ssh("PT1H")).await;
+    // Someone deletes a running grant's rule by hand: the reconciler reports it.
+    let (_, grant) = world.request(CAROL, &ssh("PT1H")).await;
+    assert!(world.local.emulator.remove_rule(DEMO_NSG, &format!("jit-{}", id(&grant))));
+    world.tick().await;
+    let received = wait_for(&world, "/ops", 2).await;
+    assert_eq!(kinds(&received), ["grant.failed", "drift.rule_missing"], "{received:#?}");
+    assert_eq!(received[0].body["data"]["request_id"], id(&refused).as_str());
+    assert_eq!(received[1].body["data"]["request_id"], id(&grant).as_str());
+    assert!(received.iter().all(|r| r.verified == Some(true)));
 }
