@@ -1,10 +1,11 @@
 //! approve-fn: decisions on requests and grants. An approval that completes the required count
 //! opens the NSG rule; a revoke removes it at once; an extend moves its end.
-//! Routes: `/api/requests/:id/{approve,deny,revoke,extend}`.
+//! Routes: `/api/requests/:id/{approve,deny,revoke,extend}`, and decisions from integrations
+//! at `/webhooks/decision`.
 
 use shared::api::ApiError;
 use shared::service::decisions;
-use shared::spin::{answer, deliver_after_answer, respond, segments, serve_api};
+use shared::spin::{answer, deliver_after_answer, respond, segments, serve_api, serve_integration};
 use spin_sdk::http::conversions::TryFromIncomingRequest;
 use spin_sdk::http::{IncomingRequest, Method, Request, Response, ResponseOutparam};
 use spin_sdk::http_component;
@@ -24,6 +25,16 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
 }
 
 fn route(request: &Request) -> Response {
+    match (request.method(), segments(request, "/webhooks").as_slice()) {
+        (Method::Post, ["decision"]) if request.path().starts_with("/webhooks/") => return serve_integration(request),
+        (_, ["decision"]) if request.path().starts_with("/webhooks/") => {
+            return respond(Err(ApiError::method_not_allowed("decisions are POSTed")));
+        }
+        _ if request.path().starts_with("/webhooks/") => {
+            return respond(Err(ApiError::not_found("no_such_route", "no such webhook endpoint")));
+        }
+        _ => {}
+    }
     serve_api(request, |_, env, caller| match (request.method(), segments(request, "/api").as_slice()) {
         (Method::Post, ["requests", id, "approve"]) => decisions::approve(env, caller, id, request.body()),
         (Method::Post, ["requests", id, "deny"]) => decisions::deny(env, caller, id, request.body()),

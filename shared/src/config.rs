@@ -111,6 +111,37 @@ pub struct Config {
     pub rate_limits: RateLimits,
     /// Where webhooks may be sent.
     pub webhooks: crate::webhooks::WebhookSettings,
+    /// Systems that send decisions (`POST /webhooks/decision`), each with its signing secret.
+    pub integrations: Vec<Integration>,
+}
+
+/// A system that may send decisions, signed as Standard Webhooks specify.
+#[derive(Clone, Debug)]
+pub struct Integration {
+    /// Its name; it decides as `integration:<name>`.
+    pub name: crate::domain::WebhookName,
+    /// The secret its requests are signed with.
+    pub secret: crate::webhooks::sign::SigningSecret,
+}
+
+/// Parses `decision_integrations`: `[{"name": "servicenow", "secret": "whsec_..."}]`.
+fn integrations(json: &str) -> Result<Vec<Integration>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Raw {
+        name: String,
+        secret: String,
+    }
+    let raw: Vec<Raw> = serde_json::from_str(json).context("decision_integrations is not a JSON list")?;
+    raw.into_iter()
+        .map(|r| {
+            let name = crate::domain::WebhookName::parse(&r.name).context("decision_integrations: a name")?;
+            let secret = crate::webhooks::sign::SigningSecret::parse(&r.secret).with_context(|| {
+                format!("decision_integrations: the secret of '{name}' must be whsec_ and 24 to 64 bytes of base64")
+            })?;
+            Ok(Integration { name, secret })
+        })
+        .collect()
 }
 
 /// Calls allowed per minute (UTC, refilled at each minute boundary); `None`: no limit.
@@ -297,6 +328,7 @@ impl Config {
             },
         };
         Ok(Self {
+            integrations: integrations(&optional("decision_integrations", "[]"))?,
             max_body_bytes,
             rate_limits,
             webhooks,

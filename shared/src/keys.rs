@@ -33,6 +33,7 @@
 //! | `hook:<name>` | a webhook subscription (with its signing secrets) |
 //! | `hook:<name>:state` | its delivery state: cursor into the audit trail, queue, backoff |
 //! | `hook:<name>:d:<seq>` | one delivery: the event of audit number `seq`, its body and attempts |
+//! | `seen:<integration>:<webhook-id>` | a decision message already taken (replays are refused; deleted by the sweep after the replay window) |
 //! | `audit:head` | the audit trail's last event, moved by compare-and-swap |
 //! | `audit:e:<seq>` | audit event number `seq` (from 1, contiguous) |
 //! | `audit:checkpoint` | the latest signed checkpoint of the audit trail |
@@ -145,6 +146,11 @@ pub fn webhook_state(name: &WebhookName) -> String {
 /// One delivery to a subscription: the event of audit number `seq`.
 pub fn webhook_delivery(name: &WebhookName, seq: u64) -> String {
     format!("hook:{name}:d:{seq}")
+}
+
+/// A signed message an integration sent, kept while a replay would still verify.
+pub fn seen_message(integration: &WebhookName, id: &str) -> String {
+    format!("seen:{integration}:{id}")
 }
 
 /// The audit trail's head: its last event.

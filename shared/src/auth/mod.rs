@@ -123,6 +123,12 @@ impl ApiKeys {
     }
 }
 
+/// The principal of an integration that decides requests (`integration:<name>`), which
+/// no API key or token can have.
+pub fn integration_principal(name: &crate::domain::WebhookName) -> Principal {
+    Principal::parse(&format!("integration:{name}")).expect("a webhook name makes a principal")
+}
+
 /// The actors the service itself uses in the audit trail; no caller may be named so.
 const RESERVED_PRINCIPALS: [&str; 2] = ["system", "anonymous"];
 
@@ -131,6 +137,9 @@ const RESERVED_PRINCIPALS: [&str; 2] = ["system", "anonymous"];
 pub fn check_not_reserved(principal: &Principal) -> Result<(), String> {
     if RESERVED_PRINCIPALS.contains(&principal.as_str()) {
         return Err(format!("the principal '{principal}' is reserved for the service's own audit events"));
+    }
+    if principal.as_str().contains(':') {
+        return Err(format!("the principal '{principal}' has a ':', which only integrations' principals have"));
     }
     Ok(())
 }

@@ -83,8 +83,10 @@ string_id!(
     RequestId, "request id", 40, ""
 );
 string_id!(
-    /// An authenticated identity (`alice`, `alice@example.com`).
-    Principal, "principal", 128, "@"
+    /// An authenticated identity (`alice`, `alice@example.com`), or an integration that
+    /// decides (`integration:servicenow`): `:` is for those alone (see
+    /// [`crate::auth::check_not_reserved`]).
+    Principal, "principal", 128, "@:"
 );
 string_id!(
     /// A group a principal belongs to (`ops`).

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod decisions;
 pub mod grants;
 pub mod health;
+pub mod inbound;
 pub mod notices;
 pub mod policies;
 pub mod reconcile;

@@ -58,6 +58,7 @@ impl World {
                 max_body_bytes: 65536,
                 rate_limits: Default::default(),
                 webhooks: Default::default(),
+                integrations: Vec::new(),
             },
         };
         world.at(at(0), |env| policies::put(env, &admin(), "demo-vm", policy.to_string().as_bytes(), false)).unwrap();

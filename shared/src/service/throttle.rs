@@ -178,14 +178,20 @@ impl<'a> Throttle<'a> {
 
     /// Enters a key in the tally index of this minute, for the sweep to delete.
     fn register(&self, key: &str) -> Result<(), StoreError> {
-        for _ in 0..3 {
-            let slot = self.kv.increment(&keys::tally_count(self.now), 1)?;
-            if self.kv.compare_and_swap(&keys::tally_slot(self.now, slot), None, key.as_bytes())? {
-                return Ok(());
-            }
-        }
-        Err(StoreError::Conflict { key: keys::tally_count(self.now) })
+        delete_after(self.kv, key, self.now)
     }
+}
+
+/// Enters `key` in the tally index of the minute of `at`: the sweep deletes it once that
+/// minute is over. For the short-lived keys of rate limits and replay protection.
+pub fn delete_after(kv: &dyn KvStore, key: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+    for _ in 0..3 {
+        let slot = kv.increment(&keys::tally_count(at), 1)?;
+        if kv.compare_and_swap(&keys::tally_slot(at, slot), None, key.as_bytes())? {
+            return Ok(());
+        }
+    }
+    Err(StoreError::Conflict { key: keys::tally_count(at) })
 }
 
 /// Who an address is for rate limits: an IPv4 address, an IPv6 caller's /64 (one host
@@ -261,11 +267,11 @@ fn clear_minute(kv: &dyn KvStore, minute: DateTime<Utc>, budget: &mut usize) -> 
 }
 
 /// Whether `name` is a key the tally index of `minute` may list: a rate-limit counter or
-/// block of that minute, or its count of failed logins. A slot pointing anywhere else
+/// block of that minute, its count of failed logins, or a message id kept against replays. A slot pointing anywhere else
 /// (a damaged store) deletes nothing.
 fn is_tally_of(name: &str, minute: DateTime<Utc>) -> bool {
     let stamp = minute.format("%Y%m%d%H%M").to_string();
-    if name == keys::auth_failures(minute) {
+    if name == keys::auth_failures(minute) || name.starts_with("seen:") {
         return true;
     }
     let Some(rest) = name.strip_prefix("tally:").and_then(|r| r.strip_prefix(stamp.as_str())) else { return false };

@@ -256,6 +256,36 @@ pub fn serve_api(request: &Request, route: impl FnOnce(&Ctx, &Env, &Caller) -> R
     respond(outcome)
 }
 
+/// Serves a decision from an integration (`POST /webhooks/decision`): its Standard Webhooks
+/// signature names the integration (failures count as failed logins), a message is taken
+/// once, and the decision is made under the API's rules (see [`crate::service::inbound`]).
+pub fn serve_integration(request: &Request) -> Response {
+    use crate::service::inbound;
+    let outcome = Ctx::load().and_then(|ctx| {
+        if request.body().len() > ctx.config.max_body_bytes {
+            return Err(ApiError::too_large(format!("request bodies are at most {} bytes", ctx.config.max_body_bytes)));
+        }
+        let header = |name: &str| request.header(name).and_then(|v| v.as_str());
+        let signed = inbound::Signed {
+            id: header("webhook-id"),
+            timestamp: header("webhook-timestamp"),
+            signature: header("webhook-signature"),
+        };
+        let now = ctx.clock.now();
+        let (integration, id) =
+            ctx.guard_login(request, || inbound::authenticate(&ctx.config.integrations, &signed, request.body(), now))?;
+        inbound::first_time(&ctx.kv, integration, &id, now)?;
+        let decision: inbound::InboundDecision = crate::api::parse_json(request.body(), false)?;
+        let caller = decision.caller(integration);
+        let origin = Origin::of(&caller, ctx.client_ip(request));
+        if is_change(request) {
+            ctx.check_rate(request, &caller, &origin)?;
+        }
+        ctx.run(origin, |env| decision.decide(env, &caller))
+    });
+    respond(outcome)
+}
+
 /// Serves a call that takes no credential (the health check): configuration and the store,
 /// no caller; it must not change anything.
 pub fn serve_public(route: impl FnOnce(&Env) -> Result<Reply, ApiError>) -> Response {

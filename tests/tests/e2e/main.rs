@@ -24,6 +24,7 @@ mod corpus;
 mod drift;
 mod faults;
 mod identity;
+mod integrations;
 mod lifecycle;
 mod races;
 mod security;
