@@ -1,11 +1,13 @@
 //! approve-fn: decisions on requests and grants. An approval that completes the required count
 //! opens the NSG rule; a revoke removes it at once; an extend moves its end.
 //! Routes: `/api/requests/:id/{approve,deny,revoke,extend}`, and decisions from integrations
-//! at `/webhooks/decision`.
+//! at `/webhooks/decision`, and decision links (`/decide/{token}`).
 
 use shared::api::ApiError;
 use shared::service::decisions;
-use shared::spin::{answer, deliver_after_answer, respond, segments, serve_api, serve_integration};
+use shared::spin::{
+    answer, deliver_after_answer, respond, segments, serve_api, serve_decision_link, serve_integration,
+};
 use spin_sdk::http::conversions::TryFromIncomingRequest;
 use spin_sdk::http::{IncomingRequest, Method, Request, Response, ResponseOutparam};
 use spin_sdk::http_component;
@@ -25,6 +27,9 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
 }
 
 fn route(request: &Request) -> Response {
+    if let (Method::Get | Method::Post, ["decide", token]) = (request.method(), segments(request, "").as_slice()) {
+        return serve_decision_link(request, token);
+    }
     match (request.method(), segments(request, "/webhooks").as_slice()) {
         (Method::Post, ["decision"]) if request.path().starts_with("/webhooks/") => return serve_integration(request),
         (_, ["decision"]) if request.path().starts_with("/webhooks/") => {

@@ -52,7 +52,7 @@ pub struct ArmSettings {
 }
 
 /// A secret string whose `Debug` output is redacted.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
@@ -326,6 +326,12 @@ impl Config {
                 "off" => None,
                 _ => Some(delta("notice_lead", "PT10M")?),
             },
+            link_secret: match optional("decision_link_secret", "") {
+                secret if secret.is_empty() => None,
+                secret if secret.len() < 32 => bail!("variable 'decision_link_secret' must be at least 32 characters"),
+                secret => Some(Secret::new(secret)),
+            },
+            link_ttl: delta("decision_link_ttl", "PT15M")?,
         };
         Ok(Self {
             integrations: integrations(&optional("decision_integrations", "[]"))?,

@@ -145,6 +145,17 @@ pub enum Extensions {
     Approval,
 }
 
+/// What a chat message may do about a request of this policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatDecisions {
+    /// Its buttons are links to a portcullis page where the approver signs in to decide.
+    #[default]
+    Confirm,
+    /// It only notifies.
+    None,
+}
+
 /// Emergency self-activation: named people may open access without approval, loudly.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BreakGlass {
@@ -226,6 +237,9 @@ pub struct Policy {
     /// Who may extend a running grant.
     #[serde(default)]
     pub extensions: Extensions,
+    /// What chat messages may do about its requests.
+    #[serde(default)]
+    pub chat_decisions: ChatDecisions,
 }
 
 /// A policy as an admin sends it: plain data, checked by [`Policy::from_raw`].
@@ -250,6 +264,8 @@ pub struct RawPolicy {
     quotas: Option<RawQuotas>,
     #[serde(default)]
     extensions: Extensions,
+    #[serde(default)]
+    chat_decisions: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -438,7 +454,25 @@ impl Policy {
             Some(placement) => placement,
             None => resolve(&vm)?,
         };
+        let chat_decisions = match raw.chat_decisions.as_deref() {
+            None | Some("confirm") => ChatDecisions::Confirm,
+            Some("none") => ChatDecisions::None,
+            Some("direct") => {
+                return Err(err(
+                    "chat_decisions 'direct' (a chat click decides) needs Slack interactivity, which this version does not have: use 'confirm' or 'none'".into(),
+                )
+                .into());
+            }
+            Some(other) => {
+                return Err(err(format!(
+                    "chat_decisions '{}' is not one of confirm, none",
+                    other.chars().take(40).collect::<String>()
+                ))
+                .into());
+            }
+        };
         Ok(Self {
+            chat_decisions,
             name,
             vm,
             nsg: placement.nsg,

@@ -6,6 +6,7 @@ pub mod decisions;
 pub mod grants;
 pub mod health;
 pub mod inbound;
+pub mod links;
 pub mod notices;
 pub mod policies;
 pub mod reconcile;

@@ -22,6 +22,7 @@ use crate::domain::RequestId;
 use crate::http::{Clock, SystemClock};
 use crate::service::throttle::Throttle;
 use crate::service::{Env, Origin};
+use crate::store::KvStore;
 
 /// How long the sweep may spend on webhook deliveries.
 const SWEEP_DELIVERY_BUDGET: Duration = Duration::from_secs(20);
@@ -61,7 +62,11 @@ impl Ctx {
     /// The caller behind the request's bearer credential: an OIDC token when an issuer is
     /// configured and the credential is a JWT, else an API key.
     pub fn authenticate(&self, request: &Request) -> Result<Caller, ApiError> {
-        let header = request.header("authorization").and_then(|v| v.as_str());
+        self.authenticate_header(request.header("authorization").and_then(|v| v.as_str()))
+    }
+
+    /// The caller behind an `Authorization` header value (see [`Ctx::authenticate`]).
+    pub fn authenticate_header(&self, header: Option<&str>) -> Result<Caller, ApiError> {
         let bearer = header.and_then(|h| h.strip_prefix("Bearer ")).map(str::trim);
         match (&self.config.oidc, bearer) {
             (Some(oidc), Some(token)) if auth::oidc::looks_like_jwt(token) => {
@@ -284,6 +289,110 @@ pub fn serve_integration(request: &Request) -> Response {
         ctx.run(origin, |env| decision.decide(env, &caller))
     });
     respond(outcome)
+}
+
+/// Serves a decision link (`GET` shows the request and a sign-in form, `POST` decides as the
+/// signed-in approver; see [`crate::service::links`]). Answers HTML.
+pub fn serve_decision_link(request: &Request, token: &str) -> Response {
+    use crate::service::links::{self, LinkDecision};
+    let gone = || {
+        (
+            410,
+            links::page(
+                "This link cannot be used",
+                "<p>It has expired, was already used, or was changed. Decide in portcullis itself, or ask for a new message.</p>",
+            ),
+        )
+    };
+    let (status, body) = (|| -> Result<(u16, String), ApiError> {
+        let ctx = Ctx::load()?;
+        if request.body().len() > ctx.config.max_body_bytes {
+            return Err(ApiError::too_large("the form is too large"));
+        }
+        let Some(secret) = ctx.config.webhooks.link_secret.clone() else {
+            return Ok((
+                404,
+                links::page("Decision links are off", "<p>This portcullis has no decision_link_secret.</p>"),
+            ));
+        };
+        let now = ctx.clock.now();
+        let Some(link) = links::verify(secret.expose().as_bytes(), token, now) else { return Ok(gone()) };
+        let used = crate::keys::seen_message(&crate::domain::WebhookName::parse("link").expect("a name"), &link.mark);
+        if ctx.kv.get(&used)?.is_some() {
+            return Ok(gone());
+        }
+        let Some(stored) =
+            crate::store::load::<crate::domain::AccessRequest>(&ctx.kv, &crate::keys::request(&link.request))?
+        else {
+            return Ok(gone());
+        };
+        if stored.value.state != crate::domain::State::Pending {
+            let text = format!(
+                "<p>Request {} is already {}.</p>",
+                links::escape(link.request.as_str()),
+                stored.value.state.name()
+            );
+            return Ok((409, links::page("Already decided", &text)));
+        }
+        if *request.method() != Method::Post {
+            return Ok((200, links::form(&link, &stored.value, request.path())));
+        }
+        let form = String::from_utf8_lossy(request.body()).into_owned();
+        let credential = crate::api::query_param(&form, "credential").unwrap_or_default();
+        let comment = crate::api::query_param(&form, "comment").filter(|c| !c.trim().is_empty());
+        let header = format!("Bearer {}", credential.trim());
+        let caller = ctx.guard_login(request, || ctx.authenticate_header(Some(&header)))?;
+        let origin = Origin::of(&caller, ctx.client_ip(request));
+        ctx.check_rate(request, &caller, &origin)?;
+        // Used once: marked before deciding, unmarked if the decision is refused.
+        if !ctx.kv.compare_and_swap(&used, None, now.to_rfc3339().as_bytes())? {
+            return Ok(gone());
+        }
+        let _ = crate::service::throttle::delete_after(&ctx.kv, &used, link.expires + chrono::TimeDelta::minutes(1));
+        let id = link.request.as_str();
+        let decided = ctx.run(origin, |env| match link.decision {
+            LinkDecision::Approve => {
+                crate::service::decisions::approve(env, &caller, id, json!({"comment": comment}).to_string().as_bytes())
+            }
+            LinkDecision::Deny => {
+                crate::service::decisions::deny(env, &caller, id, json!({"reason": comment}).to_string().as_bytes())
+            }
+        });
+        match decided {
+            Ok(reply) => {
+                let state = reply.body["state"].as_str().unwrap_or("decided").to_owned();
+                let text = format!(
+                    "<p>{} by {}. The request is now <strong>{}</strong>.</p>",
+                    link.decision.verb(),
+                    links::escape(caller.principal.as_str()),
+                    links::escape(&state)
+                );
+                Ok((200, links::page("Done", &text)))
+            }
+            Err(error) => {
+                let _ = ctx.kv.delete(&used);
+                Err(error)
+            }
+        }
+    })()
+    .unwrap_or_else(|error| {
+        if let Some(cause) = &error.internal {
+            eprintln!("error {}: {cause}", error.code);
+        }
+        (error.status, links::page("Not decided", &format!("<p>{}</p>", links::escape(&error.message))))
+    });
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/html; charset=utf-8")
+        .header("cache-control", "no-store")
+        .header("referrer-policy", "no-referrer")
+        .header("x-frame-options", "DENY")
+        .header(
+            "content-security-policy",
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
+        )
+        .body(body)
+        .build()
 }
 
 /// Serves a call that takes no credential (the health check): configuration and the store,

@@ -19,10 +19,12 @@ use super::{Format, Subscription};
 use crate::api::ApiError;
 use crate::audit::log::{self, Slot};
 use crate::audit::{AuditEvent, Outcome, Subject};
-use crate::domain::{AccessRequest, Policy, PolicyName, RequestId, WebhookName};
+use crate::domain::policy::ChatDecisions;
+use crate::domain::{AccessRequest, Policy, PolicyName, RequestId, State, WebhookName};
 use crate::http::{HttpClient, HttpRequest, Method};
 use crate::keys;
 use crate::service::Env;
+use crate::service::links::LinkDecision;
 use crate::store::{self, StoreError};
 
 /// Delays after consecutive failures (minutes): close to Standard Webhooks' schedule.
@@ -190,7 +192,7 @@ fn deliver_to(
 fn enqueue(env: &Env, subscription: &Subscription, state: &mut DeliveryState) -> Result<usize, ApiError> {
     let Some(head) = log::head(env.kv)? else { return Ok(0) };
     let mut requests: HashMap<String, Option<AccessRequest>> = HashMap::new();
-    let mut vms: HashMap<String, Option<String>> = HashMap::new();
+    let mut policies: HashMap<String, Option<Policy>> = HashMap::new();
     let mut queued = 0;
     for seq in state.cursor + 1..=head.seq.min(state.cursor + READ_PER_PASS) {
         if state.queue.len() >= QUEUE_CAP {
@@ -206,7 +208,7 @@ fn enqueue(env: &Env, subscription: &Subscription, state: &mut DeliveryState) ->
                 continue;
             }
         };
-        match announce(env, subscription, &event, &mut requests, &mut vms)? {
+        match announce(env, subscription, &event, &mut requests, &mut policies)? {
             Announce::Skip => {}
             Announce::NotYet => break,
             Announce::Queue(delivery) => {
@@ -238,7 +240,7 @@ fn announce(
     subscription: &Subscription,
     event: &AuditEvent,
     requests: &mut HashMap<String, Option<AccessRequest>>,
-    vms: &mut HashMap<String, Option<String>>,
+    policies: &mut HashMap<String, Option<Policy>>,
 ) -> Result<Announce, ApiError> {
     let Some(kind) = kind_of(&event.action).filter(|_| event.outcome == Outcome::Ok) else { return Ok(Announce::Skip) };
     if !subscription.wants(kind, event.subject.policy.as_deref()) {
@@ -262,24 +264,39 @@ fn announce(
         }
         None => None,
     };
-    let vm = match &event.subject.policy {
+    let policy = match &event.subject.policy {
         Some(policy) => {
-            if !vms.contains_key(policy) {
+            if !policies.contains_key(policy) {
                 let loaded = match PolicyName::parse(policy) {
-                    Ok(name) => store::load::<Policy>(env.kv, &keys::policy(&name))
-                        .ok()
-                        .flatten()
-                        .map(|p| p.value.vm.to_string()),
+                    Ok(name) => store::load::<Policy>(env.kv, &keys::policy(&name)).ok().flatten().map(|p| p.value),
                     Err(_) => None,
                 };
-                vms.insert(policy.clone(), loaded);
+                policies.insert(policy.clone(), loaded);
             }
-            vms[policy].clone()
+            policies[policy].as_ref()
         }
         None => None,
     };
-    let public_url = &env.config.webhooks.public_url;
-    let data = events::data(kind, event, request, vm.as_deref(), public_url);
+    let settings = &env.config.webhooks;
+    let vm = policy.map(|p| p.vm.to_string());
+    let mut data = events::data(kind, event, request, vm.as_deref(), &settings.public_url);
+    // Chat messages about a waiting request carry links to decide (never the formats for
+    // machines: a link is a capability).
+    if let (Some(secret), Some(request), Some(policy)) = (&settings.link_secret, request, policy)
+        && kind == "request.created"
+        && request.state == State::Pending
+        && matches!(subscription.format, Format::Slack | Format::Teams)
+        && policy.chat_decisions == ChatDecisions::Confirm
+    {
+        let expires = (env.now + settings.link_ttl).min(request.pending_until.unwrap_or(env.now + settings.link_ttl));
+        let url = |decision| {
+            let token = crate::service::links::token(secret.expose().as_bytes(), &request.id, decision, expires);
+            format!("{}/decide/{token}", settings.public_url)
+        };
+        data["decide"] =
+            json!({"approve": url(LinkDecision::Approve), "deny": url(LinkDecision::Deny), "until": expires});
+    }
+    let public_url = &settings.public_url;
     let body = events::body(subscription.format, kind, event, data, public_url);
     Ok(Announce::Queue(Delivery {
         id: events::webhook_id(event),

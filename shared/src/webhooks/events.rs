@@ -212,6 +212,13 @@ fn slack_message(kind: &str, data: &Value) -> Value {
     if let Some(url) = data["url"].as_str() {
         blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!("<{url}|{}>", data["request_id"].as_str().unwrap_or("request"))}]}));
     }
+    if let (Some(approve), Some(deny)) = (data["decide"]["approve"].as_str(), data["decide"]["deny"].as_str()) {
+        let block_id = format!("{}.decide", data["request_id"].as_str().unwrap_or("request"));
+        blocks.push(json!({"type": "actions", "block_id": block_id, "elements": [
+            {"type": "button", "action_id": "approve", "style": "primary", "url": approve, "text": {"type": "plain_text", "text": "Approve (sign in)"}},
+            {"type": "button", "action_id": "deny", "style": "danger", "url": deny, "text": {"type": "plain_text", "text": "Deny (sign in)"}},
+        ]}));
+    }
     json!({"text": text, "blocks": blocks})
 }
 
@@ -239,8 +246,16 @@ fn teams_card(kind: &str, data: &Value) -> Value {
         "body": [{"type": "TextBlock", "text": summary(kind, data), "weight": "Bolder", "wrap": true},
                  {"type": "FactSet", "facts": facts}],
     });
+    let mut actions = Vec::new();
+    if let (Some(approve), Some(deny)) = (data["decide"]["approve"].as_str(), data["decide"]["deny"].as_str()) {
+        actions.push(json!({"type": "Action.OpenUrl", "title": "Approve (sign in)", "url": approve}));
+        actions.push(json!({"type": "Action.OpenUrl", "title": "Deny (sign in)", "url": deny}));
+    }
     if let Some(url) = data["url"].as_str() {
-        card["actions"] = json!([{"type": "Action.OpenUrl", "title": "Open in portcullis", "url": url}]);
+        actions.push(json!({"type": "Action.OpenUrl", "title": "Open in portcullis", "url": url}));
+    }
+    if !actions.is_empty() {
+        card["actions"] = json!(actions);
     }
     json!({"type": "message", "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": null, "content": card}]})
 }

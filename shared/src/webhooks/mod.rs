@@ -126,6 +126,10 @@ pub struct WebhookSettings {
     /// How long before a pending request times out, or a grant ends, it says so
     /// (`notice_lead`).
     pub notice_lead: Option<chrono::TimeDelta>,
+    /// Signs decision links (`decision_link_secret`); without it chat messages only notify.
+    pub link_secret: Option<crate::config::Secret>,
+    /// How long a decision link is valid (`decision_link_ttl`), at most the request's wait.
+    pub link_ttl: chrono::TimeDelta,
 }
 
 /// Why a subscription is refused.

@@ -358,3 +358,72 @@ async fn a_refused_grant_and_a_missing_rule_are_announced_too() {
     assert_eq!(received[1].body["data"]["request_id"], id(&grant).as_str());
     assert!(received.iter().all(|r| r.verified == Some(true)));
 }
+
+/// Posts the decision form of a link (its path on the local host) with `credential`.
+async fn decide_by_link(world: &World, url: &str, credential: Option<&str>) -> (u16, String) {
+    let path = url.strip_prefix("https://jit.example.com").expect("a link to portcullis");
+    let form = match credential {
+        Some(c) => format!("credential={c}&comment=looks+fine"),
+        None => "comment=x".to_owned(),
+    };
+    let response = world
+        .client
+        .post(format!("{}{path}", world.local.host.url()))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_buttons_are_links_that_decide_only_after_sign_in_once_and_never_for_the_requester() {
+    let world = World::with_variables(&[("decision_link_secret", "a-long-random-decision-link-secret-value")]).await;
+    world.manual_policy(1).await;
+    subscribe(&world, "teams", "/teams", json!({"events": ["request.created"], "format": "teams"})).await;
+    subscribe(&world, "slack", "/slack", json!({"events": ["request.created"], "format": "slack"})).await;
+    subscribe(&world, "siem", "/siem", json!({"events": ["request.created"]})).await;
+    let (_, request) = world.request(CAROL, &ssh("PT1H")).await;
+    let card = wait_for(&world, "/teams", 1).await.remove(0).body;
+    let actions = card["attachments"][0]["content"]["actions"].as_array().unwrap().clone();
+    let link = |title: &str| actions.iter().find(|a| a["title"] == title).unwrap()["url"].as_str().unwrap().to_owned();
+    let (approve, deny) = (link("Approve (sign in)"), link("Deny (sign in)"));
+    let slack = wait_for(&world, "/slack", 1).await.remove(0).body;
+    assert!(slack.to_string().contains("/decide/"), "Slack messages carry the links too: {slack}");
+    let siem = wait_for(&world, "/siem", 1).await.remove(0).body;
+    assert!(!siem.to_string().contains("/decide/"), "machines never get a link: {siem}");
+
+    // Opening the link shows the request and asks for a sign-in; it decides nothing.
+    let page =
+        world.client.get(approve.replace("https://jit.example.com", &world.local.host.url())).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains(&id(&request)) && html.contains("type=\"password\""), "{html}");
+    assert_eq!(world.get_request(&id(&request)).await["state"], "pending");
+    // Without a credential, with a wrong one, or as the requester herself: nothing.
+    assert_eq!(decide_by_link(&world, &approve, None).await.0, 401);
+    assert_eq!(decide_by_link(&world, &approve, Some("not-a-key")).await.0, 401);
+    let (status, html) = decide_by_link(&world, &approve, Some(CAROL)).await;
+    assert_eq!(status, 403, "no self-approval through a link: {html}");
+    let tampered = format!("{}x", &approve[..approve.len() - 1]);
+    assert_eq!(decide_by_link(&world, &tampered, Some(BOB)).await.0, 410);
+    assert_eq!(world.get_request(&id(&request)).await["state"], "pending");
+    // Signed in as an approver, it decides as them, once.
+    let (status, html) = decide_by_link(&world, &approve, Some(BOB)).await;
+    assert_eq!(status, 200, "{html}");
+    assert_eq!(world.get_request(&id(&request)).await["state"], "active");
+    let approved = world.audit(&format!("request={}&action=request.approved", id(&request))).await;
+    assert_eq!(approved[0]["actor"], "bob");
+    assert_eq!(decide_by_link(&world, &approve, Some(BOB)).await.0, 410, "used");
+    assert_eq!(decide_by_link(&world, &deny, Some(DAVE)).await.0, 409, "already decided");
+
+    // A link runs out (15 minutes by default).
+    let (_, later) = world.request(ALICE, &ssh("PT1H")).await;
+    let cards = wait_for(&world, "/teams", 2).await;
+    let actions = cards[1].body["attachments"][0]["content"]["actions"].as_array().unwrap().clone();
+    let approve_later = actions[0]["url"].as_str().unwrap().to_owned();
+    world.advance_minutes(16);
+    assert_eq!(decide_by_link(&world, &approve_later, Some(BOB)).await.0, 410, "expired");
+    assert_eq!(world.get_request(&id(&later)).await["state"], "pending");
+}
