@@ -6,7 +6,8 @@
 use shared::api::ApiError;
 use shared::service::decisions;
 use shared::spin::{
-    answer, deliver_after_answer, respond, segments, serve_api, serve_decision_link, serve_integration,
+    accept_slack, answer, deliver_after_answer, follow_up_slack, respond, segments, serve_api, serve_decision_link,
+    serve_integration,
 };
 use spin_sdk::http::conversions::TryFromIncomingRequest;
 use spin_sdk::http::{IncomingRequest, Method, Request, Response, ResponseOutparam};
@@ -22,6 +23,15 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
             return answer(response_out, respond(Err(refused))).await;
         }
     };
+    // Slack wants its answer within 3 seconds: acknowledge, then act.
+    if *request.method() == Method::Post && request.path() == "/webhooks/slack" {
+        let (response, click) = accept_slack(&request);
+        answer(response_out, response).await;
+        if let Some(click) = click {
+            follow_up_slack(click);
+        }
+        return;
+    }
     answer(response_out, route(&request)).await;
     deliver_after_answer();
 }

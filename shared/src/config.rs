@@ -332,6 +332,15 @@ impl Config {
                 secret => Some(Secret::new(secret)),
             },
             link_ttl: delta("decision_link_ttl", "PT15M")?,
+            slack: crate::webhooks::slack::SlackSettings {
+                bot_token: vars.get("slack_bot_token").filter(|v| !v.is_empty()).map(Secret::new),
+                signing_secret: vars.get("slack_signing_secret").filter(|v| !v.is_empty()).map(Secret::new),
+                team_id: vars.get("slack_team_id").filter(|v| !v.is_empty()),
+                users: serde_json::from_str(&optional("slack_users", "{}")).context(
+                    "variable 'slack_users' must map Slack user ids to {\"principal\", \"groups\", \"roles\"}",
+                )?,
+                api_url: optional("slack_api_url", "https://slack.com").trim_end_matches('/').to_owned(),
+            },
         };
         Ok(Self {
             integrations: integrations(&optional("decision_integrations", "[]"))?,

@@ -32,6 +32,7 @@
 //! | `idx:webhooks` | names of all webhook subscriptions |
 //! | `hook:<name>` | a webhook subscription (with its signing secrets) |
 //! | `hook:<name>:state` | its delivery state: cursor into the audit trail, queue, backoff |
+//! | `hook:<name>:slack:<request>` | the channel and `ts` of the Slack message about a request, until it ends |
 //! | `hook:<name>:d:<seq>` | one delivery: the event of audit number `seq`, its body and attempts |
 //! | `seen:<integration>:<webhook-id>` | a decision message already taken (replays are refused; deleted by the sweep after the replay window) |
 //! | `audit:head` | the audit trail's last event, moved by compare-and-swap |
@@ -151,6 +152,11 @@ pub fn webhook_delivery(name: &WebhookName, seq: u64) -> String {
 /// A signed message an integration sent, kept while a replay would still verify.
 pub fn seen_message(integration: &WebhookName, id: &str) -> String {
     format!("seen:{integration}:{id}")
+}
+
+/// Where a subscription's Slack message about a request is (to update it).
+pub fn slack_message(name: &WebhookName, request: &str) -> String {
+    format!("hook:{name}:slack:{request}")
 }
 
 /// The audit trail's head: its last event.

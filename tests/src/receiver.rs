@@ -24,6 +24,11 @@ pub enum Behaviour {
     Status(u16),
     /// Wait this long, then answer 200.
     Hang(Duration),
+    /// Answer as Slack's Web API does: `chat.postMessage` and `chat.update` succeed with a
+    /// channel and `ts`.
+    SlackApi,
+    /// Answer as Slack's Web API refusing: HTTP 200 with `"ok": false`.
+    SlackRefuses,
 }
 
 /// One delivery as received.
@@ -39,8 +44,10 @@ pub struct Received {
     pub signature: String,
     /// `content-type`.
     pub content_type: String,
-    /// The body, parsed.
+    /// The body, parsed (`Null` when it is not JSON).
     pub body: serde_json::Value,
+    /// The `authorization` header.
+    pub authorization: String,
     /// The status the receiver answered.
     pub answered: u16,
     /// Whether a `v1` entry verifies with the path's secret (`None`: no secret known).
@@ -112,7 +119,12 @@ impl Receiver {
     }
 }
 
-async fn receive(State(inner): State<Arc<Mutex<Inner>>>, uri: Uri, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn receive(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, [(&'static str, &'static str); 1], String) {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let path = uri.path().to_owned();
     let (id, timestamp, signature) = (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
@@ -130,12 +142,19 @@ async fn receive(State(inner): State<Arc<Mutex<Inner>>>, uri: Uri, headers: Head
             signature.split(' ').any(|entry| entry == expected)
         })
     });
-    let answered = match behaviour {
-        Behaviour::Status(status) => status,
+    let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let (answered, reply) = match behaviour {
+        Behaviour::Status(status) => (status, String::new()),
         Behaviour::Hang(duration) => {
             tokio::time::sleep(duration).await;
-            200
+            (200, String::new())
         }
+        Behaviour::SlackApi => {
+            let count = inner.lock().unwrap().received.len();
+            let ts = parsed["ts"].as_str().map_or_else(|| format!("1767323045.{count:06}"), str::to_owned);
+            (200, serde_json::json!({"ok": true, "channel": parsed["channel"], "ts": ts}).to_string())
+        }
+        Behaviour::SlackRefuses => (200, r#"{"ok":false,"error":"channel_not_found"}"#.to_owned()),
     };
     inner.lock().unwrap().received.push(Received {
         path,
@@ -143,9 +162,10 @@ async fn receive(State(inner): State<Arc<Mutex<Inner>>>, uri: Uri, headers: Head
         timestamp: timestamp.parse().unwrap_or_default(),
         signature,
         content_type: header("content-type"),
-        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        authorization: header("authorization"),
+        body: parsed,
         answered,
         verified,
     });
-    StatusCode::from_u16(answered).unwrap_or(StatusCode::OK)
+    (StatusCode::from_u16(answered).unwrap_or(StatusCode::OK), [("content-type", "application/json")], reply)
 }

@@ -154,6 +154,9 @@ pub enum ChatDecisions {
     Confirm,
     /// It only notifies.
     None,
+    /// A click decides, as the clicker's mapped principal (a Slack app with interactivity;
+    /// weaker than a sign-in: no MFA, and a stolen chat account can click).
+    Direct,
 }
 
 /// Emergency self-activation: named people may open access without approval, loudly.
@@ -457,15 +460,10 @@ impl Policy {
         let chat_decisions = match raw.chat_decisions.as_deref() {
             None | Some("confirm") => ChatDecisions::Confirm,
             Some("none") => ChatDecisions::None,
-            Some("direct") => {
-                return Err(err(
-                    "chat_decisions 'direct' (a chat click decides) needs Slack interactivity, which this version does not have: use 'confirm' or 'none'".into(),
-                )
-                .into());
-            }
+            Some("direct") => ChatDecisions::Direct,
             Some(other) => {
                 return Err(err(format!(
-                    "chat_decisions '{}' is not one of confirm, none",
+                    "chat_decisions '{}' is not one of confirm, none, direct",
                     other.chars().take(40).collect::<String>()
                 ))
                 .into());

@@ -395,6 +395,107 @@ pub fn serve_decision_link(request: &Request, token: &str) -> Response {
         .build()
 }
 
+/// A Slack click, verified and acknowledged, to act on once Slack has its answer.
+pub struct SlackClick(crate::webhooks::slack::Click);
+
+/// Acknowledges a Slack interactivity callback (`POST /webhooks/slack`) within Slack's 3
+/// seconds: the signature (`v0`, 5 minutes) is checked and a replay refused before anything
+/// is read; what the click asks is done after the answer ([`follow_up_slack`]).
+pub fn accept_slack(request: &Request) -> (Response, Option<SlackClick>) {
+    use crate::webhooks::slack;
+    let accepted = Ctx::load().and_then(|ctx| {
+        let settings = &ctx.config.webhooks.slack;
+        let Some(secret) = settings.signing_secret.as_ref().filter(|_| settings.interactive()) else {
+            return Err(ApiError::not_found("no_such_route", "Slack interactivity is not configured"));
+        };
+        let header = |name: &str| request.header(name).and_then(|v| v.as_str());
+        let signature = header("x-slack-signature");
+        let now = ctx.clock.now();
+        ctx.guard_login(request, || {
+            if slack::verify(secret, header("x-slack-request-timestamp"), signature, request.body(), now) {
+                Ok(())
+            } else {
+                Err(ApiError::unauthorized(
+                    "the Slack signature does not verify (or its timestamp is over 5 minutes away)",
+                ))
+            }
+        })?;
+        let seen_by = crate::domain::WebhookName::parse("slack").expect("a name");
+        let mark: String = signature.unwrap_or_default().chars().filter(char::is_ascii_hexdigit).take(64).collect();
+        let seen = crate::keys::seen_message(&seen_by, &mark);
+        if !ctx.kv.compare_and_swap(&seen, None, now.to_rfc3339().as_bytes())? {
+            return Err(ApiError::conflict("replayed", "this callback was already taken"));
+        }
+        let _ = crate::service::throttle::delete_after(&ctx.kv, &seen, now + slack::TOLERANCE * 2);
+        Ok(slack::click(request.body()).map(SlackClick))
+    });
+    match accepted {
+        Ok(click) => (Response::builder().status(200).body(Vec::<u8>::new()).build(), click),
+        Err(error) => (respond(Err(error)), None),
+    }
+}
+
+/// Does what an acknowledged Slack click asks, as the clicker's mapped principal and under
+/// the API's rules, where the policy lets a click decide; the clicker is told the outcome
+/// (only them: an ephemeral message), and the channel's message is updated.
+pub fn follow_up_slack(click: SlackClick) {
+    use crate::service::decisions;
+    let SlackClick(click) = click;
+    let Ok(ctx) = Ctx::load() else { return };
+    let settings = &ctx.config.webhooks;
+    let tell = |text: &str| {
+        let Some(url) = click.response_url.as_deref().filter(|url| crate::webhooks::reachable(url, settings)) else {
+            return;
+        };
+        let body = json!({"response_type": "ephemeral", "replace_original": false, "text": text}).to_string();
+        let request = crate::http::HttpRequest {
+            method: crate::http::Method::Post,
+            url: url.to_owned(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.into_bytes(),
+            timeout: Duration::from_secs(5),
+        };
+        if let Err(error) = crate::http::HttpClient::send(&ctx.http, request) {
+            eprintln!("slack: answering a click: {error}");
+        }
+    };
+    if settings.slack.team_id.as_deref() != Some(click.team_id.as_str()) {
+        return tell("Clicks from this Slack workspace do not count in portcullis.");
+    }
+    let Some(caller) = settings.slack.caller(&click.user_id) else {
+        return tell(
+            "Your Slack user is not mapped to anyone in portcullis (slack_users): decide through the link or the API.",
+        );
+    };
+    let Ok(id) = RequestId::parse(&click.request) else { return tell("That request does not exist.") };
+    let allowed = crate::store::load::<crate::domain::AccessRequest>(&ctx.kv, &crate::keys::request(&id))
+        .ok()
+        .flatten()
+        .and_then(|r| {
+            crate::store::load::<crate::domain::Policy>(&ctx.kv, &crate::keys::policy(&r.value.policy)).ok().flatten()
+        })
+        .is_some_and(|p| p.value.chat_decisions == crate::domain::policy::ChatDecisions::Direct);
+    if !allowed {
+        return tell("This policy does not let a chat click decide: sign in through the link, or use the API.");
+    }
+    let origin = Origin::of(&caller, None);
+    let outcome = ctx.run(origin, |env| match click.action.as_str() {
+        "approve" => decisions::approve(env, &caller, id.as_str(), br#"{"comment":"from Slack"}"#),
+        "deny" => decisions::deny(env, &caller, id.as_str(), br#"{"reason":"from Slack"}"#),
+        _ => {
+            let duration = crate::store::load::<crate::domain::AccessRequest>(env.kv, &crate::keys::request(&id))?
+                .map(|r| r.value.duration.to_string())
+                .unwrap_or_default();
+            decisions::extend(env, &caller, id.as_str(), json!({ "duration": duration }).to_string().as_bytes())
+        }
+    });
+    match outcome {
+        Ok(reply) => tell(&format!("Done: the request is now {}.", reply.body["state"].as_str().unwrap_or("changed"))),
+        Err(error) => tell(&format!("Not done: {}", error.message)),
+    }
+    ctx.deliver_webhooks(AFTER_ANSWER_DELIVERY_BUDGET);
+}
+
 /// Serves a call that takes no credential (the health check): configuration and the store,
 /// no caller; it must not change anything.
 pub fn serve_public(route: impl FnOnce(&Env) -> Result<Reply, ApiError>) -> Response {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::events::{self, kind_of, took_effect};
-use super::{Format, Subscription};
+use super::{Format, Subscription, slack};
 use crate::api::ApiError;
 use crate::audit::log::{self, Slot};
 use crate::audit::{AuditEvent, Outcome, Subject};
@@ -104,6 +104,9 @@ pub struct Delivery {
     /// Its event type.
     #[serde(rename = "type")]
     pub kind: String,
+    /// The request it is about, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
     /// Exactly what is sent (and signed).
     pub body: String,
     /// When it was queued (or queued again by an admin).
@@ -296,12 +299,23 @@ fn announce(
         data["decide"] =
             json!({"approve": url(LinkDecision::Approve), "deny": url(LinkDecision::Deny), "until": expires});
     }
+    // Through the Slack app, on a policy that lets a click decide: buttons that do.
+    if let (Some(request), Some(policy)) = (request, policy)
+        && subscription.channel.is_some()
+        && settings.slack.interactive()
+        && policy.chat_decisions == ChatDecisions::Direct
+        && ((kind == "request.created" && request.state == State::Pending) || kind == "grant.expiring")
+    {
+        data.as_object_mut().expect("an object").remove("decide");
+        data["buttons"] = json!(if kind == "grant.expiring" { vec!["extend"] } else { vec!["approve", "deny"] });
+    }
     let public_url = &settings.public_url;
     let body = events::body(subscription.format, kind, event, data, public_url);
     Ok(Announce::Queue(Delivery {
         id: events::webhook_id(event),
         seq: event.seq,
         kind: kind.to_owned(),
+        request: event.subject.request.clone(),
         body,
         queued_at: env.now,
         attempts: Vec::new(),
@@ -332,9 +346,11 @@ fn send_due(
             continue;
         };
         let now = env.clock.now();
-        let answer = http.send(signed_request(subscription, &delivery.value, now));
-        let status = answer.as_ref().ok().map(|a| a.status);
-        let error = answer.as_ref().err().map(|e| e.to_string().chars().take(200).collect());
+        let attempted = match &subscription.channel {
+            Some(channel) => slack_attempt(env, http, subscription, channel, &delivery.value),
+            None => Attempted::from(http.send(signed_request(subscription, &delivery.value, now))),
+        };
+        let Attempted { ok, status, error, retry_after } = attempted;
         let attempts = &mut delivery.value.attempts;
         attempts.push(Attempt { at: now, status, error });
         if attempts.len() > 20 {
@@ -342,7 +358,7 @@ fn send_due(
         }
         let details = |outcome: &str| json!({"webhook": name, "delivery": delivery.value.id, "seq": seq, "status": status, "attempts": delivery.value.attempts.len(), "outcome": outcome});
         match status {
-            Some(200..=299) => {
+            Some(200..=299) if ok => {
                 delivery.value.outcome = DeliveryOutcome::Delivered;
                 state.failures = 0;
                 state.next_attempt_at = None;
@@ -365,9 +381,7 @@ fn send_due(
             _ => {
                 state.failures += 1;
                 let step = BACKOFF_MINUTES[(state.failures as usize - 1).min(BACKOFF_MINUTES.len() - 1)];
-                let asked =
-                    answer.as_ref().ok().and_then(|a| a.header("retry-after")).and_then(|s| s.parse::<i64>().ok());
-                let wait = TimeDelta::minutes(step).max(TimeDelta::seconds(asked.unwrap_or(0).clamp(0, 86_400)));
+                let wait = TimeDelta::minutes(step).max(TimeDelta::seconds(retry_after.unwrap_or(0).clamp(0, 86_400)));
                 state.next_attempt_at = Some(env.now + wait);
                 store::save(env.kv, &key, &delivery.value, Some(delivery.version))?;
                 env.record("webhook.failed", Subject::default(), Outcome::Failed, details("retrying"))?;
@@ -380,6 +394,112 @@ fn send_due(
         finish(env, name, state, seq)?;
     }
     Ok(())
+}
+
+/// How an attempt went.
+struct Attempted {
+    /// Whether it counts as delivered (a 2xx, and for Slack's Web API `"ok": true`).
+    ok: bool,
+    status: Option<u16>,
+    error: Option<String>,
+    /// The receiver's `Retry-After`, in seconds.
+    retry_after: Option<i64>,
+}
+
+impl From<Result<crate::http::HttpResponse, crate::http::HttpError>> for Attempted {
+    fn from(answer: Result<crate::http::HttpResponse, crate::http::HttpError>) -> Self {
+        match answer {
+            Ok(response) => Self {
+                ok: (200..300).contains(&response.status),
+                status: Some(response.status),
+                error: None,
+                retry_after: response.header("retry-after").and_then(|s| s.parse().ok()),
+            },
+            Err(error) => Self {
+                ok: false,
+                status: None,
+                error: Some(error.to_string().chars().take(200).collect()),
+                retry_after: None,
+            },
+        }
+    }
+}
+
+/// One delivery through the Slack app: a new message for a new request (or a notice), and
+/// an update of that message for every later change, so the channel shows the outcome.
+fn slack_attempt(
+    env: &Env,
+    http: &dyn HttpClient,
+    subscription: &Subscription,
+    channel: &str,
+    delivery: &Delivery,
+) -> Attempted {
+    let slack = &env.config.webhooks.slack;
+    let posted_key = delivery.request.as_deref().map(|r| keys::slack_message(&subscription.name, r));
+    let posted =
+        posted_key.as_deref().and_then(|k| store::load::<slack::Posted>(env.kv, k).ok().flatten()).map(|p| p.value);
+    let mut message: serde_json::Value = serde_json::from_str(&delivery.body).unwrap_or_default();
+    let notice = matches!(
+        delivery.kind.as_str(),
+        "request.created" | "request.reminder" | "grant.expiring" | "break_glass.used"
+    );
+    let method = match (&posted, notice) {
+        (Some(posted), false) => {
+            message["channel"] = json!(posted.channel);
+            message["ts"] = json!(posted.ts);
+            "chat.update"
+        }
+        _ => {
+            message["channel"] = json!(channel);
+            "chat.postMessage"
+        }
+    };
+    let Some(call) = slack.call(method, &message) else {
+        return Attempted {
+            ok: false,
+            status: None,
+            error: Some("no slack_bot_token is configured".into()),
+            retry_after: None,
+        };
+    };
+    let response = match http.send(call) {
+        Ok(response) => response,
+        Err(error) => return Attempted::from(Err(error)),
+    };
+    let retry_after = response.header("retry-after").and_then(|s| s.parse().ok());
+    match slack::judge(&response) {
+        Ok(answer) => {
+            if let (Some(key), "request.created", Some(channel), Some(ts)) =
+                (&posted_key, delivery.kind.as_str(), answer["channel"].as_str(), answer["ts"].as_str())
+            {
+                let posted = slack::Posted { channel: channel.to_owned(), ts: ts.to_owned() };
+                if let Err(error) = store::save(env.kv, key, &posted, None) {
+                    eprintln!("webhooks: {}: keeping the Slack message of a request: {error}", subscription.name);
+                }
+            }
+            if let Some(key) = &posted_key
+                && posted.is_some()
+                && is_final(&delivery.kind)
+            {
+                let _ = env.kv.delete(key);
+            }
+            Attempted { ok: true, status: Some(response.status), error: None, retry_after: None }
+        }
+        Err(reason) => Attempted { ok: false, status: Some(response.status), error: Some(reason), retry_after },
+    }
+}
+
+/// Whether an event ends its request (its Slack message will not change again).
+fn is_final(kind: &str) -> bool {
+    matches!(
+        kind,
+        "request.denied"
+            | "request.cancelled"
+            | "request.timed_out"
+            | "grant.expired"
+            | "grant.revoked"
+            | "grant.failed"
+    )
 }
 
 /// Moves a finished delivery to the recent list, forgetting the oldest.

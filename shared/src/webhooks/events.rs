@@ -212,6 +212,22 @@ fn slack_message(kind: &str, data: &Value) -> Value {
     if let Some(url) = data["url"].as_str() {
         blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!("<{url}|{}>", data["request_id"].as_str().unwrap_or("request"))}]}));
     }
+    if let Some(buttons) = data["buttons"].as_array() {
+        let request = data["request_id"].as_str().unwrap_or_default();
+        let elements: Vec<Value> = buttons
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|action| {
+                let (label, style) = match action {
+                    "approve" => ("Approve", "primary"),
+                    "deny" => ("Deny", "danger"),
+                    _ => ("Extend", "primary"),
+                };
+                json!({"type": "button", "action_id": action, "value": request, "style": style, "text": {"type": "plain_text", "text": label}})
+            })
+            .collect();
+        blocks.push(json!({"type": "actions", "block_id": format!("{request}.{kind}"), "elements": elements}));
+    }
     if let (Some(approve), Some(deny)) = (data["decide"]["approve"].as_str(), data["decide"]["deny"].as_str()) {
         let block_id = format!("{}.decide", data["request_id"].as_str().unwrap_or("request"));
         blocks.push(json!({"type": "actions", "block_id": block_id, "elements": [

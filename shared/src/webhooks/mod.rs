@@ -10,6 +10,7 @@
 pub mod deliver;
 pub mod events;
 pub mod sign;
+pub mod slack;
 
 use std::net::IpAddr;
 
@@ -59,6 +60,9 @@ pub struct Subscription {
     pub policies: Option<Vec<PolicyName>>,
     /// How deliveries are written.
     pub format: Format,
+    /// With a Slack bot token: the channel messages are posted to (and updated in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
     /// Signing secrets, newest last; never shown after creation or rotation.
     pub secrets: Vec<StoredSecret>,
     /// When it was created.
@@ -93,7 +97,7 @@ impl Subscription {
         let rotating_until = self.secrets.iter().filter_map(|s| s.until).filter(|until| *until > now).max();
         serde_json::json!({
             "name": self.name, "url": self.url, "events": self.events, "policies": self.policies,
-            "format": self.format, "created_at": self.created_at, "previous_secret_valid_until": rotating_until,
+            "format": self.format, "channel": self.channel, "created_at": self.created_at, "previous_secret_valid_until": rotating_until,
         })
     }
 }
@@ -108,6 +112,8 @@ pub struct RawSubscription {
     policies: Option<Vec<PolicyName>>,
     #[serde(default)]
     format: Format,
+    #[serde(default)]
+    channel: Option<String>,
 }
 
 /// Where webhooks may be sent.
@@ -130,6 +136,8 @@ pub struct WebhookSettings {
     pub link_secret: Option<crate::config::Secret>,
     /// How long a decision link is valid (`decision_link_ttl`), at most the request's wait.
     pub link_ttl: chrono::TimeDelta,
+    /// The Slack app, if one is configured.
+    pub slack: slack::SlackSettings,
 }
 
 /// Why a subscription is refused.
@@ -154,6 +162,26 @@ impl RawSubscription {
         now: DateTime<Utc>,
         secret: Option<SigningSecret>,
     ) -> Result<Subscription, Refused> {
+        if let Some(channel) = &self.channel {
+            if self.format != Format::Slack {
+                return Err(refused("invalid_channel", "'channel' is for \"format\": \"slack\" through the Slack app"));
+            }
+            if channel.is_empty() || channel.len() > 24 || !channel.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return Err(refused("invalid_channel", "'channel' is a Slack channel id, like C0APPROVE"));
+            }
+            if settings.slack.bot_token.is_none() {
+                return Err(refused(
+                    "slack_not_configured",
+                    "posting to a channel needs the Slack app's bot token in slack_bot_token",
+                ));
+            }
+            if self.url.trim_end_matches('/') != settings.slack.api_url {
+                return Err(refused(
+                    "invalid_url",
+                    format!("with 'channel', 'url' is the Slack Web API: {}", settings.slack.api_url),
+                ));
+            }
+        }
         let target = Target::parse(&self.url).ok_or_else(|| {
             refused(
                 "invalid_url",
@@ -188,10 +216,17 @@ impl RawSubscription {
             events: self.events,
             policies: self.policies,
             format: self.format,
+            channel: self.channel,
             secrets: secret.map(|s| StoredSecret { secret: s.reveal(), until: None }).into_iter().collect(),
             created_at: now,
         })
     }
+}
+
+/// Whether portcullis may post to `url` (a Slack `response_url`, say): the same rules as a
+/// subscription's URL.
+pub fn reachable(url: &str, settings: &WebhookSettings) -> bool {
+    Target::parse(url).is_some_and(|target| target.check(settings).is_ok())
 }
 
 /// The parts of a webhook URL that decide whether it may be reached.

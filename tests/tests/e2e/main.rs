@@ -28,6 +28,7 @@ mod integrations;
 mod lifecycle;
 mod races;
 mod security;
+mod slack;
 mod support;
 mod validation;
 mod webhooks;

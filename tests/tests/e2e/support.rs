@@ -66,8 +66,9 @@ impl World {
     pub async fn listening(listen: &str, variables: &[(&str, &str)]) -> Self {
         let state = tempfile::tempdir().unwrap();
         let receiver = Receiver::start().await.expect("starting the webhook receiver");
+        // `{receiver}` in a value stands for the webhook receiver's origin.
         let mut overrides: HashMap<String, String> =
-            variables.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            variables.iter().map(|(k, v)| (k.to_string(), v.replace("{receiver}", &receiver.origin()))).collect();
         overrides.entry("api_keys".into()).or_insert_with(|| local::api_keys_json(&KEYS));
         for (name, value) in [
             ("oidc_issuer", "{emulator}/oidc"),
