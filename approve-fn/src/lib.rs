@@ -32,8 +32,13 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
         }
         return;
     }
-    answer(response_out, route(&request)).await;
-    deliver_after_answer();
+    let response = route(&request);
+    let changed = *request.method() == Method::Post && *response.status() < 400;
+    answer(response_out, response).await;
+    // Only after a change that was made: refusals set nothing off.
+    if changed {
+        deliver_after_answer();
+    }
 }
 
 fn route(request: &Request) -> Response {

@@ -25,9 +25,12 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
     if *request.method() == Method::Get && segments(&request, "/api") == ["audit", "export"] {
         return stream_export(&request, response_out).await;
     }
-    let changed = !matches!(request.method(), Method::Get | Method::Head | Method::Options);
-    answer(response_out, route(&request)).await;
+    let change = !matches!(request.method(), Method::Get | Method::Head | Method::Options);
+    let response = route(&request);
+    let changed = change && *response.status() < 400;
+    answer(response_out, response).await;
     // The caller has its answer: now tell the subscriptions (the sweep sends what this leaves).
+    // Only after a change that was made: a flood of refusals sets nothing off.
     if changed {
         deliver_after_answer();
     }

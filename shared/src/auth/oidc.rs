@@ -145,7 +145,7 @@ fn check_key_matches(jwk: &Jwk, alg: Algorithm) -> Result<(), AuthError> {
 
 /// Control, zero-width and bidirectional-override characters: they can make a name display as
 /// another one.
-fn is_invisible(c: char) -> bool {
+pub(crate) fn is_invisible(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}' | '\u{00AD}')
 }

@@ -79,20 +79,23 @@ pub fn authenticate<'a>(
     Ok((integration, id.to_owned()))
 }
 
-/// Refuses a message taken before. The id is kept until the window has passed for sure.
-pub fn first_time(kv: &dyn KvStore, integration: &Integration, id: &str, now: DateTime<Utc>) -> Result<(), ApiError> {
+/// Refuses a message taken before, and marks this one taken (until no timestamp it could
+/// carry is accepted any more). Answers the mark, to give back if the decision is refused:
+/// a sender retrying after a 429 or a lost race must not be told its message is a replay.
+pub fn first_time(
+    kv: &dyn KvStore,
+    integration: &Integration,
+    id: &str,
+    now: DateTime<Utc>,
+) -> Result<String, ApiError> {
     let key = keys::seen_message(&integration.name, id);
-    if !kv.compare_and_swap(&key, None, now.to_rfc3339().as_bytes())? {
+    if !super::throttle::mark_once(kv, &key, now + TOLERANCE * 2)? {
         return Err(ApiError::conflict(
             "replayed",
             "this message was already taken; send a new one with a new webhook-id",
         ));
     }
-    // Forgotten once no timestamp it could carry is still accepted.
-    if let Err(error) = super::throttle::delete_after(kv, &key, now + TOLERANCE * 2) {
-        eprintln!("inbound: {key} will not be forgotten: {error}");
-    }
-    Ok(())
+    Ok(key)
 }
 
 impl InboundDecision {
@@ -101,7 +104,7 @@ impl InboundDecision {
         let display_name = self
             .on_behalf_of
             .as_ref()
-            .map(|name| name.chars().filter(|c| !c.is_control()).take(100).collect::<String>());
+            .map(|name| name.chars().filter(|c| !crate::auth::oidc::is_invisible(*c)).take(100).collect::<String>());
         Caller {
             principal: integration_principal(&integration.name),
             display_name,

@@ -182,6 +182,17 @@ impl<'a> Throttle<'a> {
     }
 }
 
+/// Marks `key` as taken, once: `true` for the first caller only, on every store (an atomic
+/// counter: a create-if-absent is an upsert on Spin's SQLite store). The mark is deleted
+/// once the minute of `forget_at` is over.
+pub fn mark_once(kv: &dyn KvStore, key: &str, forget_at: DateTime<Utc>) -> Result<bool, StoreError> {
+    let first = kv.increment(key, 1)? == 1;
+    if first && let Err(error) = delete_after(kv, key, forget_at) {
+        eprintln!("{key} will not be forgotten: {error}");
+    }
+    Ok(first)
+}
+
 /// Enters `key` in the tally index of the minute of `at`: the sweep deletes it once that
 /// minute is over. For the short-lived keys of rate limits and replay protection.
 pub fn delete_after(kv: &dyn KvStore, key: &str, at: DateTime<Utc>) -> Result<(), StoreError> {

@@ -41,6 +41,13 @@ fn secret_from(bytes: Vec<u8>) -> Result<SigningSecret, ApiError> {
     SigningSecret::from_bytes(bytes).ok_or_else(|| ApiError::internal("a signing secret needs 24 to 64 random bytes"))
 }
 
+/// `scheme://host[:port]` of a URL, never its path or query (which can hold a credential).
+fn origin_of(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    format!("{scheme}://{authority}")
+}
+
 /// What a webhook event names: the subscription, beside `details`.
 fn about(name: &WebhookName, mut details: serde_json::Value) -> serde_json::Value {
     details["webhook"] = json!(name);
@@ -59,7 +66,8 @@ pub fn put(env: &Env, caller: &Caller, name: &str, body: &[u8], random: Vec<u8>)
     let mut subscription = raw
         .check(name.clone(), &env.config.webhooks, env.now, fresh.clone())
         .map_err(|refused| ApiError::unprocessable(refused.code, refused.message))?;
-    let details = json!({"url": subscription.url, "events": subscription.events, "policies": subscription.policies, "format": subscription.format});
+    // Only where the URL points: Slack's and Teams' webhook URLs are credentials.
+    let details = json!({"host": origin_of(&subscription.url), "events": subscription.events, "policies": subscription.policies, "format": subscription.format});
     match existing {
         Some(existing) => {
             subscription.secrets = existing.value.secrets.clone();

@@ -4,11 +4,17 @@ use spin_sdk::wit::wasi::http0_2_0::{outgoing_handler, types as wasi_http};
 
 use crate::http::{HttpClient, HttpError, HttpRequest, HttpResponse, Method};
 
-/// Outbound HTTP through `wasi:http/outgoing-handler`, blocking, with timeouts on every call.
+/// The largest response body read (a receiver cannot run an instance out of memory).
+const MAX_RESPONSE_BYTES: usize = 8 << 20;
+
+/// Outbound HTTP through `wasi:http/outgoing-handler`, blocking, with timeouts on every call:
+/// to connect, to the first byte, between bytes, and in all (three times the timeout), so a
+/// peer that trickles its answer cannot hold an instance.
 pub struct SpinHttp;
 
 impl HttpClient for SpinHttp {
     fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let started = std::time::Instant::now();
         let (scheme, rest) = request
             .url
             .split_once("://")
@@ -67,7 +73,13 @@ impl HttpClient for SpinHttp {
         let stream = incoming.stream().map_err(|()| HttpError::Connection("response body not readable".into()))?;
         let mut body = Vec::new();
         loop {
+            if started.elapsed() > request.timeout * 3 {
+                return Err(HttpError::Timeout);
+            }
             match stream.blocking_read(64 * 1024) {
+                Ok(chunk) if body.len() + chunk.len() > MAX_RESPONSE_BYTES => {
+                    return Err(HttpError::Connection(format!("the answer is over {MAX_RESPONSE_BYTES} bytes")));
+                }
                 Ok(chunk) => body.extend_from_slice(&chunk),
                 Err(wasi::io::streams::StreamError::Closed) => break,
                 Err(e) => return Err(HttpError::Connection(format!("reading body: {e:?}"))),

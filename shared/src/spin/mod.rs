@@ -279,14 +279,15 @@ pub fn serve_integration(request: &Request) -> Response {
         let now = ctx.clock.now();
         let (integration, id) =
             ctx.guard_login(request, || inbound::authenticate(&ctx.config.integrations, &signed, request.body(), now))?;
-        inbound::first_time(&ctx.kv, integration, &id, now)?;
         let decision: inbound::InboundDecision = crate::api::parse_json(request.body(), false)?;
         let caller = decision.caller(integration);
         let origin = Origin::of(&caller, ctx.client_ip(request));
-        if is_change(request) {
-            ctx.check_rate(request, &caller, &origin)?;
-        }
-        ctx.run(origin, |env| decision.decide(env, &caller))
+        ctx.check_rate(request, &caller, &origin)?;
+        let mark = inbound::first_time(&ctx.kv, integration, &id, now)?;
+        ctx.run(origin, |env| decision.decide(env, &caller)).inspect_err(|_| {
+            // Not decided: the sender may send the same message again.
+            let _ = ctx.kv.delete(&mark);
+        })
     });
     respond(outcome)
 }
@@ -318,14 +319,16 @@ pub fn serve_decision_link(request: &Request, token: &str) -> Response {
         let now = ctx.clock.now();
         let Some(link) = links::verify(secret.expose().as_bytes(), token, now) else { return Ok(gone()) };
         let used = crate::keys::seen_message(&crate::domain::WebhookName::parse("link").expect("a name"), &link.mark);
-        if ctx.kv.get(&used)?.is_some() {
-            return Ok(gone());
-        }
         let Some(stored) =
             crate::store::load::<crate::domain::AccessRequest>(&ctx.kv, &crate::keys::request(&link.request))?
         else {
             return Ok(gone());
         };
+        // A policy changed since the message was sent decides by its rules now.
+        let policy = crate::store::load::<crate::domain::Policy>(&ctx.kv, &crate::keys::policy(&stored.value.policy))?;
+        if policy.is_none_or(|p| p.value.chat_decisions != crate::domain::policy::ChatDecisions::Confirm) {
+            return Ok(gone());
+        }
         if stored.value.state != crate::domain::State::Pending {
             let text = format!(
                 "<p>Request {} is already {}.</p>",
@@ -344,11 +347,12 @@ pub fn serve_decision_link(request: &Request, token: &str) -> Response {
         let caller = ctx.guard_login(request, || ctx.authenticate_header(Some(&header)))?;
         let origin = Origin::of(&caller, ctx.client_ip(request));
         ctx.check_rate(request, &caller, &origin)?;
-        // Used once: marked before deciding, unmarked if the decision is refused.
-        if !ctx.kv.compare_and_swap(&used, None, now.to_rfc3339().as_bytes())? {
+        // Used once by each approver (a policy may need several): marked before deciding,
+        // unmarked if the decision is refused.
+        let used = format!("{used}:{}", caller.principal);
+        if !crate::service::throttle::mark_once(&ctx.kv, &used, link.expires + chrono::TimeDelta::minutes(1))? {
             return Ok(gone());
         }
-        let _ = crate::service::throttle::delete_after(&ctx.kv, &used, link.expires + chrono::TimeDelta::minutes(1));
         let id = link.request.as_str();
         let decided = ctx.run(origin, |env| match link.decision {
             LinkDecision::Approve => {
@@ -423,10 +427,9 @@ pub fn accept_slack(request: &Request) -> (Response, Option<SlackClick>) {
         let seen_by = crate::domain::WebhookName::parse("slack").expect("a name");
         let mark: String = signature.unwrap_or_default().chars().filter(char::is_ascii_hexdigit).take(64).collect();
         let seen = crate::keys::seen_message(&seen_by, &mark);
-        if !ctx.kv.compare_and_swap(&seen, None, now.to_rfc3339().as_bytes())? {
+        if !crate::service::throttle::mark_once(&ctx.kv, &seen, now + slack::TOLERANCE * 2)? {
             return Err(ApiError::conflict("replayed", "this callback was already taken"));
         }
-        let _ = crate::service::throttle::delete_after(&ctx.kv, &seen, now + slack::TOLERANCE * 2);
         Ok(slack::click(request.body()).map(SlackClick))
     });
     match accepted {

@@ -141,11 +141,13 @@ pub fn run(env: &Env, http: &dyn HttpClient, budget: Duration) -> DeliveryReport
             return report;
         }
     };
-    for name in names {
+    // Each pass starts at another subscription: a slow one cannot keep the others waiting.
+    let start = usize::try_from(env.now.timestamp() / 60).unwrap_or_default() % names.len().max(1);
+    for name in names.iter().cycle().skip(start).take(names.len()) {
         if started.elapsed() >= budget {
             break;
         }
-        let Ok(name) = WebhookName::parse(&name) else { continue };
+        let Ok(name) = WebhookName::parse(name) else { continue };
         if let Err(error) = deliver_to(env, http, &name, started + budget, &mut report) {
             eprintln!("webhooks: {name}: {}", error.internal.as_deref().unwrap_or(&error.message));
         }
@@ -176,17 +178,22 @@ fn deliver_to(
         Err(other) => return Err(other.into()),
     }
     let state = &mut state;
-    report.queued += enqueue(env, &subscription, &mut state.value)?;
+    // Whatever fails below, the lease is given back and what was done is kept.
+    match enqueue(env, &subscription, &mut state.value) {
+        Ok(queued) => report.queued += queued,
+        Err(error) => eprintln!("webhooks: {name}: queueing: {}", error.internal.as_deref().unwrap_or(&error.message)),
+    }
     let before = (report.delivered, state.value.queue.first().copied());
-    send_due(env, http, &subscription, &mut state.value, deadline, report)?;
+    let sent = send_due(env, http, &subscription, &mut state.value, deadline, report);
+    state.value.lease_until = None;
+    store::save(env.kv, &keys::webhook_state(name), &state.value, Some(state.version))?;
+    sent?;
     let delivered = report.delivered - before.0;
     if delivered > 0 {
         // One event a pass, not one a delivery: the receiver's own log has the rest.
         let details = json!({"webhook": name, "delivered": delivered, "from_seq": before.1});
         env.record("webhook.delivered", Subject::default(), Outcome::Ok, details)?;
     }
-    state.value.lease_until = None;
-    store::save(env.kv, &keys::webhook_state(name), &state.value, Some(state.version))?;
     Ok(())
 }
 
@@ -252,8 +259,14 @@ fn announce(
     let request = match &event.subject.request {
         Some(id) => {
             if !requests.contains_key(id) {
+                // A record this build cannot read is not announced (never a stalled subscription).
                 let loaded = match RequestId::parse(id) {
-                    Ok(parsed) => store::load::<AccessRequest>(env.kv, &keys::request(&parsed))?.map(|v| v.value),
+                    Ok(parsed) => store::load::<AccessRequest>(env.kv, &keys::request(&parsed))
+                        .unwrap_or_else(|error| {
+                            eprintln!("webhooks: request {id} cannot be read: {error}");
+                            None
+                        })
+                        .map(|v| v.value),
                     Err(_) => None,
                 };
                 requests.insert(id.clone(), loaded);

@@ -1,6 +1,7 @@
 //! The events subscriptions receive: which audit actions they come from, when one took
 //! effect, and how each format writes it.
 
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use super::Format;
@@ -56,18 +57,31 @@ pub fn kind_of(action: &str) -> Option<&'static str> {
 /// Whether the request shows the change its event announced. An event is written before its
 /// change is saved; a change that lost its save never shows, and is never announced.
 pub fn took_effect(kind: &str, event: &AuditEvent, request: &AccessRequest) -> bool {
+    let announced_end = || event.details["ends_at"].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
+    // The ends the grant has had: when it opened plus its duration, then after each extension.
+    let ends = || -> Vec<DateTime<Utc>> {
+        let Some(opened) = request.activated_at else { return Vec::new() };
+        let mut end = opened + request.duration.as_delta();
+        let mut ends = vec![end];
+        for extension in &request.extensions {
+            end += extension.by_duration.as_delta();
+            ends.push(end);
+        }
+        ends
+    };
     match kind {
         "request.created" | "break_glass.used" => true,
-        "request.approved" => request.approved_at.is_some(),
+        // The approval that counted is this actor's (two approvers racing: only the winner's).
+        "request.approved" => {
+            request.approved_at.is_some()
+                && (request.approvals.is_empty() || request.approvals.iter().any(|a| a.by.as_str() == event.actor))
+        }
         "request.denied" => request.state == State::Denied,
         "request.cancelled" => request.state == State::Cancelled,
         "request.timed_out" => request.state == State::TimedOut,
-        "grant.activated" => request.activated_at.is_some(),
-        "grant.extended" => {
-            let announced =
-                event.details["ends_at"].as_str().and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok());
-            announced.is_some_and(|end| request.ends_at.is_some_and(|now_ends| now_ends >= end))
-        }
+        // Two openers racing announce different ends: only the saved one is true.
+        "grant.activated" => announced_end().is_some_and(|end| ends().first() == Some(&end)),
+        "grant.extended" => announced_end().is_some_and(|end| ends().iter().skip(1).any(|e| *e == end)),
         "grant.expired" => request.state == State::Expired,
         "grant.revoked" => request.state == State::Revoked,
         "grant.failed" => request.state == State::Failed,
@@ -151,7 +165,12 @@ pub fn body(format: Format, kind: &str, event: &AuditEvent, data: Value, source:
 /// One line for people: `alice asks for 22/tcp on demo-vm for PT1H`.
 fn summary(kind: &str, data: &Value) -> String {
     let who = data["requester_name"].as_str().or(data["requester"].as_str()).unwrap_or("someone");
-    let actor = data["actor_name"].as_str().or(data["actor"].as_str()).unwrap_or("portcullis");
+    // The principal decides; a name beside it is only what a token or an integration said.
+    let actor = match (data["actor"].as_str(), data["actor_name"].as_str()) {
+        (Some(actor), Some(name)) => format!("{actor} ({name})"),
+        (Some(actor), None) => actor.to_owned(),
+        _ => "portcullis".to_owned(),
+    };
     let ports = data["ports"]
         .as_array()
         .map(|p| p.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
@@ -188,8 +207,11 @@ fn summary(kind: &str, data: &Value) -> String {
 }
 
 fn slack_message(kind: &str, data: &Value) -> Value {
-    let text = summary(kind, data);
-    let field = |label: &str, value: &Value| json!({"type": "mrkdwn", "text": format!("*{label}*\n{}", value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string()))});
+    let text = slack_text(&summary(kind, data));
+    let field = |label: &str, value: &Value| {
+        let value = value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string());
+        json!({"type": "mrkdwn", "text": format!("*{label}*\n{}", slack_text(&value))})
+    };
     let mut fields = Vec::new();
     for (label, key) in [
         ("Requester", "requester"),
@@ -207,7 +229,7 @@ fn slack_message(kind: &str, data: &Value) -> Value {
         blocks.push(json!({"type": "section", "fields": fields}));
     }
     if let Some(justification) = data["justification"].as_str() {
-        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": truncate(&format!("*Justification*\n{justification}"), 3000)}}));
+        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": truncate(&format!("*Justification*\n{}", slack_text(justification)), 3000)}}));
     }
     if let Some(url) = data["url"].as_str() {
         blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!("<{url}|{}>", data["request_id"].as_str().unwrap_or("request"))}]}));
@@ -255,11 +277,11 @@ fn teams_card(kind: &str, data: &Value) -> Value {
             Value::Array(items) => items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "),
             other => other.to_string(),
         };
-        facts.push(json!({"title": title, "value": value}));
+        facts.push(json!({"title": title, "value": teams_text(&value)}));
     }
     let mut card = json!({
         "type": "AdaptiveCard", "version": "1.4",
-        "body": [{"type": "TextBlock", "text": summary(kind, data), "weight": "Bolder", "wrap": true},
+        "body": [{"type": "TextBlock", "text": teams_text(&summary(kind, data)), "weight": "Bolder", "wrap": true},
                  {"type": "FactSet", "facts": facts}],
     });
     let mut actions = Vec::new();
@@ -276,6 +298,38 @@ fn teams_card(kind: &str, data: &Value) -> Value {
     json!({"type": "message", "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": null, "content": card}]})
 }
 
+/// What people wrote, made inert in Slack's mrkdwn: no links, mentions (`<!channel>`) or
+/// formatting of their own, so a justification cannot pose as a button.
+fn slack_text(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// What people wrote, made inert in Teams' markdown.
+fn teams_text(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped =
+                matches!(c, '[' | ']' | '(' | ')' | '*' | '_' | '`' | '#' | '<' | '>' | '!' | '~' | '|' | '\\');
+            escaped.then_some('\\').into_iter().chain(std::iter::once(c))
+        })
+        .collect()
+}
+
 fn truncate(text: &str, max: usize) -> String {
     text.chars().take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_people_wrote_cannot_pose_as_a_link_or_a_mention() {
+        let data = json!({"requester": "mallory", "policy": "p", "ports": ["22/tcp"], "duration": "PT1H",
+            "justification": "<https://evil.example/decide/x|Approve (sign in)> <!channel> [Approve](https://evil.example)"});
+        let slack = slack_message("request.created", &data).to_string();
+        assert!(!slack.contains("<https://evil") && !slack.contains("<!channel>"), "{slack}");
+        let teams = teams_card("request.created", &data).to_string();
+        assert!(!teams.contains("[Approve](https"), "{teams}");
+    }
 }

@@ -37,13 +37,19 @@ pub enum Format {
 }
 
 /// A signing secret as stored, with the end of its overlap after a rotation.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct StoredSecret {
     /// `whsec_<base64>`.
     pub secret: String,
     /// Set on the old secret when it is rotated: it signs alongside the new one until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for StoredSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredSecret").field("secret", &"***").field("until", &self.until).finish()
+    }
 }
 
 /// A subscription, as stored.
@@ -269,7 +275,16 @@ impl Target {
         };
         let host = host.to_ascii_lowercase();
         let name_like = host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
-        (name_like && !host.is_empty()).then_some(Self { https, host, port })
+        // A path after the host, never a query straight after it (HTTP clients split there
+        // differently); no trailing dot (`localhost.`).
+        let plain = !rest[authority.len()..].starts_with('?') && !host.ends_with('.');
+        // A host that is neither a name nor a dotted-quad address (`2130706433`, `0x7f.1`,
+        // `0177.0.0.1`, `127.1`) is some resolver's idea of an address: refused.
+        let last_label = host.rsplit('.').next().unwrap_or_default();
+        let numeric = !host.contains(':')
+            && host.parse::<std::net::Ipv4Addr>().is_err()
+            && (last_label.chars().all(|c| c.is_ascii_digit()) || last_label.starts_with("0x"));
+        (name_like && plain && !numeric && !host.is_empty()).then_some(Self { https, host, port })
     }
 
     /// `host[:port]` as the settings spell it.
@@ -338,15 +353,32 @@ fn is_internal(host: &str) -> bool {
                 || v4.is_link_local()
                 || v4.is_unspecified()
                 || v4.is_broadcast()
+                || v4.is_multicast()
                 || a == 0
+                || a >= 240
                 || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (18..20).contains(&b))
         }
         Ok(IpAddr::V6(v6)) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_internal(&v4.to_string());
             }
-            let first = v6.segments()[0];
-            v6.is_loopback() || v6.is_unspecified() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+            let s = v6.segments();
+            let v4 = |hi: u16, lo: u16| std::net::Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+            // IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::/96) and 6to4 (2002::/16) addresses
+            // carry an IPv4 one: judged by it.
+            let embedded = match s {
+                [0, 0, 0, 0, 0, 0, hi, lo] | [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+                [0x2002, hi, lo, ..] => Some(v4(hi, lo)),
+                _ => None,
+            };
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
+                || embedded.is_some_and(|v4| is_internal(&v4.to_string()))
         }
         Err(_) => false,
     }
@@ -388,6 +420,12 @@ mod tests {
             "https://100.64.0.1/",
             "https://localhost/",
             "https://metadata.google.internal/",
+            "https://[::a9fe:a9fe]/",
+            "https://[64:ff9b::a9fe:a9fe]/",
+            "https://[2002:a9fe:a9fe::1]/",
+            "https://[fec0::1]/",
+            "https://240.0.0.1/",
+            "https://198.18.0.1/",
         ] {
             assert_eq!(check(url).unwrap_err().code, "forbidden_url", "{url}");
         }
@@ -403,6 +441,12 @@ mod tests {
         assert_eq!(other.code, "host_not_allowed");
         assert!(other.message.contains("webhook_host_1") && other.message.contains("https://evil.example.net"));
         for url in [
+            "https://2130706433/",
+            "https://0x7f.1/",
+            "https://0177.0.0.1/",
+            "https://127.1/",
+            "https://localhost./",
+            "https://hooks.example.com?x=1",
             "ftp://hooks.example.com/",
             "https://user:pw@hooks.example.com/",
             "https://hooks.example.com/#x",

@@ -415,7 +415,7 @@ async fn chat_buttons_are_links_that_decide_only_after_sign_in_once_and_never_fo
     assert_eq!(world.get_request(&id(&request)).await["state"], "active");
     let approved = world.audit(&format!("request={}&action=request.approved", id(&request))).await;
     assert_eq!(approved[0]["actor"], "bob");
-    assert_eq!(decide_by_link(&world, &approve, Some(BOB)).await.0, 410, "used");
+    assert_eq!(decide_by_link(&world, &approve, Some(BOB)).await.0, 409, "decided: the link cannot act again");
     assert_eq!(decide_by_link(&world, &deny, Some(DAVE)).await.0, 409, "already decided");
 
     // A link runs out (15 minutes by default).
