@@ -23,6 +23,7 @@ pub struct KvBackend {
     faults: Mutex<StoreFaults>,
     rng: AtomicU64,
     injected: [AtomicU64; 3],
+    operations: [AtomicU64; 5],
 }
 
 /// Which share of the guests' store operations fail with a backend error (0.0 to 1.0).
@@ -61,7 +62,18 @@ impl KvBackend {
             faults: Mutex::default(),
             rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
             injected: Default::default(),
+            operations: Default::default(),
         })
+    }
+
+    /// Operations served so far: gets, sets, deletes, compare-and-swaps, increments (what a
+    /// change costs in store round trips).
+    pub fn operations(&self) -> [u64; 5] {
+        self.operations.each_ref().map(|n| n.load(Ordering::Relaxed))
+    }
+
+    fn count(&self, op: usize) {
+        self.operations[op].fetch_add(1, Ordering::Relaxed);
     }
 
     /// `true`: a swap over an absent key creates it only if still absent (stricter than
@@ -106,6 +118,7 @@ impl KvBackend {
 
     /// A value.
     pub fn get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        self.count(0);
         let db = self.db.lock().unwrap();
         Ok(db
             .query_row("SELECT value FROM spin_key_value WHERE store = ?1 AND key = ?2", params![store, key], |row| {
@@ -116,6 +129,7 @@ impl KvBackend {
 
     /// Writes a value.
     pub fn set(&self, store: &str, key: &str, value: &[u8]) -> Result<()> {
+        self.count(1);
         let db = self.db.lock().unwrap();
         db.execute(
             "INSERT INTO spin_key_value (store, key, value) VALUES (?1, ?2, ?3) ON CONFLICT (store, key) DO UPDATE SET value = excluded.value",
@@ -126,6 +140,7 @@ impl KvBackend {
 
     /// Removes a key.
     pub fn delete(&self, store: &str, key: &str) -> Result<()> {
+        self.count(2);
         self.db
             .lock()
             .unwrap()
@@ -137,6 +152,7 @@ impl KvBackend {
     /// `expected` `None` (the key was read as absent), Spin's SQLite store writes whatever the
     /// key holds now; with [`KvBackend::strict_swaps`], only if it is still absent.
     pub fn compare_and_swap(&self, store: &str, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool> {
+        self.count(3);
         let db = self.db.lock().unwrap();
         let changed = match expected {
             None if !self.strict.load(Ordering::SeqCst) => db.execute(
@@ -157,6 +173,7 @@ impl KvBackend {
 
     /// Adds `delta` to the integer at `key` (absent: 0), stored as decimal text; answers the sum.
     pub fn increment(&self, store: &str, key: &str, delta: i64) -> Result<i64> {
+        self.count(4);
         let mut db = self.db.lock().unwrap();
         let transaction = db.transaction()?;
         let current: Option<Vec<u8>> = transaction
