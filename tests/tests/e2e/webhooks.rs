@@ -127,11 +127,6 @@ async fn every_event_type_reaches_each_matching_subscription_once_signed_and_no_
     let _ = (broken, timed_out);
 }
 
-/// Store operations so far, in all.
-fn store_operations(world: &World) -> u64 {
-    world.local.host.store().operations().iter().sum()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_with_three_subscriptions_is_answered_before_any_delivery() {
     let world = World::start().await;
