@@ -134,11 +134,18 @@ pub fn data(
         });
         fields.extend(extra.as_object().expect("an object").clone());
     }
+    // Who ended a request early, and why (recorded when the close began).
+    if let Some(ended) = request.and_then(|r| r.ended.as_ref()) {
+        fields.insert("ended_by".into(), json!(ended.by));
+        if let Some(reason) = &ended.reason {
+            fields.insert("reason".into(), json!(reason));
+        }
+    }
     for key in
         ["reason", "ends_at", "by", "found", "repair", "notice", "times_out_at", "approvers_left", "minutes_left"]
     {
         if let Some(value) = event.details.get(key) {
-            fields.insert(if key == "ends_at" { "ends_at".into() } else { key.into() }, value.clone());
+            fields.insert(key.into(), value.clone());
         }
     }
     if !kind.starts_with("request.") && !kind.starts_with("grant.") && !kind.starts_with("break_glass") {

@@ -106,7 +106,10 @@ async fn every_event_type_reaches_each_matching_subscription_once_signed_and_no_
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in the trail's order: {seqs:?}");
     let revoked = all.iter().find(|r| r.body["type"] == "grant.revoked").unwrap();
     assert_eq!(revoked.body["data"]["request_id"], id(&granted).as_str());
-    assert_eq!(revoked.body["data"]["actor"], "alice");
+    assert_eq!(
+        (revoked.body["data"]["actor"].as_str(), revoked.body["data"]["ended_by"].as_str()),
+        (Some("alice"), Some("alice"))
+    );
     assert_eq!(revoked.body["data"]["ports"], json!(["22/tcp"]));
     assert_eq!(revoked.body["data"]["url"], format!("https://jit.example.com/api/requests/{}", id(&granted)));
     let denial = all.iter().find(|r| r.body["type"] == "request.denied").unwrap();
