@@ -125,7 +125,7 @@ pub fn delete(env: &Env, caller: &Caller, name: &str) -> Result<Reply, ApiError>
     env.record("webhook.deleted", Subject::default(), Outcome::Ok, about(&name, json!({})))?;
     store::remove_from_list(env.kv, keys::WEBHOOKS, name.as_str())?;
     if let Some(state) = store::load::<DeliveryState>(env.kv, &keys::webhook_state(&name))? {
-        for seq in state.value.queue.iter().chain(&state.value.recent) {
+        for seq in state.value.queue.iter().chain(&state.value.recent).chain(&state.value.dead) {
             env.kv.delete(&keys::webhook_delivery(&name, *seq))?;
         }
     }
@@ -156,14 +156,15 @@ pub fn rotate_secret(env: &Env, caller: &Caller, name: &str, random: Vec<u8>) ->
     Ok(Reply::ok(json!({"name": name, "secret": fresh.reveal(), "previous_secret_valid_until": until})))
 }
 
-/// The deliveries waiting and the last finished ones, with their attempts (bodies left out).
+/// The deliveries waiting, the dead ones (up to a thousand) and the last hundred delivered,
+/// with their attempts (bodies left out).
 pub fn deliveries(env: &Env, caller: &Caller, name: &str) -> Result<Reply, ApiError> {
     require_admin(caller)?;
     let name = parse_name(name)?;
     load(env, &name)?;
     let state = store::load::<DeliveryState>(env.kv, &keys::webhook_state(&name))?.map(|v| v.value).unwrap_or_default();
     let mut listed = Vec::new();
-    for seq in state.queue.iter().chain(state.recent.iter().rev()) {
+    for seq in state.queue.iter().chain(state.dead.iter().rev()).chain(state.recent.iter().rev()) {
         if let Some(delivery) = store::load::<Delivery>(env.kv, &keys::webhook_delivery(&name, *seq))? {
             let d = delivery.value;
             listed.push(json!({"id": d.id, "seq": d.seq, "type": d.kind, "outcome": d.outcome, "queued_at": d.queued_at, "attempts": d.attempts}));
@@ -189,7 +190,7 @@ pub fn retry(env: &Env, caller: &Caller, name: &str, id: &str) -> Result<Reply, 
     };
     let mut state = store::load::<DeliveryState>(env.kv, &keys::webhook_state(&name))?.ok_or_else(not_found)?;
     let mut found = None;
-    for seq in state.value.queue.iter().chain(&state.value.recent) {
+    for seq in state.value.queue.iter().chain(&state.value.dead).chain(&state.value.recent) {
         if let Some(delivery) = store::load::<Delivery>(env.kv, &keys::webhook_delivery(&name, *seq))?
             && delivery.value.id == id
         {
@@ -214,6 +215,7 @@ pub fn retry(env: &Env, caller: &Caller, name: &str, id: &str) -> Result<Reply, 
         queue.insert(at, seq);
     }
     state.value.recent.retain(|s| *s != seq);
+    state.value.dead.retain(|s| *s != seq);
     state.value.failures = 0;
     state.value.next_attempt_at = None;
     state.value.disabled = None;

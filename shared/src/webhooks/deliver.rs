@@ -37,8 +37,10 @@ const SETTLE: TimeDelta = TimeDelta::minutes(2);
 const READ_PER_PASS: u64 = 500;
 /// Deliveries waiting per subscription; past it the cursor waits (the trail keeps them).
 const QUEUE_CAP: usize = 1000;
-/// Finished deliveries kept for `GET .../deliveries`.
+/// Delivered deliveries kept for `GET .../deliveries`.
 const RECENT_CAP: usize = 100;
+/// Dead deliveries kept to be retried (a queue's worth).
+const DEAD_CAP: usize = QUEUE_CAP;
 /// How long one attempt may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a deliverer holds a subscription.
@@ -58,9 +60,12 @@ pub struct DeliveryState {
     /// No attempt before this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<DateTime<Utc>>,
-    /// Finished deliveries, newest last.
+    /// Delivered ones, newest last.
     #[serde(default)]
     pub recent: Vec<u64>,
+    /// Dead ones, newest last, kept apart so that an outage's worth can still be retried.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dead: Vec<u64>,
     /// Why deliveries stopped (a 410 from the receiver), until an admin retries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled: Option<String>,
@@ -404,7 +409,7 @@ fn send_due(
         }
         store::save(env.kv, &key, &delivery.value, Some(delivery.version))?;
         state.queue.remove(0);
-        finish(env, name, state, seq)?;
+        finish(env, name, state, seq, delivery.value.outcome == DeliveryOutcome::Dead)?;
     }
     Ok(())
 }
@@ -515,12 +520,17 @@ fn is_final(kind: &str) -> bool {
     )
 }
 
-/// Moves a finished delivery to the recent list, forgetting the oldest.
-fn finish(env: &Env, name: &WebhookName, state: &mut DeliveryState, seq: u64) -> Result<(), StoreError> {
+/// Moves a finished delivery to the delivered or the dead list, forgetting the oldest.
+fn finish(env: &Env, name: &WebhookName, state: &mut DeliveryState, seq: u64, dead: bool) -> Result<(), StoreError> {
     state.recent.retain(|s| *s != seq);
-    state.recent.push(seq);
-    while state.recent.len() > RECENT_CAP {
-        let old = state.recent.remove(0);
+    state.dead.retain(|s| *s != seq);
+    let (list, cap) = if dead { (&mut state.dead, DEAD_CAP) } else { (&mut state.recent, RECENT_CAP) };
+    list.push(seq);
+    let mut forgotten = Vec::new();
+    while list.len() > cap {
+        forgotten.push(list.remove(0));
+    }
+    for old in forgotten {
         if !state.queue.contains(&old) {
             env.kv.delete(&keys::webhook_delivery(name, old))?;
         }
