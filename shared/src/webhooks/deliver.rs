@@ -31,7 +31,7 @@ use crate::store::{self, StoreError};
 const BACKOFF_MINUTES: [i64; 7] = [1, 5, 30, 120, 300, 600, 600];
 /// A delivery still failing this long after it was queued is dead.
 pub const GIVE_UP_AFTER: TimeDelta = TimeDelta::days(3);
-/// An event its request does not show this long after it was written never took effect.
+/// An event its request still does not show this long after a deliverer first looked never took effect.
 const SETTLE: TimeDelta = TimeDelta::minutes(2);
 /// Audit events read per subscription and pass.
 const READ_PER_PASS: u64 = 500;
@@ -69,6 +69,9 @@ pub struct DeliveryState {
     /// Why deliveries stopped (a 410 from the receiver), until an admin retries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled: Option<String>,
+    /// The audit event the cursor waits at (its change not visible yet), since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<(u64, DateTime<Utc>)>,
     /// A deliverer at work until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_until: Option<DateTime<Utc>>,
@@ -225,7 +228,17 @@ fn enqueue(env: &Env, subscription: &Subscription, state: &mut DeliveryState) ->
         };
         match announce(env, subscription, &event, &mut requests, &mut policies)? {
             Announce::Skip => {}
-            Announce::NotYet => break,
+            // Not visible yet: its writer may still be saving. Waited for from when this
+            // subscription first found it so (never from the event's own time: a writer may
+            // have started long before it appended), then passed over.
+            Announce::NotYet => match state.waiting_since {
+                Some((waiting, since)) if waiting == seq && env.now - since >= SETTLE => {}
+                Some((waiting, _)) if waiting == seq => break,
+                _ => {
+                    state.waiting_since = Some((seq, env.now));
+                    break;
+                }
+            },
             Announce::Queue(delivery) => {
                 store::save(env.kv, &keys::webhook_delivery(&subscription.name, seq), &delivery, None).or_else(
                     |e| match e {
@@ -278,8 +291,7 @@ fn announce(
             }
             let request = requests[id].as_ref();
             if !request.is_some_and(|r| took_effect(kind, event, r)) {
-                let settled = env.now - event.at >= SETTLE;
-                return Ok(if settled { Announce::Skip } else { Announce::NotYet });
+                return Ok(Announce::NotYet);
             }
             request
         }
