@@ -75,6 +75,50 @@ pub enum Event {
     RuleClosed,
 }
 
+impl Event {
+    /// Every event, for the tests and fuzz targets that drive the state machine.
+    pub const ALL: [Event; 10] = [
+        Event::Approve,
+        Event::Deny,
+        Event::Cancel,
+        Event::TimeOut,
+        Event::RuleOpened,
+        Event::OpenRefused,
+        Event::OpenAbandoned,
+        Event::Due,
+        Event::Revoke,
+        Event::RuleClosed,
+    ];
+}
+
+/// Drives a request from `Pending` through `events` (those that do not apply are refused and
+/// change nothing) and checks the machine's promises: a final state never moves, a rule is
+/// opened and closed at most once, and a request that opened a rule ends only after it was
+/// closed. Answers the state reached, or the promise broken.
+pub fn check_sequence(events: impl IntoIterator<Item = Event>) -> Result<State, String> {
+    let mut state = State::Pending;
+    let (mut opened, mut closed) = (0, 0);
+    for event in events {
+        let before = state;
+        match state.apply(event) {
+            Ok(next) if before.is_final() => return Err(format!("{before:?} moved on {event:?} to {next:?}")),
+            Ok(next) => {
+                opened += usize::from(event == Event::RuleOpened);
+                closed += usize::from(event == Event::RuleClosed);
+                state = next;
+            }
+            Err(_) => {}
+        }
+    }
+    if opened > 1 || closed > 1 {
+        return Err(format!("opened {opened} and closed {closed} times"));
+    }
+    if opened == 1 && state.is_final() && closed != 1 {
+        return Err(format!("ended {state:?} without its rule closed"));
+    }
+    Ok(state)
+}
+
 /// An event that does not apply in the current state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("cannot {event:?} a request that is {}", state.name())]
