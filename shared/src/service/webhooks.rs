@@ -124,13 +124,15 @@ pub fn delete(env: &Env, caller: &Caller, name: &str) -> Result<Reply, ApiError>
     load(env, &name)?;
     env.record("webhook.deleted", Subject::default(), Outcome::Ok, about(&name, json!({})))?;
     store::remove_from_list(env.kv, keys::WEBHOOKS, name.as_str())?;
+    // The subscription first: a deliverer still at work then finds it gone when it saves, and
+    // deletes what it queued meanwhile.
+    env.kv.delete(&keys::webhook(&name))?;
     if let Some(state) = store::load::<DeliveryState>(env.kv, &keys::webhook_state(&name))? {
         for seq in state.value.queue.iter().chain(&state.value.recent).chain(&state.value.dead) {
             env.kv.delete(&keys::webhook_delivery(&name, *seq))?;
         }
     }
     env.kv.delete(&keys::webhook_state(&name))?;
-    env.kv.delete(&keys::webhook(&name))?;
     Ok(Reply::ok(json!({ "deleted": name })))
 }
 

@@ -115,14 +115,23 @@ pub struct Delivery {
     /// The request it is about, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<String>,
-    /// Exactly what is sent (and signed).
-    pub body: String,
+    /// When the event happened.
+    pub at: DateTime<Utc>,
+    /// What the event says; rendered in the subscription's format at each attempt.
+    pub data: serde_json::Value,
     /// When it was queued (or queued again by an admin).
     pub queued_at: DateTime<Utc>,
     /// Attempts so far, the last 20.
     pub attempts: Vec<Attempt>,
     /// Where it stands.
     pub outcome: DeliveryOutcome,
+}
+
+impl Delivery {
+    /// What is sent (and signed), in `format`.
+    pub fn body(&self, format: Format, source: &str) -> String {
+        events::body(format, &self.kind, &self.id, self.at, self.data.clone(), source)
+    }
 }
 
 /// What one pass did.
@@ -194,7 +203,17 @@ fn deliver_to(
     let before = (report.delivered, state.value.queue.first().copied());
     let sent = send_due(env, http, &subscription, &mut state.value, deadline, report);
     state.value.lease_until = None;
-    store::save(env.kv, &keys::webhook_state(name), &state.value, Some(state.version))?;
+    if let Err(error) = store::save(env.kv, &keys::webhook_state(name), &state.value, Some(state.version)) {
+        // Deleted while this pass ran: what it queued meanwhile goes with it.
+        if store::load::<Subscription>(env.kv, &keys::webhook(name))?.is_none() {
+            let state = &state.value;
+            for seq in state.queue.iter().chain(&state.recent).chain(&state.dead) {
+                env.kv.delete(&keys::webhook_delivery(name, *seq))?;
+            }
+            return Ok(());
+        }
+        return Err(error.into());
+    }
     sent?;
     let delivered = report.delivered - before.0;
     if delivered > 0 {
@@ -339,14 +358,13 @@ fn announce(
         data.as_object_mut().expect("an object").remove("decide");
         data["buttons"] = json!(if kind == "grant.expiring" { vec!["extend"] } else { vec!["approve", "deny"] });
     }
-    let public_url = &settings.public_url;
-    let body = events::body(subscription.format, kind, event, data, public_url);
     Ok(Announce::Queue(Delivery {
         id: events::webhook_id(event),
         seq: event.seq,
         kind: kind.to_owned(),
         request: event.subject.request.clone(),
-        body,
+        at: event.at,
+        data,
         queued_at: env.now,
         attempts: Vec::new(),
         outcome: DeliveryOutcome::Pending,
@@ -378,7 +396,12 @@ fn send_due(
         let now = env.clock.now();
         let attempted = match &subscription.channel {
             Some(channel) => slack_attempt(env, http, subscription, channel, &delivery.value),
-            None => Attempted::from(http.send(signed_request(subscription, &delivery.value, now))),
+            None => Attempted::from(http.send(signed_request(
+                subscription,
+                &delivery.value,
+                now,
+                &env.config.webhooks.public_url,
+            ))),
         };
         let Attempted { ok, status, error, retry_after } = attempted;
         let attempts = &mut delivery.value.attempts;
@@ -468,7 +491,8 @@ fn slack_attempt(
     let posted_key = delivery.request.as_deref().map(|r| keys::slack_message(&subscription.name, r));
     let posted =
         posted_key.as_deref().and_then(|k| store::load::<slack::Posted>(env.kv, k).ok().flatten()).map(|p| p.value);
-    let mut message: serde_json::Value = serde_json::from_str(&delivery.body).unwrap_or_default();
+    let body = delivery.body(subscription.format, &env.config.webhooks.public_url);
+    let mut message: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
     let notice = matches!(
         delivery.kind.as_str(),
         "request.created" | "request.reminder" | "grant.expiring" | "break_glass.used"
@@ -552,12 +576,13 @@ fn finish(env: &Env, name: &WebhookName, state: &mut DeliveryState, seq: u64, de
 
 /// The HTTP request of one attempt: signed with every current secret (both during a
 /// rotation's overlap) over `<id>.<timestamp>.<body>`.
-fn signed_request(subscription: &Subscription, delivery: &Delivery, now: DateTime<Utc>) -> HttpRequest {
+fn signed_request(subscription: &Subscription, delivery: &Delivery, now: DateTime<Utc>, source: &str) -> HttpRequest {
     let timestamp = now.timestamp();
+    let body = delivery.body(subscription.format, source);
     let signature = subscription
         .signing_secrets(now)
         .iter()
-        .map(|secret| secret.sign(&delivery.id, timestamp, delivery.body.as_bytes()))
+        .map(|secret| secret.sign(&delivery.id, timestamp, body.as_bytes()))
         .collect::<Vec<_>>()
         .join(" ");
     let content_type =
@@ -572,7 +597,7 @@ fn signed_request(subscription: &Subscription, delivery: &Delivery, now: DateTim
             ("webhook-timestamp".into(), timestamp.to_string()),
             ("webhook-signature".into(), signature),
         ],
-        body: delivery.body.clone().into_bytes(),
+        body: body.into_bytes(),
         timeout: ATTEMPT_TIMEOUT,
     }
 }

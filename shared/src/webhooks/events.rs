@@ -155,13 +155,22 @@ pub fn data(
 }
 
 /// The body of a delivery in `format`.
-pub fn body(format: Format, kind: &str, event: &AuditEvent, data: Value, source: &str) -> String {
+/// Rendered when it is sent, for the subscription as it is then: a subscription changed to
+/// another format gets what waits in its queue in the new one.
+pub fn body(format: Format, kind: &str, id: &str, at: DateTime<Utc>, mut data: Value, source: &str) -> String {
+    if matches!(format, Format::Standard | Format::Cloudevents)
+        && let Some(fields) = data.as_object_mut()
+    {
+        // Links and buttons that decide are for chat messages, never for machines.
+        fields.remove("decide");
+        fields.remove("buttons");
+    }
     match format {
-        Format::Standard => json!({"type": kind, "timestamp": event.at, "data": data}),
+        Format::Standard => json!({"type": kind, "timestamp": at, "data": data}),
         Format::Cloudevents => json!({
-            "specversion": "1.0", "id": webhook_id(event), "source": source,
-            "type": format!("io.portcullis.{kind}"), "subject": data["request_id"].as_str().or(event.subject.policy.as_deref()),
-            "time": event.at, "datacontenttype": "application/json", "data": data,
+            "specversion": "1.0", "id": id, "source": source,
+            "type": format!("io.portcullis.{kind}"), "subject": data["request_id"].as_str().or(data["policy"].as_str()),
+            "time": at, "datacontenttype": "application/json", "data": data,
         }),
         Format::Slack => slack_message(kind, &data),
         Format::Teams => teams_card(kind, &data),

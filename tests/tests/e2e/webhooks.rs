@@ -459,3 +459,38 @@ async fn chat_buttons_are_links_that_decide_only_after_sign_in_once_and_never_fo
     assert_eq!(decide_by_link(&world, &approve_later, Some(BOB)).await.0, 410, "expired");
     assert_eq!(world.get_request(&id(&later)).await["state"], "pending");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_waits_in_a_queue_goes_out_in_the_format_the_subscription_has_when_it_is_sent() {
+    let world = World::with_variables(&[("decision_link_secret", "a-long-random-decision-link-secret-value")]).await;
+    world.manual_policy(1).await;
+    subscribe(&world, "later", "/later", json!({"events": ["request.created"], "format": "slack"})).await;
+    world.receiver.behave("/later", Behaviour::Status(503));
+    let (_, request) = world.request(ALICE, &ssh("PT1H")).await;
+    let failed = received_any(&world, "/later").await;
+    assert!(failed.body.to_string().contains("/decide/"), "a chat message carries links: {}", failed.body);
+    // Now a machine's subscription: what waits is sent as a signed standard payload, and the
+    // links (capabilities) are not.
+    let body = json!({"url": format!("{}/later", world.receiver.origin()), "events": ["request.created"]});
+    assert_eq!(world.call("PUT", "/api/webhooks/later", Some(ADMIN), Some(&body.to_string())).await.0, 200);
+    world.receiver.behave("/later", Behaviour::Status(200));
+    world.advance_minutes(2);
+    world.tick().await;
+    let delivered = wait_for(&world, "/later", 1).await;
+    assert_eq!(delivered[0].body["type"], "request.created");
+    assert_eq!(delivered[0].body["data"]["request_id"], id(&request).as_str());
+    assert!(!delivered[0].body.to_string().contains("/decide/"), "{}", delivered[0].body);
+    assert_eq!((delivered[0].verified, delivered[0].id.as_str()), (Some(true), failed.id.as_str()));
+}
+
+/// The first delivery to `path`, whatever its answer (waits up to 10 s).
+async fn received_any(world: &World, path: &str) -> Received {
+    let started = Instant::now();
+    loop {
+        if let Some(first) = world.receiver.received(path).into_iter().next() {
+            return first;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "nothing reached {path}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
