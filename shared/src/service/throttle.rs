@@ -6,12 +6,13 @@
 //! contention, an `increment` does not. Each counter is entered in its minute's tally index
 //! when it is created, and the sweep deletes a minute's tallies once the minute is over.
 //!
-//! Failed logins are counted per address and minute, and only the 1st, 10th, 100th... of an
-//! address's minute becomes an audit event (carrying the count). Past
-//! [`EVENTS_BEFORE_AGGREGATING`] failures in a minute from all addresses together, only the
-//! 1,000th, 10,000th... of all of them is recorded. So a flood, from one address or many, grows
-//! the trail by at most about a hundred events a minute, and cannot crowd out the events every
-//! change must write first (the sweep's closes above all).
+//! Failed logins are counted per address and minute, and only the 1st, 10th and 100th of an
+//! address's minute becomes an audit event (carrying the count), while the minute has seen at
+//! most [`EVENTS_BEFORE_AGGREGATING`] failures from all addresses together; past 100, the
+//! 1,000th, 10,000th... of all of them is recorded too. So a flood, from one address or many,
+//! grows the trail by at most about two hundred events a minute, and cannot crowd out the
+//! events every change must write first (the sweep's closes above all). (The two counters
+//! move apart under concurrency; the margin keeps an address's 100th from falling between.)
 
 use std::net::IpAddr;
 
@@ -23,7 +24,7 @@ use crate::keys;
 use crate::store::{KvStore, StoreError};
 
 /// Failed logins in a minute (all addresses) past which they are recorded in aggregate only.
-pub const EVENTS_BEFORE_AGGREGATING: i64 = 100;
+pub const EVENTS_BEFORE_AGGREGATING: i64 = 200;
 /// Failed logins in a minute (all addresses) past which no more per-address counters are
 /// made: a flood from more addresses than that is counted in aggregate only, so it cannot
 /// fill the store with counters faster than the sweep deletes them.
@@ -133,10 +134,9 @@ impl<'a> Throttle<'a> {
                 eprintln!("rate limits: blocking {}: {error}", address_subject(address));
             }
         }
-        let record = match from_address {
-            Some(count) if all <= EVENTS_BEFORE_AGGREGATING => is_power_of_ten(count),
-            _ => is_power_of_ten(all),
-        };
+        let for_address = from_address
+            .is_some_and(|count| count <= 100 && all <= EVENTS_BEFORE_AGGREGATING && is_power_of_ten(count));
+        let record = for_address || (all > 100 && is_power_of_ten(all));
         Some(FailedLogin { from_address, all, record })
     }
 
@@ -344,8 +344,8 @@ mod tests {
             .map(|n| throttle.failed_login(Some(IpAddr::from(n.to_be_bytes()))).unwrap())
             .filter(|f| f.record)
             .count();
-        // One event for each of the first hundred addresses, then 1,000 and 10,000 in all.
-        assert_eq!(recorded, 100 + 2);
+        // One event for each of the first two hundred addresses, then 1,000 and 10,000 in all.
+        assert_eq!(recorded, 200 + 2);
     }
 
     #[test]
