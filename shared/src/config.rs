@@ -340,6 +340,7 @@ impl Config {
                     "variable 'slack_users' must map Slack user ids to {\"principal\", \"groups\", \"roles\"}",
                 )?,
                 api_url: optional("slack_api_url", "https://slack.com").trim_end_matches('/').to_owned(),
+                email_lookup: optional("slack_email_lookup", "off") == "on",
             },
         };
         Ok(Self {

@@ -29,6 +29,8 @@ pub enum Behaviour {
     SlackApi,
     /// Answer as Slack's Web API refusing: HTTP 200 with `"ok": false`.
     SlackRefuses,
+    /// Answer 200 with this JSON.
+    Json(&'static str),
 }
 
 /// One delivery as received.
@@ -155,6 +157,7 @@ async fn receive(
             (200, serde_json::json!({"ok": true, "channel": parsed["channel"], "ts": ts}).to_string())
         }
         Behaviour::SlackRefuses => (200, r#"{"ok":false,"error":"channel_not_found"}"#.to_owned()),
+        Behaviour::Json(body) => (200, body.to_owned()),
     };
     inner.lock().unwrap().received.push(Received {
         path,

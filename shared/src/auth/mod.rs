@@ -104,6 +104,11 @@ impl ApiKeys {
         self.0.iter().any(|(_, caller)| &caller.principal == principal)
     }
 
+    /// The caller of the API key held by `principal`, if there is one.
+    pub fn caller_of(&self, principal: &Principal) -> Option<Caller> {
+        self.0.iter().find(|(_, caller)| &caller.principal == principal).map(|(_, caller)| caller.clone())
+    }
+
     /// Finds the caller for an `Authorization` header value. Every configured hash is compared
     /// in constant time, and all of them are always compared, so timing reveals nothing.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {

@@ -465,7 +465,21 @@ pub fn follow_up_slack(click: SlackClick) {
     if settings.slack.team_id.as_deref() != Some(click.team_id.as_str()) {
         return tell("Clicks from this Slack workspace do not count in portcullis.");
     }
-    let Some(caller) = settings.slack.caller(&click.user_id) else {
+    let by_email = || -> Option<Caller> {
+        // Opt-in: the Slack email names the principal; groups and roles are those of the API
+        // key with that principal, if there is one, else an approver in no group.
+        let request = settings.slack.user_info(&click.user_id)?;
+        let answer = crate::http::HttpClient::send(&ctx.http, request).ok()?;
+        let principal = settings.slack.principal_by_email(&crate::webhooks::slack::judge(&answer).ok()?)?;
+        crate::auth::check_not_reserved(&principal).ok()?;
+        Some(ctx.config.api_keys.caller_of(&principal).unwrap_or(Caller {
+            principal,
+            display_name: None,
+            groups: Vec::new(),
+            roles: vec![crate::auth::Role::Approver],
+        }))
+    };
+    let Some(caller) = settings.slack.caller(&click.user_id).or_else(by_email) else {
         return tell(
             "Your Slack user is not mapped to anyone in portcullis (slack_users): decide through the link or the API.",
         );

@@ -32,6 +32,9 @@ pub struct SlackSettings {
     pub users: HashMap<String, SlackUser>,
     /// `slack_api_url`: the Web API's base (`https://slack.com`).
     pub api_url: String,
+    /// `slack_email_lookup`: an unmapped user is looked up with `users.info` and known by
+    /// their Slack email (needs the `users:read.email` scope, and trusts Slack's emails).
+    pub email_lookup: bool,
 }
 
 /// A Slack user as portcullis knows them.
@@ -63,6 +66,30 @@ impl SlackSettings {
             groups: user.groups.clone(),
             roles: user.roles.clone(),
         })
+    }
+
+    /// The `users.info` call that finds an unmapped user's email.
+    pub fn user_info(&self, user_id: &str) -> Option<HttpRequest> {
+        let token = self.bot_token.as_ref().filter(|_| self.email_lookup)?;
+        let user: String = user_id.chars().filter(char::is_ascii_alphanumeric).take(32).collect();
+        Some(HttpRequest {
+            method: Method::Get,
+            url: format!("{}/api/users.info?user={user}", self.api_url),
+            headers: vec![("authorization".into(), format!("Bearer {}", token.expose()))],
+            body: Vec::new(),
+            timeout: std::time::Duration::from_secs(5),
+        })
+    }
+
+    /// The principal behind a `users.info` answer: the user's email, unless the account is
+    /// deleted, a bot, or of another workspace.
+    pub fn principal_by_email(&self, answer: &serde_json::Value) -> Option<Principal> {
+        let user = &answer["user"];
+        let ours = user["team_id"].as_str().is_some_and(|team| Some(team) == self.team_id.as_deref());
+        if !ours || user["deleted"] == true || user["is_bot"] == true {
+            return None;
+        }
+        Principal::parse(user["profile"]["email"].as_str()?).ok()
     }
 
     /// A Web API call (`chat.postMessage`, `chat.update`) with the bot token.

@@ -185,3 +185,44 @@ async fn a_policy_that_wants_a_sign_in_ignores_clicks_and_slack_refusals_are_ret
         posted[1].body["blocks"].as_array().unwrap().iter().filter(|b| b["type"] == "actions").collect();
     assert!(actions.is_empty(), "no buttons that decide on a policy that wants a sign-in");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_email_lookup_an_unmapped_user_is_known_by_their_slack_email_and_nobody_else_is() {
+    let world = World::with_variables(&[
+        ("slack_bot_token", "xoxb-test-token"),
+        ("slack_signing_secret", SIGNING_SECRET),
+        ("slack_team_id", "T0ACME"),
+        ("slack_api_url", "{receiver}"),
+        ("slack_email_lookup", "on"),
+    ])
+    .await;
+    for path in ["/api/chat.postMessage", "/api/chat.update"] {
+        world.receiver.behave(path, Behaviour::SlackApi);
+    }
+    let mut body = policy(json!({"mode": "manual", "approvers": ["dave@example.com"], "required": 1}));
+    body["chat_decisions"] = json!("direct");
+    assert_eq!(world.put_policy("demo-vm", &body).await.0, 201);
+    let (_, request) = world.request(ALICE, &ssh("PT1H")).await;
+    let id = id(&request);
+    // A deleted account is nobody.
+    world.receiver.behave(
+        "/api/users.info",
+        Behaviour::Json(r#"{"ok":true,"user":{"id":"U0DAVE","team_id":"T0ACME","deleted":true,"profile":{"email":"dave@example.com"}}}"#),
+    );
+    assert_eq!(click(&world, "T0ACME", "U0DAVE", "approve", &id, 0, SIGNING_SECRET).await.0, 200);
+    let told = received(&world, "/response", 1).await;
+    assert!(told[0].body["text"].as_str().unwrap().contains("not mapped"), "{:?}", told[0].body);
+    assert_eq!(world.get_request(&id).await["state"], "pending");
+    world.receiver.behave(
+        "/api/users.info",
+        Behaviour::Json(r#"{"ok":true,"user":{"id":"U0DAVE","team_id":"T0ACME","deleted":false,"is_bot":false,"profile":{"email":"dave@example.com"}}}"#),
+    );
+    // A second later (the same callback again would be a replay).
+    assert_eq!(click(&world, "T0ACME", "U0DAVE", "approve", &id, 1, SIGNING_SECRET).await.0, 200);
+    let told = received(&world, "/response", 2).await;
+    assert_eq!(told[1].body["text"], "Done: the request is now active.");
+    let approved = world.audit(&format!("request={id}&action=request.approved")).await;
+    assert_eq!(approved[0]["actor"], "dave@example.com");
+    let lookups = world.receiver.received("/api/users.info");
+    assert!(lookups.iter().all(|l| l.authorization == "Bearer xoxb-test-token") && lookups.len() == 2);
+}
