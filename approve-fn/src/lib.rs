@@ -7,7 +7,7 @@ use shared::api::ApiError;
 use shared::service::decisions;
 use shared::spin::{
     accept_slack, answer, deliver_after_answer, follow_up_slack, respond, segments, serve_api, serve_decision_link,
-    serve_integration,
+    serve_integration, serve_signed_in,
 };
 use spin_sdk::http::conversions::TryFromIncomingRequest;
 use spin_sdk::http::{IncomingRequest, Method, Request, Response, ResponseOutparam};
@@ -42,8 +42,10 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
 }
 
 fn route(request: &Request) -> Response {
-    if let (Method::Get | Method::Post, ["decide", token]) = (request.method(), segments(request, "").as_slice()) {
-        return serve_decision_link(request, token);
+    match (request.method(), segments(request, "").as_slice()) {
+        (Method::Get, ["decide", "signed-in"]) => return serve_signed_in(request),
+        (Method::Get | Method::Post, ["decide", token]) => return serve_decision_link(request, token),
+        _ => {}
     }
     match (request.method(), segments(request, "/webhooks").as_slice()) {
         (Method::Post, ["decision"]) if request.path().starts_with("/webhooks/") => return serve_integration(request),

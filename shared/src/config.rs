@@ -5,6 +5,7 @@ use ipnet::IpNet;
 
 use crate::auth::ApiKeys;
 use crate::auth::oidc::OidcSettings;
+use crate::auth::signin::SignInSettings;
 use crate::domain::AccessDuration;
 use crate::domain::policy::PolicyLimits;
 
@@ -91,6 +92,8 @@ pub struct Config {
     pub api_keys: ApiKeys,
     /// OIDC bearer tokens, when an issuer is configured.
     pub oidc: Option<OidcSettings>,
+    /// Browser sign-in on decision links, when a client is registered with that issuer.
+    pub sign_in: Option<SignInSettings>,
     /// The shared secret of `POST /internal/sweep`.
     pub sweep_secret: Option<Secret>,
     /// Priority band for allow rules.
@@ -343,7 +346,21 @@ impl Config {
                 email_lookup: optional("slack_email_lookup", "off") == "on",
             },
         };
+        let sign_in = match optional("oidc_client_id", "") {
+            client_id if client_id.is_empty() => None,
+            _ if oidc.is_none() => {
+                bail!("variable 'oidc_client_id' needs oidc_issuer: the decision page verifies the ID tokens it gets")
+            }
+            client_id => Some(SignInSettings {
+                client_id,
+                client_secret: vars.get("oidc_client_secret").filter(|v| !v.is_empty()).map(Secret::new),
+                authorize_url: required("oidc_authorize_url")?,
+                token_url: required("oidc_token_url")?,
+                redirect_uri: format!("{}{}", webhooks.public_url, crate::auth::signin::CALLBACK_PATH),
+            }),
+        };
         Ok(Self {
+            sign_in,
             integrations: integrations(&optional("decision_integrations", "[]"))?,
             max_body_bytes,
             rate_limits,
@@ -447,5 +464,30 @@ mod tests {
         assert!(error.contains("rate_limit_changes_per_principal"), "{error}");
         let managed = Config::load(&vars(&[("arm_identity", "managed_identity"), ("arm_client_secret", "")])).unwrap();
         assert_eq!(managed.arm.identity, Identity::ManagedIdentity);
+    }
+
+    #[test]
+    fn sign_in_needs_an_issuer_and_both_endpoints_and_comes_back_under_public_url() {
+        let client = [("oidc_client_id", "portcullis-web")];
+        let error = format!("{:#}", Config::load(&vars(&client)).unwrap_err());
+        assert!(error.contains("oidc_issuer"), "{error}");
+        let issuer: [(&'static str, &'static str); 4] = [
+            ("oidc_client_id", "portcullis-web"),
+            ("oidc_issuer", "https://login.example.com/t/v2.0"),
+            ("oidc_audience", "api://portcullis"),
+            ("oidc_jwks_url", "https://login.example.com/t/keys"),
+        ];
+        let error = format!("{:#}", Config::load(&vars(&issuer)).unwrap_err());
+        assert!(error.contains("oidc_authorize_url"), "{error}");
+        let mut all = issuer.to_vec();
+        all.extend([
+            ("oidc_authorize_url", "https://login.example.com/t/authorize"),
+            ("oidc_token_url", "https://login.example.com/t/token"),
+            ("public_url", "https://jit.example.com/"),
+        ]);
+        let sign_in = Config::load(&vars(&all)).unwrap().sign_in.unwrap();
+        assert_eq!(sign_in.redirect_uri, "https://jit.example.com/decide/signed-in");
+        assert!(sign_in.client_secret.is_none());
+        assert!(Config::load(&vars(&[])).unwrap().sign_in.is_none(), "off by default");
     }
 }

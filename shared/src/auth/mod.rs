@@ -2,6 +2,7 @@
 //! caller's network address.
 
 pub mod oidc;
+pub mod signin;
 
 use std::net::{IpAddr, SocketAddr};
 

@@ -58,6 +58,17 @@ pub fn authenticate(
     http: &dyn HttpClient,
     now: DateTime<Utc>,
 ) -> Result<Caller, AuthError> {
+    caller_from_claims(&verified_claims(token, settings, kv, http, now)?, settings)
+}
+
+/// A token's claims once its signature, issuer, audience and times check out.
+pub fn verified_claims(
+    token: &str,
+    settings: &OidcSettings,
+    kv: &dyn KvStore,
+    http: &dyn HttpClient,
+    now: DateTime<Utc>,
+) -> Result<serde_json::Value, AuthError> {
     let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("unreadable token header: {e}")))?;
     let cached = store::load::<CachedJwks>(kv, keys::JWKS).ok().flatten().map(|v| v.value);
     let knows_key = |jwks: &JwkSet| header.kid.as_ref().is_none_or(|kid| jwks.find(kid).is_some());
@@ -65,7 +76,7 @@ pub fn authenticate(
         Some(cached) if knows_key(&cached.keys) || now - cached.fetched_at < REFETCH_AFTER => cached.keys,
         _ => fetch_jwks(settings, kv, http, now)?,
     };
-    verify(token, &jwks, settings)
+    check(token, &jwks, settings)
 }
 
 fn fetch_jwks(
@@ -93,8 +104,9 @@ fn fetch_jwks(
     Ok(keys)
 }
 
-/// Checks a token against a key set; pure apart from the wall clock `jsonwebtoken` reads.
-pub fn verify(token: &str, jwks: &JwkSet, settings: &OidcSettings) -> Result<Caller, AuthError> {
+/// Checks a token against a key set and answers its claims; pure apart from the wall clock
+/// `jsonwebtoken` reads.
+pub fn check(token: &str, jwks: &JwkSet, settings: &OidcSettings) -> Result<serde_json::Value, AuthError> {
     let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("unreadable token header: {e}")))?;
     // Only asymmetric algorithms: `none` never parses, and HS256 signed with a public RSA key
     // (the classic confusion attack) is refused here before any key is used.
@@ -126,7 +138,7 @@ pub fn verify(token: &str, jwks: &JwkSet, settings: &OidcSettings) -> Result<Cal
             other => format!("invalid token: {other:?}"),
         })
     })?;
-    caller_from_claims(&data.claims, settings)
+    Ok(data.claims)
 }
 
 /// A key may only verify the algorithm of its family (RSA for RS256, P-256 for ES256).
@@ -153,7 +165,8 @@ pub(crate) fn is_invisible(c: char) -> bool {
 /// Longest display name kept (the rest is cut).
 const MAX_DISPLAY_NAME: usize = 100;
 
-fn caller_from_claims(claims: &serde_json::Value, settings: &OidcSettings) -> Result<Caller, AuthError> {
+/// The caller a verified token names.
+pub fn caller_from_claims(claims: &serde_json::Value, settings: &OidcSettings) -> Result<Caller, AuthError> {
     let claim = |name: &str| claims[name].as_str().filter(|v| !v.is_empty());
     let missing = |name: &str| invalid(format!("the token has no '{name}' claim to name the caller"));
     let principal = match settings.principal_claim.as_str() {

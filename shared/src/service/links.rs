@@ -121,8 +121,10 @@ pub fn page(title: &str, body: &str) -> String {
     )
 }
 
-/// The page of a valid link: the request, and a form to sign in and decide.
-pub fn form(link: &Link, request: &AccessRequest, action: &str) -> String {
+/// The page of a valid link: the request, and a form to sign in and decide. With `browser`
+/// (sign-in through the identity provider is configured) the form offers it first, with the
+/// browser's cookie as its CSRF token.
+pub fn form(link: &Link, request: &AccessRequest, action: &str, browser: Option<&str>) -> String {
     let ports: Vec<String> = request.ports.iter().map(|p| p.to_string()).collect();
     let facts = [
         (
@@ -141,15 +143,24 @@ pub fn form(link: &Link, request: &AccessRequest, action: &str) -> String {
     ];
     let facts: String = facts.iter().map(|(k, v)| format!("<dt>{}</dt><dd>{}</dd>", escape(k), escape(v))).collect();
     let verb = link.decision.verb();
+    let action = escape(action);
+    let comment = "<label>Comment <input type=\"text\" name=\"comment\" maxlength=\"300\"></label>";
+    let provider = browser.map_or(String::new(), |browser| {
+        format!(
+            "<form method=\"post\" action=\"{action}\"><input type=\"hidden\" name=\"sign_in\" value=\"provider\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\">{comment}\
+             <button type=\"submit\">Sign in and {}</button></form><p>Or use an API key:</p>",
+            escape(browser),
+            verb.to_lowercase()
+        )
+    });
     page(
         &format!("{verb} request {}", request.id),
         &format!(
-            "<dl>{facts}</dl><form method=\"post\" action=\"{action}\">\
+            "<dl>{facts}</dl>{provider}<form method=\"post\" action=\"{action}\">\
              <label>Sign in with your API key or bearer token <input type=\"password\" name=\"credential\" autocomplete=\"off\" required></label>\
-             <label>Comment <input type=\"text\" name=\"comment\" maxlength=\"500\"></label>\
-             <button type=\"submit\">{verb}</button></form>\
-             <p>The decision counts as yours, under the same rules as the API.</p>",
-            action = escape(action)
+             {comment}<button type=\"submit\">{verb}</button></form>\
+             <p>The decision counts as yours, under the same rules as the API.</p>"
         ),
     )
 }

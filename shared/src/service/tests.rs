@@ -48,6 +48,7 @@ impl World {
                 arm: arm_settings(),
                 api_keys: ApiKeys::default(),
                 oidc: None,
+                sign_in: None,
                 sweep_secret: None,
                 priorities: PriorityBand { min: 100, max: 199 },
                 deny_priorities: PriorityBand { min: 4000, max: 4096 },

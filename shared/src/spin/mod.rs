@@ -1,5 +1,6 @@
 //! Spin adapters for the ports, and the request/response plumbing the three components share.
 
+mod decide;
 mod export;
 mod http;
 mod store;
@@ -7,6 +8,7 @@ mod store;
 use std::net::IpAddr;
 use std::time::Duration;
 
+pub use decide::{serve_decision_link, serve_signed_in};
 pub use export::{answer, stream_export};
 pub use http::SpinHttp;
 use serde_json::json;
@@ -71,16 +73,21 @@ impl Ctx {
         match (&self.config.oidc, bearer) {
             (Some(oidc), Some(token)) if auth::oidc::looks_like_jwt(token) => {
                 let caller = auth::oidc::authenticate(token, oidc, &self.kv, &self.http, self.clock.now())?;
-                if self.config.api_keys.has_principal(&caller.principal) {
-                    return Err(ApiError::unauthorized(format!(
-                        "the token names '{}', an API key's principal: OIDC and API-key principals must differ",
-                        caller.principal
-                    )));
-                }
-                Ok(caller)
+                self.refuse_api_key_principal(caller)
             }
             _ => Ok(self.config.api_keys.authenticate(header)?),
         }
+    }
+
+    /// A signed-in caller, unless it names an API key's principal: one name, one identity.
+    pub fn refuse_api_key_principal(&self, caller: Caller) -> Result<Caller, ApiError> {
+        if self.config.api_keys.has_principal(&caller.principal) {
+            return Err(ApiError::unauthorized(format!(
+                "the token names '{}', an API key's principal: OIDC and API-key principals must differ",
+                caller.principal
+            )));
+        }
+        Ok(caller)
     }
 
     /// The caller's IP address (see [`auth::client_ip`]).
@@ -290,113 +297,6 @@ pub fn serve_integration(request: &Request) -> Response {
         })
     });
     respond(outcome)
-}
-
-/// Serves a decision link (`GET` shows the request and a sign-in form, `POST` decides as the
-/// signed-in approver; see [`crate::service::links`]). Answers HTML.
-pub fn serve_decision_link(request: &Request, token: &str) -> Response {
-    use crate::service::links::{self, LinkDecision};
-    let gone = || {
-        (
-            410,
-            links::page(
-                "This link cannot be used",
-                "<p>It has expired, was already used, or was changed. Decide in portcullis itself, or ask for a new message.</p>",
-            ),
-        )
-    };
-    let (status, body) = (|| -> Result<(u16, String), ApiError> {
-        let ctx = Ctx::load()?;
-        if request.body().len() > ctx.config.max_body_bytes {
-            return Err(ApiError::too_large("the form is too large"));
-        }
-        let Some(secret) = ctx.config.webhooks.link_secret.clone() else {
-            return Ok((
-                404,
-                links::page("Decision links are off", "<p>This portcullis has no decision_link_secret.</p>"),
-            ));
-        };
-        let now = ctx.clock.now();
-        let Some(link) = links::verify(secret.expose().as_bytes(), token, now) else { return Ok(gone()) };
-        let used = crate::keys::seen_message(&crate::domain::WebhookName::parse("link").expect("a name"), &link.mark);
-        let Some(stored) =
-            crate::store::load::<crate::domain::AccessRequest>(&ctx.kv, &crate::keys::request(&link.request))?
-        else {
-            return Ok(gone());
-        };
-        // A policy changed since the message was sent decides by its rules now.
-        let policy = crate::store::load::<crate::domain::Policy>(&ctx.kv, &crate::keys::policy(&stored.value.policy))?;
-        if policy.is_none_or(|p| p.value.chat_decisions != crate::domain::policy::ChatDecisions::Confirm) {
-            return Ok(gone());
-        }
-        if stored.value.state != crate::domain::State::Pending {
-            let text = format!(
-                "<p>Request {} is already {}.</p>",
-                links::escape(link.request.as_str()),
-                stored.value.state.name()
-            );
-            return Ok((409, links::page("Already decided", &text)));
-        }
-        if *request.method() != Method::Post {
-            return Ok((200, links::form(&link, &stored.value, request.path())));
-        }
-        let form = String::from_utf8_lossy(request.body()).into_owned();
-        let credential = crate::api::query_param(&form, "credential").unwrap_or_default();
-        let comment = crate::api::query_param(&form, "comment").filter(|c| !c.trim().is_empty());
-        let header = format!("Bearer {}", credential.trim());
-        let caller = ctx.guard_login(request, || ctx.authenticate_header(Some(&header)))?;
-        let origin = Origin::of(&caller, ctx.client_ip(request));
-        ctx.check_rate(request, &caller, &origin)?;
-        // Used once by each approver (a policy may need several): marked before deciding,
-        // unmarked if the decision is refused.
-        let used = format!("{used}:{}", caller.principal);
-        if !crate::service::throttle::mark_once(&ctx.kv, &used, link.expires + chrono::TimeDelta::minutes(1))? {
-            return Ok(gone());
-        }
-        let id = link.request.as_str();
-        let decided = ctx.run(origin, |env| match link.decision {
-            LinkDecision::Approve => {
-                crate::service::decisions::approve(env, &caller, id, json!({"comment": comment}).to_string().as_bytes())
-            }
-            LinkDecision::Deny => {
-                crate::service::decisions::deny(env, &caller, id, json!({"reason": comment}).to_string().as_bytes())
-            }
-        });
-        match decided {
-            Ok(reply) => {
-                let state = reply.body["state"].as_str().unwrap_or("decided").to_owned();
-                let text = format!(
-                    "<p>{} by {}. The request is now <strong>{}</strong>.</p>",
-                    link.decision.verb(),
-                    links::escape(caller.principal.as_str()),
-                    links::escape(&state)
-                );
-                Ok((200, links::page("Done", &text)))
-            }
-            Err(error) => {
-                let _ = ctx.kv.delete(&used);
-                Err(error)
-            }
-        }
-    })()
-    .unwrap_or_else(|error| {
-        if let Some(cause) = &error.internal {
-            eprintln!("error {}: {cause}", error.code);
-        }
-        (error.status, links::page("Not decided", &format!("<p>{}</p>", links::escape(&error.message))))
-    });
-    Response::builder()
-        .status(status)
-        .header("content-type", "text/html; charset=utf-8")
-        .header("cache-control", "no-store")
-        .header("referrer-policy", "no-referrer")
-        .header("x-frame-options", "DENY")
-        .header(
-            "content-security-policy",
-            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
-        )
-        .body(body)
-        .build()
 }
 
 /// A Slack click, verified and acknowledged, to act on once Slack has its answer.

@@ -119,6 +119,16 @@ impl Emulator {
         self.state.lock().unwrap().oidc.mint(kid, claims, false)
     }
 
+    /// Lets `login_hint` sign in through the authorization endpoint, with these claims.
+    pub fn add_oidc_user(&self, login_hint: &str, claims: serde_json::Value) {
+        self.state.lock().unwrap().oidc.add_user(login_hint, claims);
+    }
+
+    /// Authorization codes the token endpoint was asked to redeem.
+    pub fn codes_redeemed(&self) -> u32 {
+        self.state.lock().unwrap().oidc.redeemed
+    }
+
     /// Publishes another key in the JWKS (a rotation).
     pub fn publish_key(&self, kid: &'static str) {
         self.state.lock().unwrap().oidc.publish(kid);

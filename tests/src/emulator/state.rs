@@ -108,7 +108,7 @@ struct Operation {
     polls_left: u32,
 }
 
-type Answer = (u16, Vec<(String, String)>, String);
+pub(super) type Answer = (u16, Vec<(String, String)>, String);
 
 fn arm_error(status: u16, code: &str, message: &str) -> Answer {
     (
@@ -263,9 +263,15 @@ impl EmulatorState {
         if path == "/oidc/keys" && method == Method::GET {
             return (200, vec![], serde_json::to_string(&self.oidc.jwks()).expect("a JWKS serialises"));
         }
+        if path == "/oidc/authorize" && method == Method::GET {
+            return self.oidc.authorize(uri.query().unwrap_or_default());
+        }
+        if path == "/oidc/token" && method == Method::POST {
+            return self.oidc.redeem(body);
+        }
         if path == "/oidc/.well-known/openid-configuration" && method == Method::GET {
             let issuer = format!("{}/oidc", self.base_url);
-            return (200, vec![], json!({"issuer": issuer, "jwks_uri": format!("{issuer}/keys")}).to_string());
+            return (200, vec![], json!({"issuer": issuer, "jwks_uri": format!("{issuer}/keys"), "authorization_endpoint": format!("{issuer}/authorize"), "token_endpoint": format!("{issuer}/token"), "code_challenge_methods_supported": ["S256"]}).to_string());
         }
         let authorized = headers
             .get("authorization")

@@ -9,6 +9,7 @@
 //! - `validation`: bad input gets a clear 4xx and changes nothing.
 //! - `security`: authentication, self-approval, forged Spin headers, the sweep secret.
 //! - `identity`: OIDC bearer tokens, real signed ones, good and bad.
+//! - `sign_in`: decision links signed in at the identity provider (authorization code + PKCE).
 //! - `faults`: ARM failures are retried, never lost.
 //! - `drift`: the reconciler (ownerless rules, missing rules, baselines, exposure) and the
 //!   health check.
@@ -28,6 +29,7 @@ mod integrations;
 mod lifecycle;
 mod races;
 mod security;
+mod sign_in;
 mod slack;
 mod support;
 mod validation;

@@ -13,7 +13,7 @@ use crate::support::*;
 
 /// Creates a subscription posting to the receiver at `path`; answers its secret, which the
 /// receiver is told to trust.
-async fn subscribe(world: &World, name: &str, path: &str, body: Value) -> String {
+pub(crate) async fn subscribe(world: &World, name: &str, path: &str, body: Value) -> String {
     let mut body = body;
     body["url"] = json!(format!("{}{path}", world.receiver.origin()));
     let (status, answer) =
@@ -25,7 +25,7 @@ async fn subscribe(world: &World, name: &str, path: &str, body: Value) -> String
 }
 
 /// Waits (up to 15 s) until `path` has received `n` deliveries answered 2xx.
-async fn wait_for(world: &World, path: &str, n: usize) -> Vec<Received> {
+pub(crate) async fn wait_for(world: &World, path: &str, n: usize) -> Vec<Received> {
     let started = Instant::now();
     loop {
         let delivered: Vec<Received> =
