@@ -351,6 +351,17 @@ impl Config {
             _ if oidc.is_none() => {
                 bail!("variable 'oidc_client_id' needs oidc_issuer: the decision page verifies the ID tokens it gets")
             }
+            // Entra puts in an ID token the app roles assigned on the client it is for: roles
+            // assigned on another registration than the API's would grant API powers.
+            client_id if oidc.as_ref().is_some_and(|o| o.audience != client_id) => bail!(
+                "variable 'oidc_client_id' must be the API's own registration (oidc_audience): an ID token's roles are those assigned on the client it is for"
+            ),
+            _ if webhooks.link_secret.is_none() => {
+                bail!("variable 'oidc_client_id' needs decision_link_secret: sign-in is for decision links")
+            }
+            _ if !is_https_or_loopback(&webhooks.public_url) => {
+                bail!("variable 'oidc_client_id' needs an https public_url: the sign-in cookie is Secure")
+            }
             client_id => Some(SignInSettings {
                 client_id,
                 client_secret: vars.get("oidc_client_secret").filter(|v| !v.is_empty()).map(Secret::new),
@@ -396,6 +407,14 @@ impl Config {
             audit,
         })
     }
+}
+
+/// Whether a URL is https, or plain http to this machine (local development).
+fn is_https_or_loopback(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else { return url.starts_with("https://") };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once(':').filter(|(_, port)| port.parse::<u16>().is_ok()).map_or(authority, |(h, _)| h);
+    matches!(host, "localhost" | "127.0.0.1" | "[::1]")
 }
 
 #[cfg(test)]
@@ -471,11 +490,12 @@ mod tests {
         let client = [("oidc_client_id", "portcullis-web")];
         let error = format!("{:#}", Config::load(&vars(&client)).unwrap_err());
         assert!(error.contains("oidc_issuer"), "{error}");
-        let issuer: [(&'static str, &'static str); 4] = [
-            ("oidc_client_id", "portcullis-web"),
+        let issuer: [(&'static str, &'static str); 5] = [
+            ("oidc_client_id", "4f1c-client"),
             ("oidc_issuer", "https://login.example.com/t/v2.0"),
-            ("oidc_audience", "api://portcullis"),
+            ("oidc_audience", "4f1c-client"),
             ("oidc_jwks_url", "https://login.example.com/t/keys"),
+            ("decision_link_secret", "a-long-random-decision-link-secret-value"),
         ];
         let error = format!("{:#}", Config::load(&vars(&issuer)).unwrap_err());
         assert!(error.contains("oidc_authorize_url"), "{error}");
@@ -485,6 +505,19 @@ mod tests {
             ("oidc_token_url", "https://login.example.com/t/token"),
             ("public_url", "https://jit.example.com/"),
         ]);
+        // Another registration than the API's, no link secret, a public plain-HTTP URL: refused.
+        for (name, value, named) in [
+            ("oidc_audience", "api://another-registration", "oidc_audience"),
+            ("decision_link_secret", "", "decision_link_secret"),
+            ("public_url", "http://jit.example.com", "https public_url"),
+        ] {
+            let mut changed = all.clone();
+            changed.retain(|(k, _)| *k != name);
+            changed.push((name, value));
+            let error = format!("{:#}", Config::load(&vars(&changed)).unwrap_err());
+            assert!(error.contains(named), "{error}");
+        }
+        assert!(Config::load(&vars(&[&all[..], &[("public_url", "http://127.0.0.1:3000")]].concat())).is_ok());
         let sign_in = Config::load(&vars(&all)).unwrap().sign_in.unwrap();
         assert_eq!(sign_in.redirect_uri, "https://jit.example.com/decide/signed-in");
         assert!(sign_in.client_secret.is_none());

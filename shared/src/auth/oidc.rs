@@ -58,7 +58,13 @@ pub fn authenticate(
     http: &dyn HttpClient,
     now: DateTime<Utc>,
 ) -> Result<Caller, AuthError> {
-    caller_from_claims(&verified_claims(token, settings, kv, http, now)?, settings)
+    let claims = verified_claims(token, settings, kv, http, now)?;
+    // An ID token (the decision page's sign-in asks for one with a nonce) is proof of a
+    // sign-in to a client, not a credential for the API, even where both share an audience.
+    if claims.get("nonce").is_some() {
+        return Err(invalid("an ID token is not an access token for the API"));
+    }
+    caller_from_claims(&claims, settings)
 }
 
 /// A token's claims once its signature, issuer, audience and times check out.

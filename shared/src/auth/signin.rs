@@ -142,6 +142,9 @@ impl SignIn {
             ("nonce", &self.nonce(key)),
             ("code_challenge", &challenge),
             ("code_challenge_method", "S256"),
+            // A session left open in a shared browser, or silent single sign-on in a page
+            // someone else opened, must not decide: the approver signs in now.
+            ("prompt", "login"),
         ];
         let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={}", encode(v))).collect();
         let separator = if settings.authorize_url.contains('?') { '&' } else { '?' };
@@ -204,6 +207,11 @@ pub fn redeem(
     if !bool::from(subtle::ConstantTimeEq::ct_eq(nonce.as_bytes(), sign_in.nonce(key).as_bytes())) {
         return Err(AuthError::InvalidToken("the ID token is not for this sign-in (nonce)".into()));
     }
+    // `prompt=login` asked for a sign-in now: one from before this flow began does not count.
+    let started = sign_in.expires - SIGN_IN_WINDOW.num_seconds();
+    if claims["auth_time"].as_i64().is_some_and(|at| at < started - 60) {
+        return Err(AuthError::InvalidToken("the identity provider reused an earlier sign-in (auth_time)".into()));
+    }
     super::oidc::caller_from_claims(&claims, oidc)
 }
 
@@ -251,6 +259,7 @@ mod tests {
         assert!(url.contains(&format!("code_challenge={challenge}&code_challenge_method=S256")), "{url}");
         assert!(url.contains("redirect_uri=https%3A%2F%2Fjit.example.com%2Fdecide%2Fsigned-in"), "{url}");
         assert!(url.starts_with("https://login.example.com/tenant/oauth2/v2.0/authorize?response_type=code&"));
+        assert!(url.ends_with("&prompt=login"), "{url}");
         // Each sign-in its own verifier and nonce.
         let another = SignIn::start("link-token", None, &[2; 16], at(0));
         assert_ne!(another.verifier(KEY), verifier);

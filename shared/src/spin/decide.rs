@@ -79,14 +79,14 @@ fn usable(ctx: &Ctx, link: &Link) -> Result<Usable, ApiError> {
     Ok(Usable::Yes(Box::new(stored.value)))
 }
 
-/// The value of one cookie of the request.
+/// The value of one cookie of the request; none when it comes twice (one of them planted).
 fn cookie(request: &Request, name: &str) -> Option<String> {
     let header = request.header("cookie").and_then(|v| v.as_str())?;
-    header
-        .split(';')
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_owned())
+    let mut values = header.split(';').filter_map(|pair| pair.trim().split_once('=')).filter(|(k, _)| *k == name);
+    match (values.next(), values.next()) {
+        (Some((_, value)), None) => Some(value.to_owned()),
+        _ => None,
+    }
 }
 
 fn browser_cookie(value: &str) -> String {
@@ -115,23 +115,23 @@ pub fn serve_decision_link(request: &Request, token: &str) -> Response {
             Usable::No(page) => return Ok(page),
         };
         let sign_in = ctx.config.sign_in.as_ref();
+        // Never the request's own path: `//host/...` would make the form post elsewhere.
+        let action = format!("/decide/{token}");
         if *request.method() != Method::Post {
-            // The browser's cookie binds a sign-in to it, and is the form's CSRF token.
-            let (browser, cookie) = match (sign_in, cookie(request, BROWSER_COOKIE)) {
-                (None, _) => (None, None),
-                (Some(_), Some(existing)) if existing.len() == 64 => (Some(existing), None),
-                (Some(_), _) => {
-                    let fresh = hex::encode(super::random_bytes(32));
-                    (Some(fresh.clone()), Some(browser_cookie(&fresh)))
-                }
-            };
-            let html = links::form(&link, &stored, request.path(), browser.as_deref());
+            // A fresh cookie at each opening binds a sign-in to this browser, and is the form's
+            // CSRF token.
+            let browser = sign_in.map(|_| hex::encode(super::random_bytes(32)));
+            let cookie = browser.as_deref().map(browser_cookie);
+            let html = links::form(&link, &stored, &action, browser.as_deref());
             let provider = sign_in.and_then(|s| origin(&s.authorize_url));
             return Ok(Page { status: 200, html, cookie, provider });
         }
         let form = String::from_utf8_lossy(request.body()).into_owned();
         let comment = query_param(&form, "comment").filter(|c| !c.trim().is_empty());
-        if let (Some(settings), Some("provider")) = (sign_in, query_param(&form, "sign_in").as_deref()) {
+        if query_param(&form, "sign_in").is_some() {
+            let Some(settings) = sign_in else {
+                return Ok(Page::new(404, links::page("Sign-in is off", "<p>Use an API key or a bearer token.</p>")));
+            };
             // Only the page's own form: another site's form cannot send the cookie along.
             let browser = cookie(request, BROWSER_COOKIE).unwrap_or_default();
             let sent = query_param(&form, "csrf").unwrap_or_default();
@@ -186,17 +186,21 @@ pub fn serve_signed_in(request: &Request) -> Response {
         if let Usable::No(page) = usable(&ctx, &link)? {
             return Ok(page);
         }
-        // One sign-in, one decision: a callback URL replayed (from history, a log) is refused.
-        let once = keys::seen_message(&WebhookName::parse("signin").expect("a name"), &sign_in.random);
-        let forget_at = chrono::DateTime::from_timestamp(sign_in.expires, 0).unwrap_or(now) + TimeDelta::minutes(1);
-        if !mark_once(&ctx.kv, &once, forget_at)? {
-            return Ok(gone());
-        }
-        let code = query_param(query, "code").unwrap_or_default();
+        let Some(code) = query_param(query, "code").filter(|c| !c.is_empty() && c.len() <= 4096) else {
+            return Ok(Page::new(400, links::page("Not signed in", "<p>The identity provider sent no code.</p>")));
+        };
+        // Past the failed-login limit nothing is written, nor asked of the provider.
         let caller = ctx.guard_login(request, || {
+            // One sign-in, one decision: a callback URL replayed (from history, a log) is refused.
+            let once = keys::seen_message(&WebhookName::parse("signin").expect("a name"), &sign_in.random);
+            let forget_at = chrono::DateTime::from_timestamp(sign_in.expires, 0).unwrap_or(now) + TimeDelta::minutes(1);
+            if !mark_once(&ctx.kv, &once, forget_at)? {
+                return Ok(None);
+            }
             let caller = signin::redeem(&code, &sign_in, key, settings, oidc, &ctx.kv, &ctx.http, now)?;
-            ctx.refuse_api_key_principal(caller)
+            ctx.refuse_api_key_principal(caller).map(Some)
         })?;
+        let Some(caller) = caller else { return Ok(gone()) };
         decide(&ctx, request, &link, &caller, sign_in.comment.clone())
     })();
     render(outcome)

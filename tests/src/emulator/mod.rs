@@ -124,6 +124,11 @@ impl Emulator {
         self.state.lock().unwrap().oidc.add_user(login_hint, claims);
     }
 
+    /// Lays `claims` over the next ID token the token endpoint issues.
+    pub fn override_next_id_token(&self, claims: serde_json::Value) {
+        self.state.lock().unwrap().oidc.next_override = Some(claims);
+    }
+
     /// Authorization codes the token endpoint was asked to redeem.
     pub fn codes_redeemed(&self) -> u32 {
         self.state.lock().unwrap().oidc.redeemed

@@ -38,6 +38,8 @@ pub struct Issuer {
     codes: HashMap<String, Grant>,
     /// Codes redeemed, and refused, so far.
     pub redeemed: u32,
+    /// Claims laid over the next ID token (a provider that misbehaves, on purpose).
+    pub next_override: Option<Value>,
 }
 
 /// What a code was issued for.
@@ -46,6 +48,8 @@ struct Grant {
     redirect_uri: String,
     challenge: String,
     nonce: Option<String>,
+    /// Asked to sign the user in now (`prompt=login`): `auth_time` is the token's `iat`.
+    fresh: bool,
     claims: Value,
 }
 
@@ -69,7 +73,14 @@ impl Issuer {
                 SigningKey { kid, alg: *alg, key, jwk }
             })
             .collect();
-        Self { keys, published: vec!["rsa-1", "ec-1"], users: HashMap::new(), codes: HashMap::new(), redeemed: 0 }
+        Self {
+            keys,
+            published: vec!["rsa-1", "ec-1"],
+            users: HashMap::new(),
+            codes: HashMap::new(),
+            redeemed: 0,
+            next_override: None,
+        }
     }
 
     /// Lets `login_hint` sign in, with these claims in the ID token (`aud` and `nonce` added).
@@ -102,6 +113,7 @@ impl Issuer {
             redirect_uri: redirect_uri.clone(),
             challenge: param("code_challenge"),
             nonce: params.get("nonce").cloned(),
+            fresh: param("prompt") == "login",
             claims,
         };
         self.codes.insert(code.clone(), grant);
@@ -131,6 +143,14 @@ impl Issuer {
         claims["aud"] = json!(grant.client_id);
         if let Some(nonce) = grant.nonce {
             claims["nonce"] = json!(nonce);
+        }
+        if grant.fresh {
+            claims["auth_time"] = claims["iat"].clone();
+        }
+        if let Some(Value::Object(patch)) = self.next_override.take() {
+            for (name, value) in patch {
+                claims[name] = value;
+            }
         }
         let id_token = self.mint("rsa-1", &claims, true);
         (

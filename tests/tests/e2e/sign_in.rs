@@ -13,7 +13,8 @@ const PUBLIC: &str = "https://jit.example.com";
 async fn world() -> World {
     let world = World::with_variables(&[
         ("decision_link_secret", "a-long-random-decision-link-secret-value"),
-        ("oidc_client_id", "portcullis-web"),
+        // The API's own registration: its ID tokens carry the roles assigned there.
+        ("oidc_client_id", AUDIENCE),
         ("oidc_authorize_url", "{emulator}/oidc/authorize"),
         ("oidc_token_url", "{emulator}/oidc/token"),
         ("oidc_token_host", "{emulator}"),
@@ -124,8 +125,15 @@ async fn a_sign_in_at_the_provider_decides_as_that_person_once_in_the_browser_th
     let card = wait_for(&world, "/teams", 1).await.remove(0).body;
     let approve = card["attachments"][0]["content"]["actions"][0]["url"].as_str().unwrap().to_owned();
 
-    // The page lets its form send the browser to the provider, and nowhere else.
+    // The page lets its form send the browser to the provider, and nowhere else; its cookie
+    // is the host's own, never sent to scripts or over plain HTTP.
     let mut browser = Browser::new();
+    let page = browser.client.get(Browser::local(&world, &approve)).send().await.unwrap();
+    let set = page.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set.starts_with("__Host-portcullis-decide="), "{set}");
+    for attribute in ["Path=/", "Secure", "HttpOnly", "SameSite=Lax"] {
+        assert!(set.split("; ").any(|a| a == attribute), "{attribute} in {set}");
+    }
     let (csrf, csp) = browser.open(&world, &approve).await;
     assert!(csp.contains(&format!("form-action 'self' {}", world.local.emulator.url())), "{csp}");
     assert_eq!(csrf.len(), 64);
@@ -155,6 +163,28 @@ async fn a_sign_in_at_the_provider_decides_as_that_person_once_in_the_browser_th
     assert_eq!(world.local.emulator.codes_redeemed(), redeemed, "refused without asking the provider");
     let tampered = callback.replace("code=", "code=x");
     assert_eq!(browser.get(&Browser::local(&world, &tampered)).await.status(), 401, "the provider refuses it");
+    // A cookie planted beside the browser's own: the sign-in is not trusted.
+    let planted = Browser::local(&world, &callback);
+    let doubled = browser
+        .client
+        .get(&planted)
+        .header("cookie", format!("{}; __Host-portcullis-decide=planted", browser.cookie.clone().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(doubled.status(), 410);
+    // An ID token the provider got wrong: another sign-in's nonce, another client, another
+    // issuer, or a sign-in from before this one began.
+    for (claims, why) in [
+        (json!({"nonce": "another-sign-in"}), "nonce"),
+        (json!({"aud": "another-client"}), "audience"),
+        (json!({"iss": "https://evil.example.com/v2.0"}), "issuer"),
+        (json!({"auth_time": world.local.host.clock().now().timestamp() - 3600}), "auth_time"),
+    ] {
+        world.local.emulator.override_next_id_token(claims);
+        let seen = browser.sign_in(&world, &approve, "frank@example.com").await;
+        assert_eq!(seen.status, 401, "{why}: {}", seen.html);
+    }
     assert_eq!(progress(&world, &request).await, ("pending".to_owned(), 0));
 
     // Frank signs in: his approval counts, as his, with his comment.
@@ -169,6 +199,15 @@ async fn a_sign_in_at_the_provider_decides_as_that_person_once_in_the_browser_th
     assert_eq!(replay.status(), 410);
     assert_eq!(browser.sign_in(&world, &approve, "frank@example.com").await.status, 410);
     assert_eq!(progress(&world, &request).await.1, 1);
+    // An ID token (one with a nonce) is no credential for the API, though its audience is.
+    let mut claims = world.claims("frank@example.com", &["ops"], &["approver"]);
+    let (status, _) =
+        world.call("GET", "/api/requests", Some(&world.local.emulator.mint("rsa-1", &claims)), None).await;
+    assert_eq!(status, 200, "the same claims as an access token");
+    claims["nonce"] = json!("a-sign-in");
+    let (status, _) =
+        world.call("GET", "/api/requests", Some(&world.local.emulator.mint("rsa-1", &claims)), None).await;
+    assert_eq!(status, 401);
 
     // Henry, the second approver, in his own browser: the request is approved and opens.
     let seen = Browser::new().sign_in(&world, &approve, "henry@example.com").await;

@@ -174,8 +174,20 @@ async fn a_policy_that_wants_a_sign_in_ignores_clicks_and_slack_refusals_are_ret
     assert!(told[0].body["text"].as_str().unwrap().contains("does not let a chat click decide"), "{:?}", told[0].body);
     assert_eq!(world.get_request(&id).await["state"], "pending");
     // Slack answered HTTP 200 with "ok": false: not delivered, tried again once it accepts.
-    let (_, deliveries) = world.call("GET", "/api/webhooks/slack-app/deliveries", Some(ADMIN), None).await;
-    assert_eq!(deliveries["waiting"], 1, "{deliveries}");
+    // (The attempt runs after the request's answer: wait until it has been recorded.)
+    let started = std::time::Instant::now();
+    let deliveries = loop {
+        let (_, deliveries) = world.call("GET", "/api/webhooks/slack-app/deliveries", Some(ADMIN), None).await;
+        if deliveries["consecutive_failures"] != 0 || started.elapsed() > std::time::Duration::from_secs(10) {
+            break deliveries;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (deliveries["waiting"].as_u64(), deliveries["consecutive_failures"].as_u64()),
+        (Some(1), Some(1)),
+        "{deliveries}"
+    );
     world.receiver.behave("/api/chat.postMessage", Behaviour::SlackApi);
     world.advance_minutes(2);
     world.tick().await;
