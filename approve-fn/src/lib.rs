@@ -44,6 +44,9 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
 fn route(request: &Request) -> Response {
     match (request.method(), segments(request, "").as_slice()) {
         (Method::Get, ["decide", "signed-in"]) => return serve_signed_in(request),
+        (_, ["decide", "signed-in"]) => {
+            return respond(Err(ApiError::method_not_allowed("the identity provider sends the browser back with GET")));
+        }
         (Method::Get | Method::Post, ["decide", token]) => return serve_decision_link(request, token),
         _ => {}
     }

@@ -1,10 +1,11 @@
 //! request-fn: policies (admin), access requests (create, read, list, cancel), the audit
 //! trail (read, export, verify, checkpoint), the reconciler's drift reports, webhook
-//! subscriptions and the health check.
+//! subscriptions, the health check, who the caller is (`/api/whoami`) and the API's
+//! description (`/api/openapi.json`).
 //! Routes: `/api/...` except what approve-fn owns. The rules live in `shared::service`.
 
 use shared::api::{ApiError, query_param};
-use shared::service::{audit, health, policies, reconcile, requests, webhooks};
+use shared::service::{audit, health, policies, reconcile, requests, webhooks, whoami};
 use shared::spin::{
     answer, deliver_after_answer, new_request_id, random_bytes, segments, serve_api, serve_public, stream_export,
 };
@@ -36,8 +37,20 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
     }
 }
 
+/// The API's description (`openapi.json` at the root of the repository), served as it is.
+const OPENAPI: &str = include_str!("../../openapi.json");
+
 fn route(request: &Request) -> Response {
     let query = request.query();
+    // The contract is public: the CLI, the page and anyone's client generator read it.
+    if *request.method() == Method::Get && segments(request, "/api") == ["openapi.json"] {
+        return Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .header("cache-control", "public, max-age=300")
+            .body(OPENAPI)
+            .build();
+    }
     // The watchdog answers without a credential (only ok or failing); with one, in detail.
     if *request.method() == Method::Get
         && segments(request, "/api") == ["health"]
@@ -53,6 +66,7 @@ fn route(request: &Request) -> Response {
         )));
     }
     serve_api(request, |ctx, env, caller| match (request.method(), segments(request, "/api").as_slice()) {
+        (Method::Get, ["whoami"]) => Ok(whoami::whoami(caller, ctx.client_ip(request))),
         (Method::Get, ["policies"]) => policies::list(env, caller),
         (Method::Put, ["policies", name]) => {
             policies::put(env, caller, name, request.body(), policies::wants_revoke(query))
@@ -97,7 +111,9 @@ fn route(request: &Request) -> Response {
 fn known(path: &[&str]) -> bool {
     matches!(
         path,
-        ["policies"]
+        ["whoami"]
+            | ["openapi.json"]
+            | ["policies"]
             | ["policies", _]
             | ["policies", _, "evaluate"]
             | ["requests"]

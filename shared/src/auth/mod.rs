@@ -14,7 +14,7 @@ use subtle::ConstantTimeEq;
 use crate::domain::{GroupName, Principal};
 
 /// What a caller may do in general; per-policy lists narrow it further.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Manages policies, sees everything.

@@ -14,6 +14,7 @@ pub mod requests;
 pub mod sweep;
 pub mod throttle;
 pub mod webhooks;
+pub mod whoami;
 
 use std::net::IpAddr;
 

@@ -310,7 +310,10 @@ pub fn accept_slack(request: &Request) -> (Response, Option<SlackClick>) {
     let accepted = Ctx::load().and_then(|ctx| {
         let settings = &ctx.config.webhooks.slack;
         let Some(secret) = settings.signing_secret.as_ref().filter(|_| settings.interactive()) else {
-            return Err(ApiError::not_found("no_such_route", "Slack interactivity is not configured"));
+            return Err(ApiError::not_found(
+                "integration_not_configured",
+                "Slack interactivity is not configured (slack_signing_secret)",
+            ));
         };
         let header = |name: &str| request.header(name).and_then(|v| v.as_str());
         let signature = header("x-slack-signature");

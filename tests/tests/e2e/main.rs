@@ -2,6 +2,7 @@
 //! the ARM emulator.
 //!
 //! - `support`: the `World` harness (host + emulator + typed calls + failure report).
+//! - `contract`: every answer `World::call` receives is checked against `openapi.json`.
 //! - `abuse`: a flood of bad credentials while grants expire.
 //! - `corpus`: the hostile-input corpus in `tests/corpus/`, end to end.
 //! - `audit`: the events every action leaves, tampering, concurrency, offline verification, no secrets.
@@ -21,6 +22,7 @@
 mod abuse;
 mod audit;
 mod azure;
+mod contract;
 mod corpus;
 mod drift;
 mod faults;

@@ -113,6 +113,7 @@ impl World {
         let response = request.send().await.expect("the host answers");
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
+        crate::contract::check(method, path, status, &text);
         (
             status,
             if text.is_empty() {
