@@ -9,6 +9,8 @@
 //! Bounded: `SOAK_LIFECYCLES` (default 2000) and `SOAK_SECONDS` (default 900) for the storm;
 //! `SOAK_REPORT=<file>` also writes the summary line there.
 
+#[path = "e2e/contract.rs"]
+mod contract;
 #[path = "e2e/support.rs"]
 #[allow(dead_code)]
 mod support;

@@ -2,7 +2,8 @@
 //! the ARM emulator.
 //!
 //! - `support`: the `World` harness (host + emulator + typed calls + failure report).
-//! - `contract`: every answer `World::call` receives is checked against `openapi.json`.
+//! - `contract`: every answer `World::call` receives is checked against `openapi.json`;
+//!   `openapi`: the description cannot drift from the routers and the error codes.
 //! - `abuse`: a flood of bad credentials while grants expire.
 //! - `corpus`: the hostile-input corpus in `tests/corpus/`, end to end.
 //! - `audit`: the events every action leaves, tampering, concurrency, offline verification, no secrets.
@@ -29,6 +30,7 @@ mod faults;
 mod identity;
 mod integrations;
 mod lifecycle;
+mod openapi;
 mod races;
 mod security;
 mod sign_in;
