@@ -1,8 +1,10 @@
 //! request-fn: policies (admin), access requests (create, read, list, cancel), the audit
 //! trail (read, export, verify, checkpoint), the reconciler's drift reports, webhook
 //! subscriptions, the health check, who the caller is (`/api/whoami`) and the API's
-//! description (`/api/openapi.json`).
+//! description (`/api/openapi.json`); and the self-service page (`/`, `/ui/...`, see `ui`).
 //! Routes: `/api/...` except what approve-fn owns. The rules live in `shared::service`.
+
+mod ui;
 
 use shared::api::{ApiError, query_param};
 use shared::service::{audit, health, policies, reconcile, requests, webhooks, whoami};
@@ -41,6 +43,9 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
 const OPENAPI: &str = include_str!("../../openapi.json");
 
 fn route(request: &Request) -> Response {
+    if let Some(page) = ui::serve(request) {
+        return page;
+    }
     let query = request.query();
     // The contract is public: the CLI, the page and anyone's client generator read it.
     if *request.method() == Method::Get && segments(request, "/api") == ["openapi.json"] {

@@ -65,6 +65,8 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
     }
     // Matched on the whole path rather than by segments.
     routes.insert(("POST".into(), "/webhooks/slack".into()));
+    routes.insert(("GET".into(), "/".into()));
+    routes.insert(("GET".into(), "/ui/{}".into()));
     routes.insert(("POST".into(), "/internal/sweep".into()));
     routes
 }

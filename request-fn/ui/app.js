@@ -1,0 +1,1 @@
+// portcullis: the self-service page
