@@ -153,12 +153,16 @@ impl Issuer {
             }
         }
         let id_token = self.mint("rsa-1", &claims, true);
-        (
-            200,
-            vec![],
-            json!({"token_type": "Bearer", "id_token": id_token, "access_token": "opaque", "expires_in": 3600})
-                .to_string(),
-        )
+        // The access token: the same person, for the same registration (the API's own), and
+        // no nonce (it is not an ID token).
+        let mut access = claims;
+        access.as_object_mut().expect("claims are an object").remove("nonce");
+        let access_token = self.mint("rsa-1", &access, true);
+        let body =
+            json!({"token_type": "Bearer", "id_token": id_token, "access_token": access_token, "expires_in": 3600});
+        // A page signing in from the browser redeems its code across origins (as Entra's SPA
+        // registrations allow).
+        (200, vec![("access-control-allow-origin".into(), "*".into())], body.to_string())
     }
 
     /// Adds a key to the published set (a rotation).
