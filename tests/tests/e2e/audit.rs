@@ -1,8 +1,6 @@
 //! The audit trail end to end: what each action leaves, tampering found by sequence number,
 //! concurrent appends, exports verified offline, and no secrets anywhere in it.
 
-use std::process::Command;
-
 use portcullis_host::emulator::{self, DEMO_NSG};
 use serde_json::{Value, json};
 
@@ -275,18 +273,15 @@ async fn concurrent_appends_keep_one_contiguous_valid_chain() {
     assert_eq!((report["valid"].as_bool(), report["checked"].as_u64()), (Some(true), Some(seqs.len() as u64)));
 }
 
-fn offline_verify(dir: &std::path::Path, export: &str, checkpoint: Option<&Value>) -> (bool, Value) {
-    let file = dir.join("trail.jsonl");
-    std::fs::write(&file, export).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis-audit"));
-    command.arg("verify").arg(&file).env("PORTCULLIS_AUDIT_KEY", CHECKPOINT_KEY);
-    if let Some(checkpoint) = checkpoint {
-        let path = dir.join("checkpoint.json");
-        std::fs::write(&path, checkpoint.to_string()).unwrap();
-        command.arg("--checkpoint").arg(path);
-    }
-    let output = command.output().unwrap();
-    (output.status.success(), serde_json::from_slice(&output.stdout).unwrap())
+/// Verifies an export as `portcullis audit verify` does (the CLI's own tests run the binary).
+fn offline_verify(export: &str, checkpoint: Option<&Value>) -> (bool, Value) {
+    let checkpoint: Option<shared::audit::Checkpoint> = checkpoint.map(|c| serde_json::from_value(c.clone()).unwrap());
+    let report = shared::audit::export::verify_export(
+        export.as_bytes(),
+        checkpoint.as_ref().map(|c| (c, CHECKPOINT_KEY.as_bytes())),
+    )
+    .unwrap();
+    (report["broken"].is_null(), report)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -299,14 +294,13 @@ async fn exports_in_both_formats_verify_offline_and_a_checkpoint_catches_a_cut_t
     }
     let (status, checkpoint) = world.call("POST", "/api/audit/checkpoint", Some(ADMIN), None).await;
     assert_eq!(status, 201, "{checkpoint}");
-    let dir = tempfile::tempdir().unwrap();
 
     let (status, headers, export) = world.get_text("/api/audit/export", ADMIN).await;
     assert_eq!((status, headers["content-type"].to_str().unwrap()), (200, "application/jsonl"));
     let lines = export.lines().count() as u64;
     assert_eq!(headers["x-audit-last"].to_str().unwrap(), lines.to_string());
     assert_eq!(checkpoint["seq"].as_u64(), Some(lines), "the checkpoint signs the head");
-    let (ok, report) = offline_verify(dir.path(), &export, Some(&checkpoint));
+    let (ok, report) = offline_verify(&export, Some(&checkpoint));
     assert!(ok, "{report}");
     assert_eq!(report["checked"].as_u64(), Some(lines));
 
@@ -318,7 +312,7 @@ async fn exports_in_both_formats_verify_offline_and_a_checkpoint_catches_a_cut_t
         assert!(event["type"].as_str().unwrap().starts_with("io.portcullis.audit."), "{event}");
         assert_eq!(event["id"], event["data"]["hash"]);
     }
-    assert!(offline_verify(dir.path(), &cloud, Some(&checkpoint)).0);
+    assert!(offline_verify(&cloud, Some(&checkpoint)).0);
 
     let (status, _, range) = world.get_text("/api/audit/export?from=3&to=5", ADMIN).await;
     let seqs: Vec<u64> =
@@ -327,13 +321,13 @@ async fn exports_in_both_formats_verify_offline_and_a_checkpoint_catches_a_cut_t
 
     // An export with its tail cut off still chains, but not up to the checkpoint.
     let cut: String = export.lines().take(lines as usize - 2).map(|l| format!("{l}\n")).collect();
-    let (ok, report) = offline_verify(dir.path(), &cut, Some(&checkpoint));
+    let (ok, report) = offline_verify(&cut, Some(&checkpoint));
     assert!(!ok, "{report}");
     assert_eq!(report["broken"]["seq"].as_u64(), Some(lines - 1), "{report}");
     // And one changed line is found at its sequence number.
     let forged = export.replacen("\"alice\"", "\"mallory\"", 1);
     let first_alice = export.lines().position(|l| l.contains("\"alice\"")).unwrap() as u64 + 1;
-    let (ok, report) = offline_verify(dir.path(), &forged, None);
+    let (ok, report) = offline_verify(&forged, None);
     assert_eq!((ok, report["broken"]["seq"].as_u64()), (false, Some(first_alice)), "{report}");
 }
 

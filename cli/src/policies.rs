@@ -1,0 +1,297 @@
+//! Policies as code: `policy apply -f policies.yaml` (a diff first; `--dry-run` stops there;
+//! `--prune` also deletes what the file no longer has), `policy get <name>` in the same form
+//! `apply` reads, and `policy list`.
+//!
+//! The file: `policies:` mapping each name to the document `PUT /api/policies/{name}` takes.
+//! What the server fills in (defaults, a placement it resolved from the VM) is compared as the
+//! server would fill it, so an unchanged file shows no changes.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::Path;
+
+use serde_json::{Value, json};
+use shared::domain::policy::{NsgId, Placement, Policy, PolicyLimits, RawPolicy, Resolution};
+use shared::domain::{AccessDuration, PolicyName};
+
+use crate::api::{Api, Failure, encode};
+use crate::show::{self, Format};
+
+/// The policies of a YAML or JSON file, by name.
+pub fn read(path: &Path) -> Result<BTreeMap<String, Value>, Failure> {
+    let text = std::fs::read_to_string(path).map_err(|e| Failure::Usage(format!("reading {}: {e}", path.display())))?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        policies: BTreeMap<String, Value>,
+    }
+    let file: File = serde_norway::from_str(&text).map_err(|e| {
+        Failure::Usage(format!("{}: {e} (expected `policies:` mapping names to policy documents)", path.display()))
+    })?;
+    Ok(file.policies)
+}
+
+/// A stored policy as a file holds it: without what the server derives (its name, the baseline
+/// rule, and a placement it resolved from the VM).
+pub fn file_form(stored: &Value) -> Value {
+    let mut doc = stored.clone();
+    if let Some(fields) = doc.as_object_mut() {
+        for derived in ["name", "baseline", "revoked", "revoke_remaining", "cancelled"] {
+            fields.remove(derived);
+        }
+        if fields.remove("resolved").is_some() {
+            fields.remove("nsg");
+            fields.remove("private_ip");
+        }
+    }
+    doc
+}
+
+/// A file's document as the server would store it, checked by the server's own rules.
+fn normalize(name: &str, doc: &Value, on_server: Option<&Value>) -> Result<Value, String> {
+    let policy_name = PolicyName::parse(name).map_err(|e| e.to_string())?;
+    let raw: RawPolicy = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    // The limit the server applies is its own; 24 hours is its default.
+    let limits = PolicyLimits { max_duration: AccessDuration::parse("PT24H").expect("a duration") };
+    let policy = Policy::from_raw(policy_name, raw, limits, |_vm| {
+        // A placement the server resolves from the VM is not part of the file: any stands in.
+        let server = on_server.filter(|s| s["resolved"].is_object());
+        let nsg = server.and_then(|s| s["nsg"].as_str()).unwrap_or(
+            "/subscriptions/0/resourceGroups/unresolved/providers/Microsoft.Network/networkSecurityGroups/unresolved",
+        );
+        Ok::<_, shared::domain::policy::PolicyError>(Placement {
+            nsg: NsgId::parse(nsg)?,
+            private_ip: [0, 0, 0, 0].into(),
+            resolved: Some(Resolution { nic: String::new(), at: chrono::Utc::now() }),
+        })
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(file_form(&serde_json::to_value(policy).expect("a policy serialises")))
+}
+
+fn compact(value: &Value) -> String {
+    let text = value.to_string();
+    if text.chars().count() > 80 { format!("{}…", text.chars().take(79).collect::<String>()) } else { text }
+}
+
+/// What changes between two documents in file form: fields, and ports by number.
+pub fn diff(old: &Value, new: &Value) -> Vec<String> {
+    let mut changes = Vec::new();
+    let empty = serde_json::Map::new();
+    let (old_fields, new_fields) = (old.as_object().unwrap_or(&empty), new.as_object().unwrap_or(&empty));
+    let mut keys: Vec<&String> = old_fields.keys().chain(new_fields.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    for key in keys {
+        let (before, after) = (old_fields.get(key), new_fields.get(key));
+        if before == after {
+            continue;
+        }
+        if key == "ports" {
+            let by_port = |v: Option<&Value>| -> BTreeMap<u64, Value> {
+                v.and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .map(|p| (p["port"].as_u64().unwrap_or(0), p.clone()))
+                    .collect()
+            };
+            let (before, after) = (by_port(before), by_port(after));
+            for (port, rule) in &after {
+                match before.get(port) {
+                    None => changes.push(format!("+ port {port}: {}", compact(rule))),
+                    Some(old_rule) if old_rule != rule => {
+                        for field in ["protocol", "max_duration", "allowed_sources"] {
+                            if old_rule[field] != rule[field] {
+                                changes.push(format!(
+                                    "~ port {port} {field}: {} -> {}",
+                                    compact(&old_rule[field]),
+                                    compact(&rule[field])
+                                ));
+                            }
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+            for port in before.keys().filter(|p| !after.contains_key(p)) {
+                changes.push(format!("- port {port} (removed)"));
+            }
+            continue;
+        }
+        match (before, after) {
+            (None, Some(after)) => changes.push(format!("+ {key}: {}", compact(after))),
+            (Some(_), None) => changes.push(format!("- {key}")),
+            (Some(before), Some(after)) => changes.push(format!("~ {key}: {} -> {}", compact(before), compact(after))),
+            (None, None) => {}
+        }
+    }
+    changes
+}
+
+/// One policy's fate in an apply.
+#[derive(serde::Serialize)]
+struct Plan {
+    name: String,
+    /// create, update, unchanged, delete, or keep (on the server only, not pruned).
+    change: &'static str,
+    changes: Vec<String>,
+}
+
+/// `policy apply`.
+pub fn apply(api: &Api, format: Format, path: &Path, dry_run: bool, prune: bool, yes: bool) -> Result<(), Failure> {
+    let wanted = read(path)?;
+    let on_server: BTreeMap<String, Value> = api.call("GET", "/api/policies", None)?["policies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| (p["name"].as_str().unwrap_or_default().to_owned(), p.clone()))
+        .collect();
+    let mut plans = Vec::new();
+    for (name, doc) in &wanted {
+        let current = on_server.get(name);
+        let normalized = normalize(name, doc, current)
+            .map_err(|e| Failure::Usage(format!("{}: policy {name}: {e}", path.display())))?;
+        plans.push(match current {
+            None => Plan { name: name.clone(), change: "create", changes: diff(&json!({}), &normalized) },
+            Some(current) => {
+                let changes = diff(&file_form(current), &normalized);
+                let change = if changes.is_empty() { "unchanged" } else { "update" };
+                Plan { name: name.clone(), change, changes }
+            }
+        });
+    }
+    for name in on_server.keys().filter(|n| !wanted.contains_key(*n)) {
+        plans.push(Plan { name: name.clone(), change: if prune { "delete" } else { "keep" }, changes: vec![] });
+    }
+    let deletions = plans.iter().filter(|p| p.change == "delete").count();
+    if format == Format::Table {
+        print_plan(&plans);
+    }
+    if !dry_run && deletions > 0 && !yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(Failure::Usage(format!("--prune would delete {deletions} polic(ies): confirm with --yes")));
+        }
+        eprint!("Delete {deletions} polic(ies) not in the file? [y/N] ");
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            return Err(Failure::Local("nothing applied".into()));
+        }
+    }
+    if !dry_run {
+        for plan in &plans {
+            let path = format!("/api/policies/{}", encode(&plan.name));
+            match plan.change {
+                "create" | "update" => {
+                    api.call("PUT", &path, Some(&wanted[&plan.name]))?;
+                }
+                "delete" => {
+                    api.call("DELETE", &path, None)?;
+                }
+                _ => {}
+            }
+        }
+    }
+    let summary = json!({"dry_run": dry_run, "policies": plans});
+    if !show::machine(format, &summary) {
+        let changed = plans.iter().filter(|p| matches!(p.change, "create" | "update" | "delete")).count();
+        println!(
+            "{}",
+            match (dry_run, changed) {
+                (_, 0) => "No changes.".to_owned(),
+                (true, n) => format!("Dry run: {n} polic(ies) would change; nothing applied."),
+                (false, n) => format!("Applied: {n} polic(ies) changed."),
+            }
+        );
+    }
+    Ok(())
+}
+
+fn print_plan(plans: &[Plan]) {
+    for plan in plans {
+        let (mark, note) = match plan.change {
+            "create" => ("+", "(new)"),
+            "update" => ("~", ""),
+            "unchanged" => ("=", "(unchanged)"),
+            "delete" => ("-", "(deleted: not in the file)"),
+            _ => (" ", "(on the server, not in the file: kept; --prune deletes it)"),
+        };
+        println!("{mark} {} {note}", plan.name);
+        for change in &plan.changes {
+            println!("    {change}");
+        }
+    }
+}
+
+/// `policy get <name>`: with `-o yaml` or `-o json`, a file `apply` takes back unchanged.
+pub fn get(api: &Api, format: Format, name: &str) -> Result<(), Failure> {
+    let stored = api.call("GET", &format!("/api/policies/{}", encode(name)), None)?;
+    let file = json!({"policies": {name: file_form(&stored)}});
+    if !show::machine(format, &file) {
+        print!("{}", serde_norway::to_string(&file).expect("JSON is YAML"));
+    }
+    Ok(())
+}
+
+/// `policy list`.
+pub fn list(api: &Api, format: Format) -> Result<(), Failure> {
+    let answer = api.call("GET", "/api/policies", None)?;
+    if show::machine(format, &answer) {
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = answer["policies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let ports: Vec<String> =
+                p["ports"].as_array().into_iter().flatten().map(|r| r["port"].to_string()).collect();
+            let approval = match p["approval"]["mode"].as_str() {
+                Some("manual") => format!(
+                    "{} of {}",
+                    p["approval"]["required"],
+                    p["approval"]["approvers"].as_array().map_or(0, Vec::len)
+                ),
+                other => other.unwrap_or("-").to_owned(),
+            };
+            vec![
+                p["name"].as_str().unwrap_or_default().to_owned(),
+                p["vm"].as_str().unwrap_or_default().rsplit('/').next().unwrap_or_default().to_owned(),
+                ports.join(","),
+                approval,
+                if p["enabled"] == json!(false) { "disabled".into() } else { "enabled".into() },
+            ]
+        })
+        .collect();
+    println!("{}", show::table(&["NAME", "VM", "PORTS", "APPROVAL", "STATE"], &rows));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_diff_names_fields_and_ports() {
+        let old = json!({"enabled": true, "ports": [{"port": 22, "max_duration": "PT3H"}, {"port": 3389, "max_duration": "PT1H"}]});
+        let new = json!({"enabled": false, "ports": [{"port": 22, "max_duration": "PT1H"}, {"port": 5985, "max_duration": "PT1H"}]});
+        assert_eq!(
+            diff(&old, &new),
+            [
+                "~ enabled: true -> false",
+                "~ port 22 max_duration: \"PT3H\" -> \"PT1H\"",
+                "+ port 5985: {\"max_duration\":\"PT1H\",\"port\":5985}",
+                "- port 3389 (removed)"
+            ]
+        );
+        assert!(diff(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn a_stored_policy_in_file_form_keeps_only_what_an_admin_writes() {
+        let stored = json!({"name": "x", "vm": "v", "nsg": "n", "private_ip": "10.0.0.4", "resolved": {"nic": "i"}, "baseline": {}, "enabled": true});
+        assert_eq!(file_form(&stored), json!({"vm": "v", "enabled": true}));
+        let given = json!({"name": "x", "vm": "v", "nsg": "n", "private_ip": "10.0.0.4"});
+        assert_eq!(file_form(&given), json!({"vm": "v", "nsg": "n", "private_ip": "10.0.0.4"}));
+    }
+}
