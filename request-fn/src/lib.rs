@@ -39,8 +39,9 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
     }
 }
 
-/// The API's description (`openapi.json` at the root of the repository), served as it is.
-const OPENAPI: &str = include_str!("../../openapi.json");
+/// The API's description (`openapi.json` at the root of the repository), minified by
+/// `build.rs`.
+const OPENAPI: &str = include_str!(concat!(env!("OUT_DIR"), "/openapi.min.json"));
 
 fn route(request: &Request) -> Response {
     if let Some(page) = ui::serve(request) {

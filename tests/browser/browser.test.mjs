@@ -72,10 +72,15 @@ async function signIn(page, key) {
   await page.getByRole('button', { name: 'Sign in with API key' }).click();
 }
 
-const browser = await chromium.launch({
+const launch = () => chromium.launch({
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
   args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+// Chromium has been seen to crash once at start-up on a loaded machine: one more try.
+const browser = await launch().catch((e) => {
+  console.log(`  Chromium did not start (${e.message.split('\n')[0]}); trying again`);
+  return launch();
 });
 try {
   mkdirSync(SHOTS, { recursive: true });
@@ -219,6 +224,58 @@ try {
   }));
   assert.deepEqual(blocked, { ran: false, directive: 'script-src-elem' }, 'inline scripts are blocked');
   step('an inline script is blocked by the CSP');
+
+  // The OIDC authorization-code flow with PKCE, against a stand-in provider served through
+  // Playwright's routing on the page's own origin (the local service configures no sign-in,
+  // and the CSP would refuse another origin): the page sends S256 PKCE, state and nonce,
+  // checks state, redeems the code with the verifier and uses the access token.
+  const oidc = await (await browser.newContext({ viewport: DESKTOP })).newPage();
+  watch(oidc, 'oidc');
+  const provider = { authorize: null, redeemed: null };
+  const b64url = (b) => Buffer.from(b).toString('base64url');
+  await oidc.route(`${BASE}/ui/config.json`, (route) => route.fulfill({
+    contentType: 'application/json',
+    body: JSON.stringify({ oidc: {
+      client_id: 'portcullis-api', authorize_url: `${BASE}/test-idp/authorize`, token_url: `${BASE}/test-idp/token`,
+      scope: 'openid profile portcullis-api/.default', redirect_uri: `${BASE}/`,
+    } }),
+  }));
+  await oidc.route(`${BASE}/test-idp/authorize?*`, (route) => {
+    const q = new URL(route.request().url()).searchParams;
+    provider.authorize = Object.fromEntries(q);
+    route.fulfill({ status: 302, headers: { location: `${BASE}/?code=the-code&state=${encodeURIComponent(q.get('state'))}` } });
+  });
+  await oidc.route(`${BASE}/test-idp/token`, (route) => {
+    provider.redeemed = Object.fromEntries(new URLSearchParams(route.request().postData()));
+    const idToken = [b64url('{"alg":"none"}'), b64url(JSON.stringify({ nonce: provider.authorize.nonce })), ''].join('.');
+    // The API accepts an API key as a bearer token: it stands in for Entra's access token.
+    route.fulfill({ contentType: 'application/json', body: JSON.stringify({ access_token: 'demo-alice', id_token: idToken, token_type: 'Bearer' }) });
+  });
+  await oidc.goto(BASE + '/');
+  await oidc.getByRole('button', { name: 'Sign in with your organisation' }).click();
+  await oidc.locator('#who-name', { hasText: 'alice' }).waitFor();
+  const a = provider.authorize;
+  assert.equal(a.response_type, 'code');
+  assert.equal(a.code_challenge_method, 'S256');
+  assert.equal(a.client_id, 'portcullis-api');
+  assert.equal(a.redirect_uri, `${BASE}/`);
+  assert.equal(a.scope, 'openid profile portcullis-api/.default');
+  assert.ok(a.state.length >= 16 && a.nonce.length >= 16 && a.state !== a.nonce);
+  const r = provider.redeemed;
+  assert.deepEqual(Object.keys(r).sort(), ['client_id', 'code', 'code_verifier', 'grant_type', 'redirect_uri']);
+  assert.equal(r.grant_type, 'authorization_code');
+  assert.equal(r.code, 'the-code');
+  assert.equal(r.redirect_uri, `${BASE}/`);
+  const { createHash } = await import('node:crypto');
+  assert.equal(createHash('sha256').update(r.code_verifier).digest('base64url'), a.code_challenge, 'S256(verifier) = challenge');
+  assert.equal(oidc.url(), `${BASE}/`, 'the code is cleaned from the address');
+  assert.equal(await oidc.evaluate(() => sessionStorage.getItem('portcullis.token')), 'demo-alice');
+  // A forged return (state not started here) is refused.
+  await oidc.getByRole('button', { name: 'Sign out' }).click();
+  await oidc.goto(`${BASE}/?code=other&state=forged`);
+  await oidc.locator('#msg', { hasText: '(state_mismatch' }).waitFor();
+  assert.equal(await oidc.getByLabel('API key').isVisible(), true);
+  step('OIDC code flow with PKCE S256; forged state refused');
 
   // Sign out empties the session.
   await alice.getByRole('button', { name: 'Sign out' }).click();
