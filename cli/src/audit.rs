@@ -29,9 +29,12 @@ pub fn export(api: &Api, from: Option<u64>, since: Option<&str>, cloudevents: bo
     }
     let mut body = api.stream(&format!("/api/audit/export?{}", query.join("&")))?;
     let mut out = std::io::stdout().lock();
-    std::io::copy(&mut body, &mut out).map_err(|e| Failure::Network(format!("reading the export: {e}")))?;
-    out.flush()?;
-    Ok(())
+    match std::io::copy(&mut body, &mut out).and_then(|_| out.flush()) {
+        Ok(()) => Ok(()),
+        // The reader went away (`| head`): done.
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(error) => Err(Failure::Network(format!("reading the export: {error}"))),
+    }
 }
 
 /// Verifies an export offline; a checkpoint needs its key in `PORTCULLIS_AUDIT_KEY`. Exits 1
@@ -80,10 +83,22 @@ pub fn tail(api: &Api, format: Format, interval: Duration, action: Option<&str>)
             Some(cursor) => format!("/api/audit?cursor={cursor}&limit=1000{filter}"),
             None => format!("/api/audit?since={started}&limit=1000{filter}"),
         };
-        let page = api.call("GET", &path, None)?;
+        let page = match api.call("GET", &path, None) {
+            Ok(page) => page,
+            // A blip of the server or the network: the next poll carries on from the cursor.
+            Err(failure) if failure.is_transient() => {
+                eprintln!("{failure}; trying again");
+                std::thread::sleep(interval);
+                continue;
+            }
+            Err(failure) => return Err(failure),
+        };
         let events = page["events"].as_array().cloned().unwrap_or_default();
         for event in &events {
-            print_event(format, event);
+            // The reader went away (`| head`): done.
+            if let Err(error) = print_event(format, event) {
+                return if error.kind() == std::io::ErrorKind::BrokenPipe { Ok(()) } else { Err(error.into()) };
+            }
         }
         let last = events.last().and_then(|e| e["seq"].as_u64()).map(|s| s.to_string());
         cursor = page["next_cursor"].as_str().map(str::to_owned).or(last).or(cursor);
@@ -94,10 +109,12 @@ pub fn tail(api: &Api, format: Format, interval: Duration, action: Option<&str>)
     }
 }
 
-fn print_event(format: Format, event: &Value) {
+fn print_event(format: Format, event: &Value) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
     if format == Format::Table {
         let subject = event["subject"]["request"].as_str().or(event["subject"]["policy"].as_str()).unwrap_or("-");
-        println!(
+        writeln!(
+            out,
             "{:>6}  {}  {:<24} {:<20} {:<24} {}",
             event["seq"],
             event["at"].as_str().unwrap_or_default(),
@@ -105,8 +122,8 @@ fn print_event(format: Format, event: &Value) {
             event["actor"].as_str().unwrap_or_default(),
             subject,
             event["outcome"].as_str().unwrap_or_default()
-        );
+        )
     } else {
-        println!("{event}");
+        writeln!(out, "{event}")
     }
 }

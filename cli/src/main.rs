@@ -42,7 +42,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Saves the URL and token in your configuration directory (readable by you alone).
+    /// Checks a token, then saves it with the URL in your configuration directory (readable
+    /// by you alone). Without --token, reads it from stdin (out of your shell's history).
     Login,
     /// Who your credential names, and the address a request would be opened for.
     Whoami,
@@ -66,6 +67,9 @@ enum Command {
         /// not the request).
         #[arg(long)]
         wait: bool,
+        /// Gives up waiting after this long (exit 1; the request stays).
+        #[arg(long, requires = "wait")]
+        timeout: Option<String>,
     },
     /// One request, or your open ones.
     Status { id: Option<String> },
@@ -191,24 +195,49 @@ fn iso(duration: &str) -> Result<String, Failure> {
     duration::to_iso(duration).map_err(Failure::Usage)
 }
 
+/// Checks a token (from --token, else stdin), then saves it with the URL.
+fn login(url: &str, token: Option<String>) -> Result<(), Failure> {
+    let token = match token {
+        Some(token) => token,
+        None => {
+            eprint!("Token for {url}: ");
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line.trim().to_owned()
+        }
+    };
+    if token.is_empty() {
+        return Err(Failure::Usage("login needs a token (--token, PORTCULLIS_TOKEN, or stdin)".into()));
+    }
+    // Checked before it is kept.
+    Api::new(url, Some(token.clone()))?.call("GET", "/api/whoami", None)?;
+    let path = config::save(&config::Saved { url: Some(url.to_owned()), token: Some(token) })
+        .map_err(|e| Failure::Local(format!("{e:#}")))?;
+    eprintln!("Saved {url} and your token in {}", path.display());
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     let saved = config::load();
-    let url = cli.url.clone().or(saved.url).unwrap_or_else(|| "http://127.0.0.1:3000".into());
-    let api = Api::new(&url, cli.token.clone().or(saved.token));
+    let url = cli.url.clone().or(saved.url.clone()).unwrap_or_else(|| "http://127.0.0.1:3000".into());
+    // A saved token goes only to the portcullis it was saved for.
+    let saved_token = saved.token.filter(|_| saved.url.as_deref() == Some(url.as_str()));
     let format = cli.output;
+    let api = Api::new(&url, cli.token.clone().or(saved_token))?;
     match cli.command {
-        Command::Login => {
-            let token = cli.token.ok_or_else(|| Failure::Usage("login needs --token (or PORTCULLIS_TOKEN)".into()))?;
-            // Checked before it is kept.
-            Api::new(&url, Some(token.clone())).call("GET", "/api/whoami", None)?;
-            let path = config::save(&config::Saved { url: Some(url.clone()), token: Some(token) })
-                .map_err(|e| Failure::Local(format!("{e:#}")))?;
-            eprintln!("Saved {url} and your token in {}", path.display());
-            Ok(())
-        }
+        Command::Login => login(&url, cli.token),
         Command::Whoami => requests::whoami(&api, format),
-        Command::Request { policy, ports, duration, reason, source, wait } => {
+        Command::Request { policy, ports, duration, reason, source, wait, timeout } => {
             let ask = requests::Ask { policy, ports, duration: iso(&duration)?, reason, source };
+            let wait = match (wait, timeout) {
+                (false, _) => None,
+                (true, None) => Some(None),
+                (true, Some(limit)) => {
+                    let limit = shared::domain::AccessDuration::parse(&iso(&limit)?)
+                        .map_err(|e| Failure::Usage(e.to_string()))?;
+                    Some(Some(Duration::from_secs(u64::from(limit.as_secs()))))
+                }
+            };
             requests::request(&api, format, ask, wait)
         }
         Command::Status { id } => requests::status(&api, format, id.as_deref()),

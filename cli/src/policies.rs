@@ -51,8 +51,9 @@ pub fn file_form(stored: &Value) -> Value {
 fn normalize(name: &str, doc: &Value, on_server: Option<&Value>) -> Result<Value, String> {
     let policy_name = PolicyName::parse(name).map_err(|e| e.to_string())?;
     let raw: RawPolicy = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
-    // The limit the server applies is its own; 24 hours is its default.
-    let limits = PolicyLimits { max_duration: AccessDuration::parse("PT24H").expect("a duration") };
+    // The server applies its own limit (its `max_duration` variable, 24 hours by default, at
+    // most 7 days): here only the absolute one, and the server's answer says the rest.
+    let limits = PolicyLimits { max_duration: AccessDuration::parse("P7D").expect("a duration") };
     let policy = Policy::from_raw(policy_name, raw, limits, |_vm| {
         // A placement the server resolves from the VM is not part of the file: any stands in.
         let server = on_server.filter(|s| s["resolved"].is_object());
@@ -135,6 +136,11 @@ struct Plan {
     /// create, update, unchanged, delete, or keep (on the server only, not pruned).
     change: &'static str,
     changes: Vec<String>,
+    /// applied, failed (with `error`), or not_tried (after a failure); absent in a dry run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 /// `policy apply`.
@@ -152,16 +158,23 @@ pub fn apply(api: &Api, format: Format, path: &Path, dry_run: bool, prune: bool,
         let normalized = normalize(name, doc, current)
             .map_err(|e| Failure::Usage(format!("{}: policy {name}: {e}", path.display())))?;
         plans.push(match current {
-            None => Plan { name: name.clone(), change: "create", changes: diff(&json!({}), &normalized) },
+            None => Plan {
+                name: name.clone(),
+                change: "create",
+                changes: diff(&json!({}), &normalized),
+                outcome: None,
+                error: None,
+            },
             Some(current) => {
                 let changes = diff(&file_form(current), &normalized);
                 let change = if changes.is_empty() { "unchanged" } else { "update" };
-                Plan { name: name.clone(), change, changes }
+                Plan { name: name.clone(), change, changes, outcome: None, error: None }
             }
         });
     }
     for name in on_server.keys().filter(|n| !wanted.contains_key(*n)) {
-        plans.push(Plan { name: name.clone(), change: if prune { "delete" } else { "keep" }, changes: vec![] });
+        let change = if prune { "delete" } else { "keep" };
+        plans.push(Plan { name: name.clone(), change, changes: vec![], outcome: None, error: None });
     }
     let deletions = plans.iter().filter(|p| p.change == "delete").count();
     if format == Format::Table {
@@ -178,21 +191,41 @@ pub fn apply(api: &Api, format: Format, path: &Path, dry_run: bool, prune: bool,
             return Err(Failure::Local("nothing applied".into()));
         }
     }
+    // Applied in order; after a failure the rest is not tried, and the summary says which
+    // policies were applied, which failed and which were not tried.
+    let mut failure = None;
     if !dry_run {
-        for plan in &plans {
+        for plan in plans.iter_mut().filter(|p| matches!(p.change, "create" | "update" | "delete")) {
+            if failure.is_some() {
+                plan.outcome = Some("not_tried");
+                continue;
+            }
             let path = format!("/api/policies/{}", encode(&plan.name));
-            match plan.change {
-                "create" | "update" => {
-                    api.call("PUT", &path, Some(&wanted[&plan.name]))?;
+            let outcome = match plan.change {
+                "delete" => api.call("DELETE", &path, None),
+                _ => api.call("PUT", &path, Some(&wanted[&plan.name])),
+            };
+            match outcome {
+                Ok(_) => plan.outcome = Some("applied"),
+                Err(error) => {
+                    plan.outcome = Some("failed");
+                    plan.error = Some(error.to_string());
+                    failure = Some(error);
                 }
-                "delete" => {
-                    api.call("DELETE", &path, None)?;
-                }
-                _ => {}
             }
         }
     }
+    if format == Format::Table && failure.is_some() {
+        for plan in plans.iter().filter(|p| p.outcome.is_some()) {
+            let error = plan.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+            println!("{} {}{error}", plan.outcome.unwrap_or_default(), plan.name);
+        }
+    }
     let summary = json!({"dry_run": dry_run, "policies": plans});
+    if let Some(failure) = failure {
+        show::machine(format, &summary);
+        return Err(failure);
+    }
     if !show::machine(format, &summary) {
         let changed = plans.iter().filter(|p| matches!(p.change, "create" | "update" | "delete")).count();
         println!(

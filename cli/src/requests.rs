@@ -21,8 +21,9 @@ pub struct Ask {
 /// States a request does not leave by waiting.
 const SETTLED: [&str; 8] = ["active", "expired", "revoked", "denied", "cancelled", "timed_out", "failed", "revoking"];
 
-/// `POST /api/requests`, then with `wait` until it is active or decided.
-pub fn request(api: &Api, format: Format, ask: Ask, wait: bool) -> Result<(), Failure> {
+/// `POST /api/requests`, then with `wait` until it is active or decided (or, with a limit,
+/// until that much time has passed).
+pub fn request(api: &Api, format: Format, ask: Ask, wait: Option<Option<Duration>>) -> Result<(), Failure> {
     let mut body =
         json!({"policy": ask.policy, "ports": ask.ports, "duration": ask.duration, "justification": ask.reason});
     if let Some(source) = ask.source {
@@ -30,7 +31,14 @@ pub fn request(api: &Api, format: Format, ask: Ask, wait: bool) -> Result<(), Fa
     }
     let created = api.call("POST", "/api/requests", Some(&body))?;
     let id = created["id"].as_str().unwrap_or_default().to_owned();
-    let settled = if wait { wait_for(api, &id, format)? } else { created };
+    let settled = match wait {
+        Some(limit) => {
+            // Whatever happens while waiting, the request exists: say which it is first.
+            eprintln!("Request {id} is {}.", created["state"].as_str().unwrap_or("created"));
+            wait_for(api, &id, format, limit)?
+        }
+        None => created,
+    };
     if !show::machine(format, &settled) {
         println!("{}", show::request(&settled, Utc::now()));
     }
@@ -42,17 +50,33 @@ pub fn request(api: &Api, format: Format, ask: Ask, wait: bool) -> Result<(), Fa
     }
 }
 
-/// Polls a request until it settles, with a spinner for people. Ctrl-C ends the waiting (the
-/// process), never the request.
-fn wait_for(api: &Api, id: &str, format: Format) -> Result<Value, Failure> {
+/// Polls a request until it settles, with a spinner for people; the server or the network
+/// failing for a while only slows the polling down. Ctrl-C ends the waiting (the process),
+/// never the request.
+fn wait_for(api: &Api, id: &str, format: Format, limit: Option<Duration>) -> Result<Value, Failure> {
     let spinner = indicatif::ProgressBar::new_spinner();
     if format != Format::Table {
         spinner.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     spinner.enable_steady_tick(Duration::from_millis(120));
     let started = Instant::now();
+    let mut pause = Duration::from_secs(1);
     loop {
-        let request = api.call("GET", &format!("/api/requests/{}", encode(id)), None)?;
+        if limit.is_some_and(|limit| started.elapsed() >= limit) {
+            spinner.finish_and_clear();
+            return Err(Failure::Local(format!("request {id} is still waiting; it stays (portcullis status {id})")));
+        }
+        let request = match api.call("GET", &format!("/api/requests/{}", encode(id)), None) {
+            Ok(request) => request,
+            Err(failure) if failure.is_transient() => {
+                spinner.set_message(format!("{failure}; trying again in {} s", pause.as_secs()));
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(30));
+                continue;
+            }
+            Err(failure) => return Err(failure),
+        };
+        pause = Duration::from_secs(1);
         let state = request["state"].as_str().unwrap_or_default();
         if SETTLED.contains(&state) {
             spinner.finish_and_clear();
@@ -155,7 +179,11 @@ pub fn evaluate(
             println!("  rule {}: {why}", rule["rule"].as_str().unwrap_or("?"));
         }
     }
-    Ok(())
+    // A request the policy would refuse exits as a refused one would.
+    match answer["allowed"].as_bool() {
+        Some(false) => Err(Failure::Local("the policy would refuse this request".into())),
+        _ => Ok(()),
+    }
 }
 
 /// Who the credential names.

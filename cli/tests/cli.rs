@@ -151,6 +151,67 @@ async fn every_failure_has_its_documented_exit_code() {
     assert!(text(&refused).contains("requester_role_required"), "the API's code is shown: {}", text(&refused));
     let unreachable = portcullis("http://127.0.0.1:9", Some(ALICE), &["list"]);
     assert_eq!(code(&unreachable), 5, "{}", text(&unreachable));
+    let clear_text = portcullis("http://jit.example.com", Some(ALICE), &["list"]);
+    assert_eq!(code(&clear_text), 2, "a token never goes over plain http to another host: {}", text(&clear_text));
+
+    // The dry run: a request the policy would refuse exits as a refusal.
+    let file = policy_file(
+        state.path(),
+        "p.yaml",
+        json!({"demo-vm": manual(json!([{"port": 22, "allowed_sources": ["127.0.0.0/8"]}]))}),
+    );
+    portcullis(&url, Some(ADMIN), &["policy", "apply", "-f", &file]);
+    let evaluate = |port: &str| {
+        portcullis(
+            &url,
+            Some(ADMIN),
+            &[
+                "evaluate",
+                "demo-vm",
+                "--as",
+                "carol",
+                "--group",
+                "devs",
+                "-p",
+                port,
+                "--for",
+                "1h",
+                "--source",
+                "127.0.0.1",
+                "--reason",
+                "r",
+            ],
+        )
+    };
+    let allowed = evaluate("22");
+    assert_eq!(code(&allowed), 0, "{}", text(&allowed));
+    assert!(text(&allowed).contains("needs 1 approval"), "{}", text(&allowed));
+    let refused = evaluate("3389");
+    assert_eq!(code(&refused), 1, "{}", text(&refused));
+    assert!(text(&refused).contains("port_not_in_policy"), "{}", text(&refused));
+
+    // A policy that fails half-way through a file: what was applied, what failed, what was not
+    // tried, and the failure's exit code.
+    let broken = policy_file(
+        state.path(),
+        "broken.yaml",
+        json!({
+            "a-first": manual(json!([{"port": 22, "allowed_sources": ["127.0.0.0/8"]}])),
+            "b-missing-vm": {"vm": VM.replace("demo-vm", "no-such-vm"), "approval": {"mode": "auto"}},
+            "c-last": manual(json!([{"port": 22, "allowed_sources": ["127.0.0.0/8"]}])),
+        }),
+    );
+    let output = portcullis(&url, Some(ADMIN), &["policy", "apply", "-f", &broken, "-o", "json"]);
+    assert_eq!(code(&output), 1, "{}", text(&output));
+    let outcomes: Vec<(String, String)> = json_of(&output)["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["outcome"].is_string())
+        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["outcome"].as_str().unwrap().to_owned()))
+        .collect();
+    let expected = [("a-first", "applied"), ("b-missing-vm", "failed"), ("c-last", "not_tried")];
+    assert_eq!(outcomes, expected.map(|(n, o)| (n.to_owned(), o.to_owned())));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -258,6 +319,14 @@ async fn the_trail_exports_and_verifies_offline_and_a_login_is_kept_for_its_owne
         .output()
         .unwrap();
     assert_eq!(json_of(&me)["principal"], "bob");
+    // The saved token goes only to the portcullis it was saved for.
+    let elsewhere = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["whoami", "--url", &url.replace("127.0.0.1", "localhost")])
+        .env("PORTCULLIS_CONFIG", &config)
+        .env_remove("PORTCULLIS_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(code(&elsewhere), 3, "{}", text(&elsewhere));
     let wrong = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["login", "--url", &url, "--token", "wrong"])
         .env("PORTCULLIS_CONFIG", state.path().join("other.json"))
