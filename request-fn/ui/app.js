@@ -139,11 +139,12 @@
     const saved = JSON.parse(store.getItem(OIDC) || 'null');
     store.removeItem(OIDC);
     history.replaceState(null, '', window.location.pathname);
-    if (params.get('error')) {
-      throw { code: params.get('error'), message: params.get('error_description') || 'The sign-in was refused' };
-    }
+    // Nothing the URL says is shown unless this page started that sign-in.
     if (!saved || !params.get('state') || params.get('state') !== saved.state) {
       throw { code: 'state_mismatch', message: 'This sign-in was not started here; try again' };
+    }
+    if (params.get('error')) {
+      throw { code: params.get('error'), message: params.get('error_description') || 'The sign-in was refused' };
     }
     const cfg = saved.cfg;
     let res;
@@ -171,12 +172,14 @@
     store.setItem(TOKEN, data.access_token);
   }
 
+  // `say`: the person pressed Sign out (everything goes). Otherwise the token was refused
+  // (expired, revoked): it goes, and a half-typed request stays for after signing in again.
   function signOut(say) {
     clearInterval(poller);
     poller = 0;
     me = null;
     store.clear();
-    $('request-form').reset();
+    if (say) $('request-form').reset();
     $('mine-list').replaceChildren();
     $('inbox-list').replaceChildren();
     for (const id of ['who', 'request', 'inbox', 'mine', 'loading']) show(id, false);
@@ -346,8 +349,10 @@
     li.append(h('div', { class: 'actions' },
       h('label', { for: nid, class: 'inline', text: 'Comment or reason' }),
       h('input', { id: nid, name: 'note', type: 'text', maxlength: '500', autocomplete: 'off' }),
-      h('button', { type: 'button', 'data-act': 'approve', 'data-id': r.id, text: 'Approve' }),
-      h('button', { type: 'button', class: 'danger', 'data-act': 'deny', 'data-id': r.id, text: 'Deny' })));
+      h('button', { type: 'button', 'data-act': 'approve', 'data-id': r.id, text: 'Approve',
+        'aria-label': 'Approve request ' + r.id + ' by ' + r.requester }),
+      h('button', { type: 'button', class: 'danger', 'data-act': 'deny', 'data-id': r.id, text: 'Deny',
+        'aria-label': 'Deny request ' + r.id + ' by ' + r.requester })));
     return li;
   }
 
@@ -473,6 +478,9 @@
     } catch (e) {
       fail(e);
       if (me) return;
+      // A rate limit or an unreachable service is no reason to forget a good token: the page
+      // tries again on reload.
+      if (store.getItem(TOKEN) && e && e.status !== 401) return;
     }
     signOut(false);
   }

@@ -120,7 +120,7 @@ try {
   await signIn(bob, 'not-a-key');
   const bobMsg = bob.locator('#msg');
   await bobMsg.filter({ hasText: /^Sign-in refused: .*\(unauthenticated, HTTP 401\)/ }).waitFor();
-  assert.equal(await bobMsg.getAttribute('aria-live'), 'polite');
+  assert.equal(await bobMsg.getAttribute('role'), 'alert', 'errors are announced at once');
   await bob.getByLabel('API key').waitFor();
   step('a wrong key is refused with its code');
   await signIn(bob, 'demo-bob');

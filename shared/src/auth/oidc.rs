@@ -161,13 +161,6 @@ fn check_key_matches(jwk: &Jwk, alg: Algorithm) -> Result<(), AuthError> {
     Ok(())
 }
 
-/// Control, zero-width and bidirectional-override characters: they can make a name display as
-/// another one.
-pub(crate) fn is_invisible(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}' | '\u{00AD}')
-}
-
 /// Longest display name kept (the rest is cut).
 const MAX_DISPLAY_NAME: usize = 100;
 
@@ -191,7 +184,9 @@ pub fn caller_from_claims(claims: &serde_json::Value, settings: &OidcSettings) -
     let display_name = ["name", "preferred_username"]
         .into_iter()
         .find_map(claim)
-        .map(|name| name.chars().filter(|c| !is_invisible(*c)).take(MAX_DISPLAY_NAME).collect::<String>())
+        .map(|name| {
+            name.chars().filter(|c| !crate::domain::is_invisible(*c)).take(MAX_DISPLAY_NAME).collect::<String>()
+        })
         .filter(|name| !name.trim().is_empty() && name != principal.as_str());
     let strings = |claim: &str| -> Vec<String> {
         claims[claim]

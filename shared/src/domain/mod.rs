@@ -16,3 +16,10 @@ pub use policy::{Approval, NsgId, Placement, Policy, PortRule, RawPolicy, VmId};
 pub use ports::{Port, PortSet, Protocol};
 pub use request::{AccessRequest, RawRequest, RequestError};
 pub use state::{CloseReason, Event, State, TransitionError};
+
+/// Control, zero-width and bidirectional-override characters: they can make a text display
+/// as another one (a name, or a justification an approver reads).
+pub fn is_invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}' | '\u{00AD}')
+}

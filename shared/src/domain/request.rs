@@ -226,10 +226,12 @@ impl AccessRequest {
                 "'justification' is required: say why access is needed (e.g. a ticket id)",
             ));
         }
-        if justification.chars().count() > MAX_JUSTIFICATION || justification.chars().any(char::is_control) {
+        if justification.chars().count() > MAX_JUSTIFICATION || justification.chars().any(super::is_invisible) {
             return Err(malformed(
                 "invalid_justification",
-                format!("'justification' must be at most {MAX_JUSTIFICATION} characters without control characters"),
+                format!(
+                    "'justification' must be at most {MAX_JUSTIFICATION} characters without control, zero-width or bidirectional-override characters"
+                ),
             ));
         }
 

@@ -31,10 +31,14 @@ const MAX_NOTE: usize = 500;
 
 fn note(text: Option<String>) -> Result<Option<String>, ApiError> {
     match text.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()) {
-        Some(t) if t.chars().count() > MAX_NOTE || t.chars().any(char::is_control) => Err(ApiError::bad_request(
-            "invalid_note",
-            format!("comments and reasons are at most {MAX_NOTE} characters without control characters"),
-        )),
+        Some(t) if t.chars().count() > MAX_NOTE || t.chars().any(crate::domain::is_invisible) => {
+            Err(ApiError::bad_request(
+                "invalid_note",
+                format!(
+                    "comments and reasons are at most {MAX_NOTE} characters without control, zero-width or bidirectional-override characters"
+                ),
+            ))
+        }
         other => Ok(other),
     }
 }

@@ -104,7 +104,7 @@ impl InboundDecision {
         let display_name = self
             .on_behalf_of
             .as_ref()
-            .map(|name| name.chars().filter(|c| !crate::auth::oidc::is_invisible(*c)).take(100).collect::<String>());
+            .map(|name| name.chars().filter(|c| !crate::domain::is_invisible(*c)).take(100).collect::<String>());
         Caller {
             principal: integration_principal(&integration.name),
             display_name,

@@ -25,6 +25,9 @@ fn validator(pointer: &str) -> Arc<Validator> {
         .entry(pointer.to_owned())
         .or_insert_with(|| {
             let mut root = SPEC.clone();
+            open_copies_for_compositions(&mut root);
+            close(&mut root["components"]["schemas"]);
+            close(&mut root["paths"]);
             // A fragment is a URI: the braces of path templates are percent-encoded.
             root["$ref"] = json!(format!("#{}", pointer.replace('{', "%7B").replace('}', "%7D")));
             root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
@@ -35,6 +38,81 @@ fn validator(pointer: &str) -> Arc<Validator> {
             Arc::new(validator)
         })
         .clone()
+}
+
+/// Every object schema that lists its properties refuses others here, so a field an answer
+/// gains (or renames) must be described before a test passes (the published description stays
+/// open, so that clients tolerate additions).
+fn close(schema: &mut Value) {
+    match schema {
+        Value::Object(fields) if fields.contains_key("x-open") => {}
+        Value::Object(fields) => {
+            let open = !fields.contains_key("additionalProperties") && !fields.contains_key("unevaluatedProperties");
+            let composed = ["allOf", "anyOf", "oneOf"].iter().any(|k| fields.contains_key(*k));
+            if open && (fields.get("properties").is_some_and(Value::is_object) || composed) {
+                fields.insert("unevaluatedProperties".into(), json!(false));
+            }
+            descend(fields);
+        }
+        Value::Array(items) => items.iter_mut().for_each(close),
+        _ => {}
+    }
+}
+
+/// Closes the schemas inside, except the parts of a composition and of a condition: those are
+/// closed by the whole, which sees every part's properties (each part only sees its own).
+fn descend(fields: &mut serde_json::Map<String, Value>) {
+    for (key, value) in fields.iter_mut() {
+        match (key.as_str(), value) {
+            ("allOf" | "anyOf" | "oneOf", Value::Array(parts)) => parts.iter_mut().for_each(open_parts),
+            ("if" | "then" | "else" | "not", part) => open_parts(part),
+            (_, value) => close(value),
+        }
+    }
+}
+
+/// A part of a composition: left open itself, its insides closed.
+fn open_parts(part: &mut Value) {
+    if let Value::Object(fields) = part {
+        descend(fields);
+    }
+}
+
+/// A schema named in a composition (`allOf: [{$ref: Webhook}]` with more properties beside)
+/// is named there through an open copy (`Webhook~open`), which the closing leaves open.
+fn open_copies_for_compositions(root: &mut Value) {
+    fn retarget(value: &mut Value, names: &mut Vec<String>) {
+        match value {
+            Value::Object(fields) => {
+                for (key, inner) in fields.iter_mut() {
+                    if let ("allOf" | "anyOf" | "oneOf", Value::Array(parts)) = (key.as_str(), &mut *inner) {
+                        for part in parts.iter_mut() {
+                            if let Some(name) =
+                                part["$ref"].as_str().and_then(|r| r.strip_prefix("#/components/schemas/"))
+                            {
+                                let name = name.to_owned();
+                                part["$ref"] = json!(format!("#/components/schemas/{name}~open"));
+                                names.push(name);
+                            }
+                        }
+                    }
+                    retarget(inner, names);
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|item| retarget(item, names)),
+            _ => {}
+        }
+    }
+    let mut names = Vec::new();
+    retarget(root, &mut names);
+    for name in names {
+        let mut copy = root["components"]["schemas"][&name].clone();
+        open_parts(&mut copy);
+        if let Value::Object(fields) = &mut copy {
+            fields.insert("x-open".into(), json!(true));
+        }
+        root["components"]["schemas"][format!("{name}~open")] = copy;
+    }
 }
 
 fn escape(segment: &str) -> String {

@@ -22,6 +22,12 @@ fn the_checker_refuses_what_the_description_does_not_say() {
     assert!(refused("GET", "/api/requests/abc", 404, &error("a_code_nobody_documented")));
     assert!(refused("GET", "/api/requests/abc", 418, &error("request_not_found")), "an undocumented status");
     assert!(refused("GET", "/api/requests/abc", 200, "{}"), "a request without its fields");
+    let extra = json!({"error": {"code": "request_not_found", "message": "m"}, "hint": "x"}).to_string();
+    assert!(refused("GET", "/api/requests/abc", 404, &extra), "a field the description does not have");
+    let me = json!({"principal": "a", "roles": [], "groups": [], "address": null});
+    assert!(!refused("GET", "/api/whoami", 200, &me.to_string()));
+    let renamed = json!({"principal": "a", "roles": [], "groups": [], "addr": null});
+    assert!(refused("GET", "/api/whoami", 200, &renamed.to_string()), "a renamed field");
     assert!(refused("GET", "/api/requests/abc", 200, "not json"));
     assert!(refused("GET", "/api/nothing-here", 200, "{}"), "a route the description does not know");
     assert!(!refused("GET", "/api/nothing-here", 404, &error("no_such_route")));
@@ -194,4 +200,53 @@ async fn the_description_is_served_without_a_credential_and_whoami_names_the_cal
     assert_eq!(me["roles"], json!(["requester"]));
     let (status, _) = world.call("GET", "/api/whoami", None, None).await;
     assert_eq!(status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_page_and_its_files_are_served_as_described_with_strict_headers() {
+    let world = World::with_variables(&[
+        ("decision_link_secret", "a-long-random-decision-link-secret-value"),
+        ("oidc_client_id", AUDIENCE),
+        ("oidc_authorize_url", "{emulator}/oidc/authorize"),
+        ("oidc_token_url", "{emulator}/oidc/token"),
+        ("oidc_token_host", "{emulator}"),
+    ])
+    .await;
+    for (path, content_type) in [
+        ("/", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/app.css", "text/css"),
+        ("/ui/config.json", "application/json"),
+    ] {
+        let response = world.client.get(format!("{}{path}", world.local.host.url())).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let header = |name: &str| response.headers()[name].to_str().unwrap().to_owned();
+        assert!(header("content-type").starts_with(content_type), "{path}: {}", header("content-type"));
+        let csp = header("content-security-policy");
+        for directive in ["default-src 'none'", "script-src 'self';", "frame-ancestors 'none'", "base-uri 'none'"] {
+            assert!(csp.contains(directive), "{path}: {directive} in {csp}");
+        }
+        assert!(!csp.contains("unsafe"), "{path}: {csp}");
+        // The page (the document whose policy counts) may redeem its sign-in code at the
+        // provider's token endpoint.
+        if path == "/" {
+            assert!(csp.contains(&format!("connect-src 'self' {}", world.local.emulator.url())), "{csp}");
+        }
+        assert_eq!(
+            (header("x-content-type-options"), header("referrer-policy")),
+            ("nosniff".into(), "no-referrer".into())
+        );
+        let body = response.text().await.unwrap();
+        if path == "/" {
+            // No inline script: every script element loads a file of the page.
+            assert_eq!(body.matches("<script").count(), body.matches("<script src=\"/ui/").count(), "{body}");
+            assert!(!body.contains(" style=\""), "no inline style");
+        }
+        if path == "/ui/config.json" {
+            check("GET", path, 200, &body);
+            let config: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(config["oidc"]["client_id"], AUDIENCE);
+            assert_eq!(config["oidc"]["redirect_uri"], "https://jit.example.com/");
+        }
+    }
 }
