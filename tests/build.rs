@@ -8,9 +8,16 @@ fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let workspace = manifest_dir.parent().unwrap().to_owned();
     let target_dir = workspace.join("target").join("guests");
-    for watched in
-        ["shared/src", "shared/Cargo.toml", "request-fn", "approve-fn", "expire-fn", "Cargo.toml", "Cargo.lock"]
-    {
+    for watched in [
+        "shared/src",
+        "shared/Cargo.toml",
+        "request-fn",
+        "approve-fn",
+        "expire-fn",
+        "tests/floor",
+        "Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
     }
     ensure_wasm_target();
@@ -29,6 +36,9 @@ fn main() {
             "approve-fn",
             "-p",
             "expire-fn",
+            // The service benchmark's floor (never part of the app).
+            "-p",
+            "floor-fn",
             "--target-dir",
         ])
         .arg(&target_dir);

@@ -23,6 +23,7 @@ async fn service(state: &Path) -> Local {
         polls: 1,
         retry_after: 0,
         variables: Default::default(),
+        manifest: None,
     })
     .await
     .expect("the local service starts")

@@ -52,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
         polls: 1,
         retry_after: 0,
         variables: Default::default(),
+        manifest: None,
     })
     .await?;
     let store = Backend(service.host.store());

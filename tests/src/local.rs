@@ -66,6 +66,8 @@ pub struct LocalOptions {
     pub retry_after: u64,
     /// Extra or overriding application variables (`{emulator}` is replaced by its URL).
     pub variables: HashMap<String, String>,
+    /// Another manifest than the workspace's `spin.toml` (the benchmark adds its floor).
+    pub manifest: Option<PathBuf>,
 }
 
 /// The running service.
@@ -98,7 +100,7 @@ pub async fn start(options: LocalOptions) -> Result<Local> {
     // Overrides may point at the emulator before its port is known: `{emulator}` stands for its URL.
     variables.extend(options.variables.into_iter().map(|(k, v)| (k, v.replace("{emulator}", &emulator.url()))));
     let host = Host::start(HostOptions {
-        manifest: crate::manifest_path(),
+        manifest: options.manifest.unwrap_or_else(crate::manifest_path),
         guest_dir: Some(PathBuf::from(crate::GUEST_DIR)),
         kv_path: options.state_dir.join("kv.sqlite"),
         variables,

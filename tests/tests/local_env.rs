@@ -22,6 +22,7 @@ async fn spin_variables_in_the_environment_win_over_the_demo_defaults() {
         polls: 1,
         retry_after: 0,
         variables: Default::default(),
+        manifest: None,
     })
     .await
     .unwrap();

@@ -41,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
         polls: 1,
         retry_after: args.arm_delay,
         variables: Default::default(),
+        manifest: None,
     })
     .await?;
     let api = service.host.url();

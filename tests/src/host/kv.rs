@@ -24,6 +24,10 @@ pub struct KvBackend {
     rng: AtomicU64,
     injected: [AtomicU64; 3],
     operations: [AtomicU64; 5],
+    /// Bytes read and written by the operations.
+    bytes: [AtomicU64; 2],
+    /// A network store's round trip, added to every operation (microseconds).
+    delay_micros: AtomicU64,
 }
 
 /// Which share of the guests' store operations fail with a backend error (0.0 to 1.0).
@@ -63,6 +67,8 @@ impl KvBackend {
             rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
             injected: Default::default(),
             operations: Default::default(),
+            bytes: Default::default(),
+            delay_micros: AtomicU64::new(0),
         })
     }
 
@@ -72,8 +78,31 @@ impl KvBackend {
         self.operations.each_ref().map(|n| n.load(Ordering::Relaxed))
     }
 
+    /// Bytes read and written so far (values, not keys).
+    pub fn bytes(&self) -> [u64; 2] {
+        self.bytes.each_ref().map(|n| n.load(Ordering::Relaxed))
+    }
+
+    /// Adds `delay` to every operation from now on, as a store across a network would (Redis
+    /// about 0.5-1 ms a round trip, Cosmos DB 5-10 ms).
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.delay_micros.store(delay.as_micros() as u64, Ordering::Relaxed);
+    }
+
     fn count(&self, op: usize) {
         self.operations[op].fetch_add(1, Ordering::Relaxed);
+        let delay = self.delay_micros.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+        }
+    }
+
+    fn read(&self, n: usize) {
+        self.bytes[0].fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn written(&self, n: usize) {
+        self.bytes[1].fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// `true`: a swap over an absent key creates it only if still absent (stricter than
@@ -120,16 +149,19 @@ impl KvBackend {
     pub fn get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>> {
         self.count(0);
         let db = self.db.lock().unwrap();
-        Ok(db
+        let value: Option<Vec<u8>> = db
             .query_row("SELECT value FROM spin_key_value WHERE store = ?1 AND key = ?2", params![store, key], |row| {
                 row.get(0)
             })
-            .optional()?)
+            .optional()?;
+        self.read(value.as_ref().map_or(0, Vec::len));
+        Ok(value)
     }
 
     /// Writes a value.
     pub fn set(&self, store: &str, key: &str, value: &[u8]) -> Result<()> {
         self.count(1);
+        self.written(value.len());
         let db = self.db.lock().unwrap();
         db.execute(
             "INSERT INTO spin_key_value (store, key, value) VALUES (?1, ?2, ?3) ON CONFLICT (store, key) DO UPDATE SET value = excluded.value",
@@ -153,6 +185,7 @@ impl KvBackend {
     /// key holds now; with [`KvBackend::strict_swaps`], only if it is still absent.
     pub fn compare_and_swap(&self, store: &str, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool> {
         self.count(3);
+        self.written(value.len());
         let db = self.db.lock().unwrap();
         let changed = match expected {
             None if !self.strict.load(Ordering::SeqCst) => db.execute(

@@ -94,6 +94,7 @@ impl World {
             polls: 1,
             retry_after: 0,
             variables: overrides,
+            manifest: None,
         })
         .await
         .expect("starting the host and emulator");
