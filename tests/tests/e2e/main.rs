@@ -15,6 +15,7 @@
 //! - `faults`: ARM failures are retried, never lost.
 //! - `drift`: the reconciler (ownerless rules, missing rules, baselines, exposure) and the
 //!   health check.
+//! - `round_trips`: the store operations and ARM calls of the hot paths, held to ceilings.
 //! - `races`: interleavings with ARM slowed down (revoke vs open, expiry vs extend, two sweeps).
 //! - `workflow`: auto-approval rules, timeouts, revoke, extend, break-glass, quotas, dry runs.
 //! - `azure`: parity with Azure's JIT: VM resolution, baseline deny rules, rules it does not
@@ -32,6 +33,7 @@ mod integrations;
 mod lifecycle;
 mod openapi;
 mod races;
+mod round_trips;
 mod security;
 mod sign_in;
 mod slack;

@@ -1,0 +1,89 @@
+//! The store round trips and ARM calls of the hot paths, counted at the host's store
+//! interface through the real components, held to ceilings: a change that adds a store
+//! operation or an ARM call to one of these fails here. Lower a ceiling when a change removes
+//! some (issue 13 lowers them toward its targets; `BENCHMARKS.md` has the benchmark's table).
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
+use crate::support::*;
+
+/// Store operations, and ARM calls (`.../providers/...`: a write and its status polls).
+async fn cost<F: std::future::Future>(world: &World, op: impl FnOnce() -> F) -> (u64, usize) {
+    let store = world.local.host.store();
+    let before: u64 = store.operations().iter().sum();
+    world.local.emulator.clear_calls();
+    op().await;
+    let after: u64 = store.operations().iter().sum();
+    let arm = world.local.emulator.calls().iter().filter(|c| c.path.contains("/providers/")).count();
+    (after - before, arm)
+}
+
+/// The ceilings, as measured when this test was written (store operations, ARM calls with one
+/// `InProgress` poll per write). The sweep's figure includes its fixed work: the reconciler's
+/// look at the NSG, the webhook deliverer and the rate-limit counters' cleanup; it has a margin
+/// of 14 for the minutes of the due index it walks, which depend on where the wall clock is
+/// in its minute.
+const CEILINGS: [(&str, u64, usize); 8] = [
+    ("read a request", 1, 0),
+    ("list policies", 3, 0),
+    ("auto-approved request", 67, 3),
+    ("auto-approved request replacing the requester's own grant", 110, 6),
+    ("revoke", 44, 3),
+    ("manual request, pending", 40, 0),
+    ("approval that opens the rule", 53, 3),
+    ("sweep closing one grant", 260, 4),
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_hot_paths_stay_within_their_store_round_trips_and_arm_calls() {
+    let world = World::start().await;
+    world.auto_policy().await;
+    let manual = json!({"vm": DEMO_VM, "nsg": DEMO_NSG, "private_ip": "10.0.0.4",
+        "ports": [{"port": 3389, "max_duration": "PT1H", "allowed_sources": ["127.0.0.0/8"]}],
+        "approval": {"mode": "manual", "approvers": ["group:ops"], "required": 1}});
+    assert_eq!(world.put_policy("held", &manual).await.0, 201);
+    // Warm: the ARM token and the JWKS cached, every component compiled.
+    let (_, warm) = world.request(ALICE, &ssh("PT1H")).await;
+    world.decide(&id(&warm), "revoke", ALICE).await;
+
+    let mut measured: BTreeMap<&str, (u64, usize)> = BTreeMap::new();
+    let mut grant = String::new();
+    measured.insert(
+        "auto-approved request",
+        cost(&world, || async { grant = id(&world.request(ALICE, &ssh("PT1H")).await.1) }).await,
+    );
+    measured.insert("read a request", cost(&world, || world.get_request(&grant)).await);
+    measured.insert("list policies", cost(&world, || world.call("GET", "/api/policies", Some(ALICE), None)).await);
+    let mut newer = String::new();
+    measured.insert(
+        "auto-approved request replacing the requester's own grant",
+        cost(&world, || async { newer = id(&world.request(ALICE, &ssh("PT2H")).await.1) }).await,
+    );
+    measured.insert("revoke", cost(&world, || world.decide(&newer, "revoke", ALICE)).await);
+    let held = json!({"policy": "held", "ports": [3389], "duration": "PT1H", "justification": "INC-1"});
+    let mut pending = String::new();
+    measured.insert(
+        "manual request, pending",
+        cost(&world, || async { pending = id(&world.request(ALICE, &held).await.1) }).await,
+    );
+    measured.insert("approval that opens the rule", cost(&world, || world.decide(&pending, "approve", BOB)).await);
+    world.decide(&pending, "revoke", ALICE).await;
+    // One grant due, and a sweep to close it.
+    let (_, due) = world.request(ALICE, &ssh("PT1M")).await;
+    world.advance_minutes(2);
+    measured.insert("sweep closing one grant", cost(&world, || world.tick()).await);
+    assert_eq!(world.get_request(&id(&due)).await["state"], "expired");
+
+    let over: Vec<String> = CEILINGS
+        .iter()
+        .filter_map(|(name, store, arm)| {
+            let (got_store, got_arm) = measured[name];
+            (got_store > *store || got_arm > *arm).then(|| {
+                format!("{name}: {got_store} store operations (ceiling {store}), {got_arm} ARM calls (ceiling {arm})")
+            })
+        })
+        .collect();
+    assert!(over.is_empty(), "over the ceilings:\n{}\nall measured: {measured:#?}", over.join("\n"));
+}
