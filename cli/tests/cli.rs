@@ -14,19 +14,7 @@ const BOB: &str = "demo-bob";
 const VM: &str = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/demo-rg/providers/Microsoft.Compute/virtualMachines/demo-vm";
 
 async fn service(state: &Path) -> Local {
-    local::start(LocalOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        emulator_listen: "127.0.0.1:0".parse().unwrap(),
-        state_dir: state.to_owned(),
-        run_cron: false,
-        echo_guest_logs: false,
-        polls: 1,
-        retry_after: 0,
-        variables: Default::default(),
-        manifest: None,
-    })
-    .await
-    .expect("the local service starts")
+    local::start(LocalOptions::ephemeral(state)).await.expect("the local service starts")
 }
 
 /// Runs the binary with `token` (none: no credential at all) against `url`.
@@ -64,18 +52,20 @@ fn manual(ports: Value) -> Value {
     json!({"vm": VM, "ports": ports, "approval": {"mode": "manual", "approvers": ["group:ops"]}})
 }
 
+/// Applies `demo-vm` (port 22 from loopback, approved by group `ops`) as the admin.
+fn apply_demo_policy(dir: &Path, url: &str) {
+    let port = json!([{"port": 22, "max_duration": "PT3H", "allowed_sources": ["127.0.0.0/8"]}]);
+    let file = policy_file(dir, "demo.yaml", json!({"demo-vm": manual(port)}));
+    let applied = portcullis(url, Some(ADMIN), &["policy", "apply", "-f", &file]);
+    assert_eq!(code(&applied), 0, "{}", text(&applied));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_waits_for_its_approval_then_is_extended_and_revoked() {
     let state = tempfile::tempdir().unwrap();
     let local = service(state.path()).await;
     let url = local.host.url();
-    let file = policy_file(
-        state.path(),
-        "p.yaml",
-        json!({"demo-vm": manual(json!([{"port": 22, "max_duration": "PT3H", "allowed_sources": ["127.0.0.0/8"]}]))}),
-    );
-    let applied = portcullis(&url, Some(ADMIN), &["policy", "apply", "-f", &file]);
-    assert_eq!(code(&applied), 0, "{}", text(&applied));
+    apply_demo_policy(state.path(), &url);
 
     // Alice asks and waits; Bob approves from his own terminal; her wait ends with the grant.
     let waiting = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
@@ -156,12 +146,7 @@ async fn every_failure_has_its_documented_exit_code() {
     assert_eq!(code(&clear_text), 2, "a token never goes over plain http to another host: {}", text(&clear_text));
 
     // The dry run: a request the policy would refuse exits as a refusal.
-    let file = policy_file(
-        state.path(),
-        "p.yaml",
-        json!({"demo-vm": manual(json!([{"port": 22, "allowed_sources": ["127.0.0.0/8"]}]))}),
-    );
-    portcullis(&url, Some(ADMIN), &["policy", "apply", "-f", &file]);
+    apply_demo_policy(state.path(), &url);
     let evaluate = |port: &str| {
         portcullis(
             &url,
@@ -278,12 +263,7 @@ async fn the_trail_exports_and_verifies_offline_and_a_login_is_kept_for_its_owne
     let state = tempfile::tempdir().unwrap();
     let local = service(state.path()).await;
     let url = local.host.url();
-    let file = policy_file(
-        state.path(),
-        "p.yaml",
-        json!({"demo-vm": manual(json!([{"port": 22, "allowed_sources": ["127.0.0.0/8"]}]))}),
-    );
-    portcullis(&url, Some(ADMIN), &["policy", "apply", "-f", &file]);
+    apply_demo_policy(state.path(), &url);
     portcullis(&url, Some(ALICE), &["request", "demo-vm", "-p", "22", "--for", "1h", "--reason", "INC-9"]);
     let export = portcullis(&url, Some(ADMIN), &["audit", "export"]);
     assert_eq!(code(&export), 0, "{}", text(&export));

@@ -43,18 +43,7 @@ impl KvStore for Backend<'_> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let state = tempfile::tempdir()?;
-    let service = local::start(LocalOptions {
-        listen: "127.0.0.1:0".parse()?,
-        emulator_listen: "127.0.0.1:0".parse()?,
-        state_dir: state.path().to_owned(),
-        run_cron: false,
-        echo_guest_logs: false,
-        polls: 1,
-        retry_after: 0,
-        variables: Default::default(),
-        manifest: None,
-    })
-    .await?;
+    let service = local::start(LocalOptions::ephemeral(state.path())).await?;
     let store = Backend(service.host.store());
     let start = Utc::now() - TimeDelta::days(30);
     let timed = Instant::now();

@@ -251,18 +251,13 @@ async fn main() -> anyhow::Result<()> {
     let state = tempfile::tempdir()?;
     let manifest = manifest_with_floor(state.path());
     let local = local::start(LocalOptions {
-        listen: "127.0.0.1:0".parse()?,
-        emulator_listen: "127.0.0.1:0".parse()?,
-        state_dir: state.path().join("kv"),
-        run_cron: false,
-        echo_guest_logs: false,
         polls: 0,
-        retry_after: 0,
         variables: [("rate_limits", "off".to_owned()), ("api_keys", api_keys(100))]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect(),
         manifest: Some(manifest),
+        ..LocalOptions::ephemeral(&state.path().join("kv"))
     })
     .await?;
     let url = local.host.url();

@@ -70,6 +70,24 @@ pub struct LocalOptions {
     pub manifest: Option<PathBuf>,
 }
 
+impl LocalOptions {
+    /// On free loopback ports, state in `state_dir`, no cron, quiet guests, and an emulator
+    /// that reports each operation in progress once: what tests and benchmarks start from.
+    pub fn ephemeral(state_dir: &std::path::Path) -> Self {
+        Self {
+            listen: "127.0.0.1:0".parse().expect("an address"),
+            emulator_listen: "127.0.0.1:0".parse().expect("an address"),
+            state_dir: state_dir.to_owned(),
+            run_cron: false,
+            echo_guest_logs: false,
+            polls: 1,
+            retry_after: 0,
+            variables: HashMap::new(),
+            manifest: None,
+        }
+    }
+}
+
 /// The running service.
 pub struct Local {
     /// The ARM emulator.

@@ -13,19 +13,7 @@ async fn spin_variables_in_the_environment_win_over_the_demo_defaults() {
     unsafe { std::env::set_var("SPIN_VARIABLE_API_KEYS", keys.to_string()) };
     assert!(local::from_environment("api_keys"));
     let state = tempfile::tempdir().unwrap();
-    let service = local::start(LocalOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        emulator_listen: "127.0.0.1:0".parse().unwrap(),
-        state_dir: state.path().to_owned(),
-        run_cron: false,
-        echo_guest_logs: false,
-        polls: 1,
-        retry_after: 0,
-        variables: Default::default(),
-        manifest: None,
-    })
-    .await
-    .unwrap();
+    let service = local::start(LocalOptions::ephemeral(state.path())).await.unwrap();
     let client = reqwest::Client::new();
     let status = |key: &'static str| {
         let request = client.get(format!("{}/api/policies", service.host.url())).bearer_auth(key);

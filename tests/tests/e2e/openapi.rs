@@ -204,14 +204,7 @@ async fn the_description_is_served_without_a_credential_and_whoami_names_the_cal
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_page_and_its_files_are_served_as_described_with_strict_headers() {
-    let world = World::with_variables(&[
-        ("decision_link_secret", "a-long-random-decision-link-secret-value"),
-        ("oidc_client_id", AUDIENCE),
-        ("oidc_authorize_url", "{emulator}/oidc/authorize"),
-        ("oidc_token_url", "{emulator}/oidc/token"),
-        ("oidc_token_host", "{emulator}"),
-    ])
-    .await;
+    let world = World::with_variables(&SIGN_IN_VARIABLES).await;
     for (path, content_type) in [
         ("/", "text/html"),
         ("/ui/app.js", "text/javascript"),

@@ -11,15 +11,7 @@ use crate::webhooks::{subscribe, wait_for};
 const PUBLIC: &str = "https://jit.example.com";
 
 async fn world() -> World {
-    let world = World::with_variables(&[
-        ("decision_link_secret", "a-long-random-decision-link-secret-value"),
-        // The API's own registration: its ID tokens carry the roles assigned there.
-        ("oidc_client_id", AUDIENCE),
-        ("oidc_authorize_url", "{emulator}/oidc/authorize"),
-        ("oidc_token_url", "{emulator}/oidc/token"),
-        ("oidc_token_host", "{emulator}"),
-    ])
-    .await;
+    let world = World::with_variables(&SIGN_IN_VARIABLES).await;
     world.manual_policy(2).await;
     subscribe(&world, "teams", "/teams", json!({"events": ["request.created"], "format": "teams"})).await;
     world

@@ -31,6 +31,16 @@ const KEYS: [DemoKey; 6] = [
 /// The audience tokens are minted for.
 pub const AUDIENCE: &str = "api://portcullis";
 
+/// Decision links, and signing in to them (and to the page) at the emulator's provider, as
+/// the API's own registration.
+pub const SIGN_IN_VARIABLES: [(&str, &str); 5] = [
+    ("decision_link_secret", "a-long-random-decision-link-secret-value"),
+    ("oidc_client_id", AUDIENCE),
+    ("oidc_authorize_url", "{emulator}/oidc/authorize"),
+    ("oidc_token_url", "{emulator}/oidc/token"),
+    ("oidc_token_host", "{emulator}"),
+];
+
 pub struct World {
     pub local: Local,
     pub client: reqwest::Client,
