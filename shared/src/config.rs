@@ -356,9 +356,6 @@ impl Config {
             client_id if oidc.as_ref().is_some_and(|o| o.audience != client_id) => bail!(
                 "variable 'oidc_client_id' must be the API's own registration (oidc_audience): an ID token's roles are those assigned on the client it is for"
             ),
-            _ if webhooks.link_secret.is_none() => {
-                bail!("variable 'oidc_client_id' needs decision_link_secret: sign-in is for decision links")
-            }
             _ if !is_https_or_loopback(&webhooks.public_url) => {
                 bail!("variable 'oidc_client_id' needs an https public_url: the sign-in cookie is Secure")
             }
@@ -505,10 +502,9 @@ mod tests {
             ("oidc_token_url", "https://login.example.com/t/token"),
             ("public_url", "https://jit.example.com/"),
         ]);
-        // Another registration than the API's, no link secret, a public plain-HTTP URL: refused.
+        // Another registration than the API's, or a public plain-HTTP URL: refused.
         for (name, value, named) in [
             ("oidc_audience", "api://another-registration", "oidc_audience"),
-            ("decision_link_secret", "", "decision_link_secret"),
             ("public_url", "http://jit.example.com", "https public_url"),
         ] {
             let mut changed = all.clone();

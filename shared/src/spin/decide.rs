@@ -161,7 +161,13 @@ pub fn serve_signed_in(request: &Request) -> Response {
         let (Some(settings), Some(oidc), Some(secret)) =
             (&ctx.config.sign_in, &ctx.config.oidc, ctx.config.webhooks.link_secret.clone())
         else {
-            return Ok(Page::new(404, links::page("Sign-in is off", "<p>This portcullis has no oidc_client_id.</p>")));
+            return Ok(Page::new(
+                404,
+                links::page(
+                    "Sign-in is off",
+                    "<p>Signing in to decision links needs oidc_client_id and decision_link_secret.</p>",
+                ),
+            ));
         };
         let key = secret.expose().as_bytes();
         let now = ctx.clock.now();
