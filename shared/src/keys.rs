@@ -9,8 +9,10 @@
 //! | `policy:<name>` | a policy |
 //! | `req:<id>` | an access request |
 //! | `idx:policies` | names of all policies |
-//! | `idx:recent` | ids of the most recent requests |
-//! | `idx:by:<principal>` | ids of a requester's recent requests |
+//! | `idx:recent:n` | a counter (`increment` only): requests ever added to the recent index |
+//! | `idx:recent:<slot>` | `<number> <id>`: one of the 1,000 most recent requests (slot: number mod 1,000) |
+//! | `idx:by:<principal>:n`, `idx:by:<principal>:<slot>` | the same for one requester's requests |
+//! | `idx:recent`, `idx:by:<principal>` | before the indexes above: one list document each (read, never written) |
 //! | `due:<yyyymmddhhmm>:n` | a counter (`increment` only): slots taken in that minute's due index |
 //! | `due:<yyyymmddhhmm>:<k>` | slot `k`: the id of a request whose access ends, or whose wait for approval runs out, in that minute (UTC) |
 //! | `work:arm` | ids of requests with unfinished ARM work (open or close), and due ids the sweep must see again |
@@ -43,6 +45,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::domain::{PolicyName, Principal, RequestId, WebhookName};
+use crate::store::Ring;
 
 /// A policy document.
 pub fn policy(name: &PolicyName) -> String {
@@ -56,8 +59,26 @@ pub fn request(id: &RequestId) -> String {
 
 /// All policy names.
 pub const POLICIES: &str = "idx:policies";
-/// The most recent requests, newest last.
-pub const RECENT_REQUESTS: &str = "idx:recent";
+/// Entries the indexes of recent requests keep.
+pub const RECENT_CAP: u64 = 1000;
+
+/// The most recent requests.
+pub fn recent_requests() -> Ring {
+    Ring::new("idx:recent".into(), RECENT_CAP)
+}
+
+/// One requester's recent requests.
+pub fn requests_by(principal: &Principal) -> Ring {
+    Ring::new(format!("idx:by:{principal}"), RECENT_CAP)
+}
+
+/// The recent requests as earlier versions kept them: one list document.
+pub const LEGACY_RECENT_REQUESTS: &str = "idx:recent";
+
+/// One requester's recent requests as earlier versions kept them.
+pub fn legacy_requests_by(principal: &Principal) -> String {
+    format!("idx:by:{principal}")
+}
 /// Requests with ARM work outstanding.
 pub const ARM_WORK: &str = "work:arm";
 /// The sweep's progress through the due index.
@@ -66,11 +87,6 @@ pub const SWEEP_CURSOR: &str = "sweep:cursor";
 pub const ARM_TOKEN: &str = "cache:arm-token";
 /// The cached OIDC key set.
 pub const JWKS: &str = "cache:jwks";
-
-/// One requester's recent requests.
-pub fn requests_by(principal: &Principal) -> String {
-    format!("idx:by:{principal}")
-}
 
 /// How many slots the due index of the minute of `at` has handed out (a counter).
 pub fn due_count(at: DateTime<Utc>) -> String {
@@ -189,7 +205,8 @@ mod tests {
         let keys = [
             self::policy(&policy),
             self::request(&request),
-            requests_by(&principal),
+            legacy_requests_by(&principal),
+            format!("{}:{}", legacy_requests_by(&principal), u64::MAX),
             due_count(Utc::now()),
             auth_failures(Utc::now()),
             tally(Utc::now(), "block", "ffff:ffff:ffff:ffff::"),
@@ -206,7 +223,7 @@ mod tests {
             audit_event(u64::MAX),
             audit_checkpoint_at(u64::MAX),
             POLICIES.into(),
-            RECENT_REQUESTS.into(),
+            LEGACY_RECENT_REQUESTS.into(),
             ARM_WORK.into(),
             SWEEP_CURSOR.into(),
             ARM_TOKEN.into(),

@@ -6,7 +6,7 @@
 //! silent overwrite.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,120 @@ pub trait KvStore {
     /// `delta` 0 reads a counter. Keys touched by `increment` hold nothing but counters (each
     /// backend stores them its own way).
     fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError>;
+
+    /// The values at `keys`, in order, in as few round trips as the backend allows
+    /// (`wasi:keyvalue/batch.get-many` on Spin).
+    fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|key| self.get(key)).collect()
+    }
+
+    /// Writes several values, in as few round trips as the backend allows. Not atomic: a
+    /// failure may leave some written.
+    fn set_many(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        entries.iter().try_for_each(|(key, value)| self.set(key, value))
+    }
+
+    /// Removes several keys, in as few round trips as the backend allows.
+    fn delete_many(&self, keys: &[String]) -> Result<(), StoreError> {
+        keys.iter().try_for_each(|key| self.delete(key))
+    }
+
+    /// Drops whatever a cache in front of the store remembers of `key` (a lost race showed it
+    /// stale). Wrappers forward it; stores without a cache ignore it.
+    fn forget(&self, _key: &str) {}
+}
+
+/// A store that remembers, for one invocation, what it last read or wrote at each key, so a
+/// document read once costs one round trip however often the invocation looks at it, and a
+/// read-modify-write costs only its swap. Every write goes through; a swap that fails (or a
+/// conflict the caller reports with [`KvStore::forget`]) drops the key, so the next read is
+/// fresh. Counters are never cached.
+///
+/// What it answers may be older than the store by the length of the invocation; every
+/// decision that matters ends in a compare-and-swap, which sees the store as it is.
+pub struct Cached<S> {
+    inner: S,
+    values: RefCell<HashMap<String, Option<Vec<u8>>>>,
+}
+
+impl<S: KvStore> Cached<S> {
+    /// Wraps a store with an empty cache.
+    pub fn new(inner: S) -> Self {
+        Self { inner, values: RefCell::default() }
+    }
+
+    fn remember(&self, key: &str, value: Option<&[u8]>) {
+        self.values.borrow_mut().insert(key.to_owned(), value.map(<[u8]>::to_vec));
+    }
+}
+
+impl<S: KvStore> KvStore for Cached<S> {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(value) = self.values.borrow().get(key) {
+            return Ok(value.clone());
+        }
+        let value = self.inner.get(key)?;
+        self.remember(key, value.as_deref());
+        Ok(value)
+    }
+
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.forget(key);
+        self.inner.set(key, value)?;
+        self.remember(key, Some(value));
+        Ok(())
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.forget(key);
+        self.inner.delete(key)?;
+        self.remember(key, None);
+        Ok(())
+    }
+
+    fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
+        self.forget(key);
+        let swapped = self.inner.compare_and_swap(key, expected, value)?;
+        if swapped {
+            self.remember(key, Some(value));
+        }
+        Ok(swapped)
+    }
+
+    fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        self.inner.increment(key, delta)
+    }
+
+    fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let missing: Vec<String> =
+            keys.iter().filter(|key| !self.values.borrow().contains_key(*key)).cloned().collect();
+        if !missing.is_empty() {
+            for (key, value) in missing.iter().zip(self.inner.get_many(&missing)?) {
+                self.remember(key, value.as_deref());
+            }
+        }
+        let values = self.values.borrow();
+        Ok(keys.iter().map(|key| values.get(key).cloned().flatten()).collect())
+    }
+
+    fn set_many(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        entries.iter().for_each(|(key, _)| self.forget(key));
+        self.inner.set_many(entries)?;
+        entries.iter().for_each(|(key, value)| self.remember(key, Some(value)));
+        Ok(())
+    }
+
+    fn delete_many(&self, keys: &[String]) -> Result<(), StoreError> {
+        keys.iter().for_each(|key| self.forget(key));
+        self.inner.delete_many(keys)?;
+        keys.iter().for_each(|key| self.remember(key, None));
+        Ok(())
+    }
+
+    fn forget(&self, key: &str) {
+        self.values.borrow_mut().remove(key);
+        self.inner.forget(key);
+    }
 }
 
 /// A store failure.
@@ -68,9 +182,14 @@ struct Envelope<T> {
 /// Reads a versioned document.
 pub fn load<T: DeserializeOwned>(kv: &dyn KvStore, key: &str) -> Result<Option<Versioned<T>>, StoreError> {
     let Some(bytes) = kv.get(key)? else { return Ok(None) };
-    let envelope: Envelope<T> = serde_json::from_slice(&bytes)
+    decode(key, &bytes).map(Some)
+}
+
+/// A versioned document from the bytes stored at `key` (read in a batch).
+pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<Versioned<T>, StoreError> {
+    let envelope: Envelope<T> = serde_json::from_slice(bytes)
         .map_err(|e| StoreError::Corrupt { key: key.to_owned(), reason: e.to_string() })?;
-    Ok(Some(Versioned { value: envelope.doc, version: envelope.version }))
+    Ok(Versioned { value: envelope.doc, version: envelope.version })
 }
 
 /// Writes a document if it is still at `expected` (`None`: it must not exist yet) and returns
@@ -85,7 +204,11 @@ pub fn save<T: Serialize>(kv: &dyn KvStore, key: &str, value: &T, expected: Opti
             Some(envelope.version)
         }
     };
-    let conflict = || StoreError::Conflict { key: key.to_owned() };
+    let conflict = || {
+        // What was read may be a cache's: the next read must see the store.
+        kv.forget(key);
+        StoreError::Conflict { key: key.to_owned() }
+    };
     if current != expected {
         return Err(conflict());
     }
@@ -95,6 +218,13 @@ pub fn save<T: Serialize>(kv: &dyn KvStore, key: &str, value: &T, expected: Opti
     // The bytes just read, not only the version: a writer that raced us between the read and
     // this call makes the swap fail.
     if kv.compare_and_swap(key, stored.as_deref(), &bytes)? { Ok(version) } else { Err(conflict()) }
+}
+
+/// The stored form of the first version of a document whose key nobody else can know yet (a
+/// fresh random id), to write with a plain `set`: all a swap over an absent key is on Spin's
+/// SQLite store anyway.
+pub fn encode_new<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(&Envelope { version: 1, doc: value }).map_err(|e| StoreError::Backend(e.to_string()))
 }
 
 /// Attempts at a read-modify-write before a conflict is reported.
@@ -166,6 +296,61 @@ pub fn create_list(kv: &dyn KvStore, key: &str) -> Result<(), StoreError> {
 /// Reads an index list (empty when absent).
 pub fn read_list(kv: &dyn KvStore, key: &str) -> Result<Vec<String>, StoreError> {
     Ok(load::<Vec<String>>(kv, key)?.map(|v| v.value).unwrap_or_default())
+}
+
+/// A bounded index of ids, newest last, with a key per entry: `<name>:n` counts the entries
+/// ever added (the store's atomic counter) and entry `k` lives at `<name>:<k mod cap>`, so an
+/// addition costs an increment and one write whatever the index's size, and never races
+/// another. The entry keeps its number: a slot whose writer died between the two steps shows
+/// an older number and is skipped. For listings only: a slot a backend hands out twice
+/// (Cosmos DB's increment can) loses one entry from the listing, nothing else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ring {
+    name: String,
+    cap: u64,
+}
+
+impl Ring {
+    /// The index stored under `name`, keeping the newest `cap` entries.
+    pub fn new(name: String, cap: u64) -> Self {
+        Self { name, cap: cap.max(1) }
+    }
+
+    fn counter(&self) -> String {
+        format!("{}:n", self.name)
+    }
+
+    fn slot(&self, entry: u64) -> String {
+        format!("{}:{}", self.name, entry % self.cap)
+    }
+
+    /// Takes the next entry for `id`: answers the write that stores it, for the caller to
+    /// make (with others, in one batch).
+    pub fn reserve(&self, kv: &dyn KvStore, id: &str) -> Result<(String, Vec<u8>), StoreError> {
+        let entry = u64::try_from(kv.increment(&self.counter(), 1)?).unwrap_or_default();
+        Ok((self.slot(entry), format!("{entry} {id}").into_bytes()))
+    }
+
+    /// Up to `take` ids, newest first, after skipping the `skip` newest (one batch read).
+    pub fn newest(&self, kv: &dyn KvStore, skip: u64, take: u64) -> Result<Vec<String>, StoreError> {
+        let count = u64::try_from(kv.increment(&self.counter(), 0)?).unwrap_or_default();
+        let numbers: Vec<u64> =
+            (1..=count).rev().skip(skip as usize).take(take.min(self.cap.saturating_sub(skip)) as usize).collect();
+        if numbers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = numbers.iter().map(|n| self.slot(*n)).collect();
+        let values = kv.get_many(&keys)?;
+        Ok(numbers
+            .iter()
+            .zip(values)
+            .filter_map(|(number, value)| {
+                let text = String::from_utf8(value?).ok()?;
+                let (entry, id) = text.split_once(' ')?;
+                (entry.parse::<u64>().ok()? == *number).then(|| id.to_owned())
+            })
+            .collect())
+    }
 }
 
 /// An in-memory store, for tests and tools; `fail_writes` makes every write fail.

@@ -72,39 +72,97 @@ pub fn append(
     now: DateTime<Utc>,
     checkpointing: Option<Checkpointing>,
 ) -> Result<AuditEvent, StoreError> {
+    let mut events = append_all(kv, vec![record], now, checkpointing)?;
+    Ok(events.pop().expect("one record, one event"))
+}
+
+/// Appends several records as one step: one swap of the head for all of them, numbered and
+/// chained in order exactly as single appends would be. The head holds the whole batch until
+/// the next appender has archived it, so a crash after the swap loses none of them.
+pub fn append_all(
+    kv: &dyn KvStore,
+    records: Vec<Record>,
+    now: DateTime<Utc>,
+    checkpointing: Option<Checkpointing>,
+) -> Result<Vec<AuditEvent>, StoreError> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
     for _ in 0..APPEND_ATTEMPTS {
         let head_bytes = kv.get(keys::AUDIT_HEAD)?;
-        let last = head_bytes.as_deref().map(|bytes| parse(keys::AUDIT_HEAD, bytes)).transpose()?;
-        if let (Some(last), Some(bytes)) = (&last, &head_bytes) {
-            archive(kv, last.seq, bytes)?;
+        let last_batch = head_bytes.as_deref().map(parse_head).transpose()?.unwrap_or_default();
+        archive(kv, &last_batch)?;
+        let mut previous = last_batch.last().map(|l| (l.seq, l.hash.clone(), l.at));
+        let mut events = Vec::with_capacity(records.len());
+        for record in &records {
+            let at = previous.as_ref().map_or(now, |(_, _, at)| now.max(*at));
+            let event =
+                record.clone().into_event(at).seal(previous.as_ref().map(|(seq, hash, _)| (*seq, hash.as_str())));
+            previous = Some((event.seq, event.hash.clone(), event.at));
+            events.push(event);
         }
-        let at = last.as_ref().map_or(now, |last| now.max(last.at));
-        let event = record.clone().into_event(at).seal(last.as_ref().map(|l| (l.seq, l.hash.as_str())));
-        let bytes = serde_json::to_vec(&event).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let bytes = match events.as_slice() {
+            [one] => serde_json::to_vec(one),
+            batch => serde_json::to_vec(&HeadBatch { batch: batch.to_vec() }),
+        }
+        .map_err(|e| StoreError::Backend(e.to_string()))?;
         if !kv.compare_and_swap(keys::AUDIT_HEAD, head_bytes.as_deref(), &bytes)? {
             continue;
         }
-        // The swap made the event part of the trail: from here on, nothing may report the
+        // The swap made the events part of the trail: from here on, nothing may report the
         // append as failed (its caller would not make the change, and the trail would show
         // one that never happened). An archive write that fails is done by the next appender.
-        if let Err(error) = kv.set(&keys::audit_event(event.seq), &bytes) {
-            eprintln!("audit: event {} stays in the head until the next append archives it: {error}", event.seq);
+        if let Err(error) = kv.set_many(&archived(&events)?) {
+            let (first, last) = (events[0].seq, events[events.len() - 1].seq);
+            eprintln!("audit: events {first}..={last} stay in the head until the next append archives them: {error}");
         }
-        if let Some(checkpointing) = checkpointing.filter(|c| checkpoint_due(kv, event.seq, c.every))
+        if let Some(checkpointing) = checkpointing
+            && let Some(event) = events.iter().find(|e| checkpoint_due(kv, e.seq, checkpointing.every))
             && let Err(error) = save_checkpoint(kv, &Checkpoint::sign(checkpointing.key, event.seq, &event.hash))
         {
             eprintln!("audit: checkpoint at {} not saved (the next one will be): {error}", event.seq);
         }
-        return Ok(event);
+        return Ok(events);
     }
     Err(StoreError::Conflict { key: keys::AUDIT_HEAD.to_owned() })
 }
 
-/// Copies the head to its own key unless its appender already did.
-fn archive(kv: &dyn KvStore, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
-    let key = keys::audit_event(seq);
-    if kv.get(&key)?.is_none() {
-        kv.set(&key, bytes)?;
+/// `audit:head` after an append of several events.
+#[derive(Serialize, serde::Deserialize)]
+struct HeadBatch {
+    batch: Vec<AuditEvent>,
+}
+
+/// The events of the last append, as `audit:head` holds them: one event, or a batch.
+fn parse_head(bytes: &[u8]) -> Result<Vec<AuditEvent>, StoreError> {
+    if bytes.starts_with(b"{\"batch\"") {
+        let head: HeadBatch = serde_json::from_slice(bytes)
+            .map_err(|e| StoreError::Corrupt { key: keys::AUDIT_HEAD.to_owned(), reason: e.to_string() })?;
+        return Ok(head.batch);
+    }
+    Ok(vec![parse(keys::AUDIT_HEAD, bytes)?])
+}
+
+/// Each event under its own key, as archived.
+fn archived(events: &[AuditEvent]) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    events
+        .iter()
+        .map(|event| {
+            let bytes = serde_json::to_vec(event).map_err(|e| StoreError::Backend(e.to_string()))?;
+            Ok((keys::audit_event(event.seq), bytes))
+        })
+        .collect()
+}
+
+/// Copies the head's events to their own keys unless their appender already did (one
+/// round trip to look, whatever the batch's size).
+fn archive(kv: &dyn KvStore, batch: &[AuditEvent]) -> Result<(), StoreError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<String> = batch.iter().map(|event| keys::audit_event(event.seq)).collect();
+    if kv.get_many(&keys)?.iter().any(Option::is_none) {
+        kv.set_many(&archived(batch)?)?;
     }
     Ok(())
 }
@@ -192,7 +250,18 @@ pub fn latest_checkpoint(kv: &dyn KvStore) -> Result<Option<Checkpoint>, StoreEr
 
 /// The last event, if any.
 pub fn head(kv: &dyn KvStore) -> Result<Option<AuditEvent>, StoreError> {
-    kv.get(keys::AUDIT_HEAD)?.map(|bytes| parse(keys::AUDIT_HEAD, &bytes)).transpose()
+    Ok(head_batch(kv)?.pop())
+}
+
+/// Event `seq` of the head's batch, if it is one of them.
+fn in_batch(batch: &[AuditEvent], seq: u64) -> Option<&AuditEvent> {
+    batch.iter().find(|event| event.seq == seq)
+}
+
+/// The events of the last append (empty before the first): the only copy of any its
+/// appender died before archiving.
+pub fn head_batch(kv: &dyn KvStore) -> Result<Vec<AuditEvent>, StoreError> {
+    Ok(kv.get(keys::AUDIT_HEAD)?.as_deref().map(parse_head).transpose()?.unwrap_or_default())
 }
 
 /// What the store holds at one sequence number.
@@ -262,7 +331,8 @@ pub fn verify_stored(
 ) -> Result<StoredVerification, StoreError> {
     let key = checkpointing.map(|c| c.key);
     let from = from.max(1);
-    let head = head(kv)?;
+    let batch = head_batch(kv)?;
+    let head = batch.last().cloned();
     let last = head.as_ref().map_or(0, |h| h.seq);
     let to = to.map_or(last, |to| to.min(last));
     let mut verifier = Verifier::new(None);
@@ -290,9 +360,9 @@ pub fn verify_stored(
                     at_checkpoint = Some(hash);
                 }
             }
-            Slot::Missing if seq == last => {
+            Slot::Missing if let Some(event) = in_batch(&batch, seq) => {
                 // Its appender died before archiving it; the head holds it.
-                verifier.push(head.clone().expect("the head exists when there are events"));
+                verifier.push(event.clone());
             }
             Slot::Missing => verifier.fail(seq, format!("event {seq} is missing from the store")),
             Slot::Unreadable(why) => verifier.fail(seq, format!("event {seq} is unreadable: {why}")),
@@ -385,7 +455,8 @@ pub const SCAN_BUDGET: u64 = 5_000;
 /// Matching events after `cursor` (a sequence number from a previous page), else from the
 /// first event at or after `since` (found by bisection: times never decrease along the chain).
 pub fn page(kv: &dyn KvStore, filter: &Filter, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {
-    let Some(head) = head(kv)? else { return Ok(Page { events: Vec::new(), next_cursor: None }) };
+    let batch = head_batch(kv)?;
+    let Some(head) = batch.last() else { return Ok(Page { events: Vec::new(), next_cursor: None }) };
     let start = match (cursor, filter.since) {
         (Some(after), _) => after + 1,
         (None, Some(since)) => first_at_or_after(kv, since, head.seq)?,
@@ -399,7 +470,7 @@ pub fn page(kv: &dyn KvStore, filter: &Filter, cursor: Option<u64>, limit: usize
         last_read = seq;
         let event = match read(kv, seq)? {
             Slot::Event(event) => *event,
-            Slot::Missing if seq == head.seq => head.clone(),
+            Slot::Missing if let Some(event) = in_batch(&batch, seq) => event.clone(),
             Slot::Missing | Slot::Unreadable(_) => continue,
         };
         if filter.until.is_some_and(|until| event.at > until) {

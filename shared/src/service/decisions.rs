@@ -48,7 +48,7 @@ fn decidable(env: &Env, caller: &Caller, id: &str) -> Result<(Versioned<AccessRe
     if !caller.has(Role::Approver) {
         return Err(ApiError::forbidden("approver_role_required", "deciding requests needs the approver role"));
     }
-    let request = env.request(id)?;
+    let request = env.request_to_change(id)?;
     let policy = env.policy(&request.value.policy)?.value;
     may_approve(&request.value, &policy, &caller.principal, &caller.groups).map_err(|why| {
         let code = if request.value.requester == caller.principal { "self_approval" } else { "not_an_approver" };
@@ -147,7 +147,7 @@ fn actor(env: &Env, caller: &Caller, request: &AccessRequest) -> Result<Actor, A
 pub fn revoke(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
     let body: DenyBody = parse_json(body, true)?;
     let reason = note(body.reason)?;
-    let mut request = env.request(id)?;
+    let mut request = env.request_to_change(id)?;
     actor(env, caller, &request.value)?;
     if !matches!(request.value.state, State::Active | State::Approved) {
         return Err(ApiError::conflict(
@@ -165,7 +165,7 @@ pub fn extend(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Reply
     let body: ExtendBody = parse_json(body, false)?;
     let by =
         AccessDuration::parse(&body.duration).map_err(|e| ApiError::bad_request("invalid_duration", e.to_string()))?;
-    let mut request = env.request(id)?;
+    let mut request = env.request_to_change(id)?;
     let actor = actor(env, caller, &request.value)?;
     let policy = env.policy(&request.value.policy)?.value;
     if matches!(actor, Actor::Requester) && policy.extensions == Extensions::Approval {

@@ -43,8 +43,6 @@ pub const PUT_LEASE: TimeDelta = TimeDelta::minutes(5);
 pub const RETRY_PAUSE: TimeDelta = TimeDelta::minutes(1);
 /// Reloads after a lost race before a step gives up with 409 (each means another writer won).
 const SETTLE_ATTEMPTS: usize = 5;
-/// Cap of the most-recent index lists.
-pub(crate) const RECENT_CAP: usize = 1000;
 /// Why a replaced grant ended (Azure's `NewerRequestInitiated`).
 pub const SUPERSEDED: &str = "newer request initiated";
 
@@ -194,7 +192,14 @@ pub fn open(
         env.now + request.value.duration.as_delta(),
     );
     let outcome = put_in_band(env, &rule_ref.nsg, &mut rule, env.config.priorities);
-    record_arm_write(env, "rule.put", subject_of(&request.value), rule_details(&rule_ref.nsg, &rule), &outcome)?;
+    // A confirmed PUT is recorded with the activation that follows (one append); any other
+    // outcome before anything else happens.
+    let details = rule_details(&rule_ref.nsg, &rule);
+    if outcome.is_ok() {
+        defer_arm_write(env, "rule.put", subject_of(&request.value), details, &outcome);
+    } else {
+        record_arm_write(env, "rule.put", subject_of(&request.value), details, &outcome)?;
+    }
     let priority = rule.priority;
     match outcome {
         Ok(_) => {
@@ -354,9 +359,31 @@ pub(crate) fn record_arm_write(
     env: &Env,
     action: &'static str,
     subject: Subject,
-    mut details: serde_json::Value,
+    details: serde_json::Value,
     outcome: &Result<ArmReceipt, ArmError>,
 ) -> Result<(), ApiError> {
+    let (result, details) = arm_write_event(details, outcome);
+    env.record(action, subject, result, details).map(drop)
+}
+
+/// As [`record_arm_write`], for a write whose outcome the caller saves next: the event goes
+/// into the trail with that save's (see [`Env::defer`]).
+fn defer_arm_write(
+    env: &Env,
+    action: &'static str,
+    subject: Subject,
+    details: serde_json::Value,
+    outcome: &Result<ArmReceipt, ArmError>,
+) {
+    let (result, details) = arm_write_event(details, outcome);
+    env.defer(action, subject, result, details);
+}
+
+/// The outcome and details of an event about an ARM write.
+fn arm_write_event(
+    mut details: serde_json::Value,
+    outcome: &Result<ArmReceipt, ArmError>,
+) -> (Outcome, serde_json::Value) {
     let (result, request_id) = match outcome {
         Ok(receipt) => (Outcome::Ok, receipt.request_id.as_deref()),
         Err(error) => {
@@ -365,7 +392,7 @@ pub(crate) fn record_arm_write(
         }
     };
     details["arm_request_id"] = json!(request_id);
-    env.record(action, subject, result, details).map(drop)
+    (result, details)
 }
 
 /// Moves an active (or approved) request into `revoking` for `event` and removes its rule.
@@ -415,7 +442,12 @@ pub fn finish_close(env: &Env, request: &mut Versioned<AccessRequest>) -> Result
             Some(rule) => {
                 let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
                 let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
-                record_arm_write(env, "rule.deleted", subject_of(&request.value), details, &outcome)?;
+                // Confirmed, it goes into the trail with the save that follows.
+                if outcome.is_ok() {
+                    defer_arm_write(env, "rule.deleted", subject_of(&request.value), details, &outcome);
+                } else {
+                    record_arm_write(env, "rule.deleted", subject_of(&request.value), details, &outcome)?;
+                }
                 outcome.map(drop)
             }
             // Never approved by this build's rules: no PUT was ever made.

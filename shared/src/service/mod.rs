@@ -16,6 +16,7 @@ pub mod throttle;
 pub mod webhooks;
 pub mod whoami;
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
@@ -26,7 +27,7 @@ use crate::arm::Arm;
 use crate::audit::log::{self, Checkpointing};
 use crate::audit::{AuditEvent, Outcome, Record, Subject};
 use crate::config::Config;
-use crate::domain::{AccessRequest, Policy, PolicyName, RequestId};
+use crate::domain::{AccessRequest, Policy, PolicyName, Principal, RequestId};
 use crate::http::Clock;
 use crate::keys;
 use crate::store::{self, KvStore, Versioned};
@@ -77,22 +78,73 @@ pub struct Env<'a> {
     pub clock: &'a dyn Clock,
     /// Who the audit trail names for what this invocation does.
     pub origin: Origin,
+    /// Events waiting to go into the trail with the next append (see [`Env::defer`]).
+    deferred: RefCell<Vec<Record>>,
+}
+
+impl<'a> Env<'a> {
+    /// An invocation's ports, time and actor.
+    pub fn new(
+        kv: &'a dyn KvStore,
+        arm: &'a dyn Arm,
+        config: &'a Config,
+        now: DateTime<Utc>,
+        clock: &'a dyn Clock,
+        origin: Origin,
+    ) -> Self {
+        Self { kv, arm, config, now, clock, origin, deferred: RefCell::default() }
+    }
+}
+
+impl Drop for Env<'_> {
+    /// Events still deferred when the invocation ends (an error cut it short) are written now.
+    fn drop(&mut self) {
+        if let Err(error) = self.flush() {
+            eprintln!("audit: events deferred to the end of the invocation were not recorded: {}", error.message);
+        }
+    }
 }
 
 impl Env<'_> {
     /// The same invocation over another store (a wrapper that counts or bounds its use).
     pub fn with_store<'b>(&'b self, kv: &'b dyn KvStore) -> Env<'b> {
-        Env { kv, arm: self.arm, config: self.config, now: self.now, clock: self.clock, origin: self.origin.clone() }
+        Env::new(kv, self.arm, self.config, self.now, self.clock, self.origin.clone())
     }
 
     /// The same invocation with another ARM client.
     pub fn with_arm<'b>(&'b self, arm: &'b dyn Arm) -> Env<'b> {
-        Env { kv: self.kv, arm, config: self.config, now: self.now, clock: self.clock, origin: self.origin.clone() }
+        Env::new(self.kv, arm, self.config, self.now, self.clock, self.origin.clone())
     }
 
     /// The time now, never before the invocation's.
     pub fn fresh_now(&self) -> DateTime<Utc> {
         self.clock.now().max(self.now)
+    }
+
+    /// Reads in one round trip what a change of a request by `requester` under `policy` reads
+    /// next: the policy, its indexes, and what opening or closing a rule touches. The store's
+    /// cache answers those reads from then on; should this fail, they happen one by one.
+    pub fn prefetch(&self, policy: &PolicyName, requester: &Principal) {
+        let keys = [
+            keys::policy(policy),
+            keys::open_of(policy, requester),
+            keys::live(policy),
+            keys::pending(policy),
+            keys::SWEEP_CURSOR.to_owned(),
+            keys::ARM_WORK.to_owned(),
+            keys::ARM_TOKEN.to_owned(),
+            keys::AUDIT_HEAD.to_owned(),
+            keys::WEBHOOKS.to_owned(),
+        ];
+        let _ = self.kv.get_many(&keys);
+    }
+
+    /// Loads a request by the id in a path with what changing it reads (see [`Env::prefetch`]),
+    /// or 404.
+    pub fn request_to_change(&self, id: &str) -> Result<Versioned<AccessRequest>, ApiError> {
+        let request = self.request(id)?;
+        self.prefetch(&request.value.policy, &request.value.requester);
+        Ok(request)
     }
 
     /// Loads a policy, or 404.
@@ -113,15 +165,18 @@ impl Env<'_> {
         store::load(self.kv, &keys::request(&id))?.ok_or_else(not_found)
     }
 
-    /// Saves a request at the version it was read.
+    /// Saves a request at the version it was read, after the events deferred so far (the
+    /// trail is written ahead of every change).
     pub fn save_request(&self, request: &mut Versioned<AccessRequest>) -> Result<(), ApiError> {
+        self.flush()?;
         request.version =
             store::save(self.kv, &keys::request(&request.value.id), &request.value, Some(request.version))?;
         Ok(())
     }
 
-    /// Appends an event by this invocation's actor to the audit trail. An event that cannot
-    /// be recorded fails the operation: nothing changes unaudited.
+    /// Appends an event by this invocation's actor to the audit trail, after any deferred ones
+    /// (in the same append). An event that cannot be recorded fails the operation: nothing
+    /// changes unaudited.
     pub fn record(
         &self,
         action: &'static str,
@@ -129,7 +184,36 @@ impl Env<'_> {
         outcome: Outcome,
         details: serde_json::Value,
     ) -> Result<AuditEvent, ApiError> {
-        let record = Record {
+        let record = self.record_of(action, subject, outcome, details);
+        let mut events = self.append(record)?;
+        Ok(events.pop().expect("the record's own event is last"))
+    }
+
+    /// Queues an event to go into the trail with the next one this invocation records, or
+    /// before its next save of a request, or when it ends, whichever comes first: one append
+    /// (one swap of the head) for several events. For facts the caller records a change of
+    /// right after (an ARM write, then the request it changed).
+    pub fn defer(&self, action: &'static str, subject: Subject, outcome: Outcome, details: serde_json::Value) {
+        let record = self.record_of(action, subject, outcome, details);
+        self.deferred.borrow_mut().push(record);
+    }
+
+    /// Writes the deferred events now.
+    pub fn flush(&self) -> Result<(), ApiError> {
+        if self.deferred.borrow().is_empty() {
+            return Ok(());
+        }
+        self.append(None).map(drop)
+    }
+
+    fn record_of(
+        &self,
+        action: &'static str,
+        subject: Subject,
+        outcome: Outcome,
+        details: serde_json::Value,
+    ) -> Record {
+        Record {
             actor: self.origin.actor.clone(),
             actor_name: self.origin.actor_name.clone(),
             action,
@@ -137,14 +221,24 @@ impl Env<'_> {
             source_ip: self.origin.source_ip.map(|ip| ip.to_string()),
             outcome,
             details,
-        };
+        }
+    }
+
+    /// Appends the deferred events and `record`; on failure the deferred ones stay queued.
+    fn append(&self, record: impl Into<Option<Record>>) -> Result<Vec<AuditEvent>, ApiError> {
+        let mut records = std::mem::take(&mut *self.deferred.borrow_mut());
+        let deferred = records.len();
+        records.extend(record.into());
         let audit = &self.config.audit;
         let checkpointing = audit
             .checkpoint_key
             .as_ref()
             .map(|key| Checkpointing { key: key.expose().as_bytes(), every: audit.checkpoint_every });
-        log::append(self.kv, record, self.now, checkpointing)
-            .map_err(|e| ApiError::internal(format!("appending to the audit trail: {e}")))
+        log::append_all(self.kv, records.clone(), self.now, checkpointing).map_err(|e| {
+            records.truncate(deferred);
+            self.deferred.borrow_mut().splice(0..0, records);
+            ApiError::internal(format!("appending to the audit trail: {e}"))
+        })
     }
 
     /// Records a change, then makes it: the event is written ahead of the change, and a change

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use serde_json::json;
 
-use super::grants::{self, RECENT_CAP};
+use super::grants;
 use super::{Env, request_json};
 use crate::api::{ApiError, Reply, parse_json};
 use crate::audit::Outcome;
@@ -17,6 +17,8 @@ use crate::store::{self, Versioned};
 
 /// The most requests one listing returns.
 const MAX_LIST: usize = 200;
+/// Requests a listing reads per round trip.
+const LIST_PAGE: u64 = 100;
 
 /// Maps a refusal from the domain to its HTTP status.
 pub fn refusal(error: RequestError) -> ApiError {
@@ -44,6 +46,7 @@ pub fn create(
     let raw: RawRequest = parse_json(body, false)?;
     let name =
         PolicyName::parse(&raw.policy).map_err(|e| ApiError::bad_request("invalid_policy_name", e.to_string()))?;
+    env.prefetch(&name, &caller.principal);
     let policy = env.policy(&name)?.value;
     let mut request = AccessRequest::from_raw(raw, &policy, &caller.principal, &caller.groups, caller_ip, id, env.now)
         .map_err(refusal)?;
@@ -69,7 +72,7 @@ pub fn create(
     });
     let subject = super::subject_of(&request);
     if request.break_glass {
-        env.record("break_glass.used", subject.clone(), Outcome::Ok, details.clone())?;
+        env.defer("break_glass.used", subject.clone(), Outcome::Ok, details.clone());
     }
     let id = request.id.as_str().to_owned();
     // Whatever must follow the request is in place before it is saved, so a crash right after
@@ -87,16 +90,22 @@ pub fn create(
         }
         super::notices::schedule_for_pending(env, &request)?;
     }
-    let save = || Ok(store::save(env.kv, &keys::request(&request.id), &request, None)?);
+    // The request and its entries in the recent indexes, in one batch: its id is fresh and
+    // random, so no one else can have written it.
+    let mut writes =
+        vec![keys::recent_requests().reserve(env.kv, &id)?, keys::requests_by(&caller.principal).reserve(env.kv, &id)?];
+    let save = || {
+        writes.push((keys::request(&request.id), store::encode_new(&request)?));
+        env.kv.set_many(&writes)?;
+        Ok(1)
+    };
     let version = if auto_approved {
-        env.record("request.created", subject.clone(), Outcome::Ok, details)?;
+        env.defer("request.created", subject.clone(), Outcome::Ok, details);
         env.audited("request.approved", subject, approval_details(&request), save)?
     } else {
         env.audited("request.created", subject, details, save)?
     };
     let mut request = Versioned { value: request, version };
-    store::add_to_list(env.kv, keys::RECENT_REQUESTS, &id, RECENT_CAP)?;
-    store::add_to_list(env.kv, &keys::requests_by(&caller.principal), &id, RECENT_CAP)?;
     store::add_to_list(env.kv, &keys::open_of(&policy.name, &caller.principal), &id, usize::MAX)?;
     if request.value.break_glass {
         eprintln!(
@@ -119,7 +128,11 @@ pub fn create(
 /// Grants this request would replace (same person, overlapping ports) do not count.
 fn check_duplicates_and_quotas(env: &Env, request: &AccessRequest, policy: &Policy) -> Result<(), ApiError> {
     let mut running = 0;
-    for id in store::read_list(env.kv, &keys::open_of(&policy.name, &request.requester))? {
+    let open = store::read_list(env.kv, &keys::open_of(&policy.name, &request.requester))?;
+    let _ = env.kv.get_many(
+        &open.iter().filter_map(|id| RequestId::parse(id).ok()).map(|id| keys::request(&id)).collect::<Vec<_>>(),
+    );
+    for id in open {
         let Ok(other) = env.request(&id) else { continue };
         let other = other.value;
         let overlaps = other.ports.iter().any(|p| request.ports.iter().any(|q| q == p));
@@ -243,24 +256,36 @@ pub fn list(env: &Env, caller: &Caller, filter: ListFilter) -> Result<Reply, Api
         ));
     }
     let sees_others = [Role::Admin, Role::Auditor, Role::Approver].iter().any(|r| caller.has(*r));
-    let index = if filter.mine || !sees_others {
-        keys::requests_by(&caller.principal)
+    let (ring, legacy) = if filter.mine || !sees_others {
+        (keys::requests_by(&caller.principal), keys::legacy_requests_by(&caller.principal))
     } else {
-        keys::RECENT_REQUESTS.to_owned()
+        (keys::recent_requests(), keys::LEGACY_RECENT_REQUESTS.to_owned())
     };
     let mut requests = Vec::new();
-    for id in store::read_list(env.kv, &index)?.iter().rev() {
-        let Ok(id) = RequestId::parse(id) else { continue };
-        let Some(request) = store::load::<AccessRequest>(env.kv, &keys::request(&id))? else { continue };
-        let request = request.value;
-        let wanted = filter.state.is_none_or(|s| s == request.state.name())
-            && (!filter.mine || request.requester == caller.principal)
-            && (!filter.awaiting_me || awaits(env, caller, &request))
-            && may_read(env, caller, &request);
-        if wanted {
-            requests.push(request_json(&request));
-            if requests.len() == MAX_LIST {
-                break;
+    let mut seen = std::collections::HashSet::new();
+    // Newest first, a page of documents per round trip; then what an earlier version's list
+    // document still holds.
+    let mut pages = (0..keys::RECENT_CAP.div_ceil(LIST_PAGE))
+        .map(|page| ring.newest(env.kv, page * LIST_PAGE, LIST_PAGE))
+        .take_while(|page| page.as_ref().map_or(true, |ids| !ids.is_empty()))
+        .chain(std::iter::once_with(|| store::read_list(env.kv, &legacy).map(|ids| ids.into_iter().rev().collect())));
+    'pages: for page in &mut pages {
+        let ids: Vec<RequestId> =
+            page?.iter().filter_map(|id| RequestId::parse(id).ok()).filter(|id| seen.insert(id.clone())).collect();
+        let docs = env.kv.get_many(&ids.iter().map(keys::request).collect::<Vec<_>>())?;
+        for (id, doc) in ids.iter().zip(docs) {
+            let Some(bytes) = doc else { continue };
+            let request = store::decode::<AccessRequest>(&keys::request(id), &bytes)?;
+            let request = request.value;
+            let wanted = filter.state.is_none_or(|s| s == request.state.name())
+                && (!filter.mine || request.requester == caller.principal)
+                && (!filter.awaiting_me || awaits(env, caller, &request))
+                && may_read(env, caller, &request);
+            if wanted {
+                requests.push(request_json(&request));
+                if requests.len() == MAX_LIST {
+                    break 'pages;
+                }
             }
         }
     }

@@ -112,7 +112,9 @@ pub fn schedule(env: &Env, at: DateTime<Utc>, id: &RequestId) -> Result<(), ApiE
 
 /// Takes a slot of the minute's due index and writes the id in it. Each entry has a key of
 /// its own, handed out by the store's atomic counter, so no write ever replaces another's and
-/// nothing relies on a create-if-absent (an upsert on Spin's SQLite store).
+/// nothing relies on a create-if-absent (an upsert on Spin's SQLite store). The write is
+/// still a create-if-absent where the store makes it one: Cosmos DB's increment can hand a
+/// slot out twice, and a plain write would then erase an entry.
 fn add_due(kv: &dyn KvStore, minute: DateTime<Utc>, id: &str) -> Result<(), StoreError> {
     for _ in 0..SLOT_ATTEMPTS {
         let slot = kv.increment(&keys::due_count(minute), 1)?;
@@ -204,6 +206,22 @@ impl KvStore for Budgeted<'_> {
 
     fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
         self.inner.increment(key, delta)
+    }
+
+    fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.inner.get_many(keys)
+    }
+
+    fn set_many(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        self.inner.set_many(entries)
+    }
+
+    fn delete_many(&self, keys: &[String]) -> Result<(), StoreError> {
+        self.inner.delete_many(keys)
+    }
+
+    fn forget(&self, key: &str) {
+        self.inner.forget(key);
     }
 }
 

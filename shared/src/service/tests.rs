@@ -74,14 +74,7 @@ impl World {
 
     fn at<T>(&self, now: DateTime<Utc>, f: impl FnOnce(&Env) -> T) -> T {
         let clock = crate::testing::FixedClock(now);
-        f(&Env {
-            kv: &self.kv,
-            arm: &self.arm,
-            config: &self.config,
-            now,
-            clock: &clock,
-            origin: super::Origin::system(),
-        })
+        f(&Env::new(&self.kv, &self.arm, &self.config, now, &clock, super::Origin::system()))
     }
 
     fn create(&self, id: &str, body: serde_json::Value) -> Result<Reply, ApiError> {
@@ -279,14 +272,12 @@ fn regression_revoking_a_policy_finds_grants_older_than_the_recent_list() {
     let world = World::new(policy_json());
     world.create("old", raw_request()).unwrap();
     // A busy system pushes the grant out of the capped list of recent requests.
-    let newer: Vec<String> = (0..1000).map(|n| format!("n{n}")).collect();
-    crate::store::save(
-        &world.kv,
-        keys::RECENT_REQUESTS,
-        &newer,
-        crate::store::load::<Vec<String>>(&world.kv, keys::RECENT_REQUESTS).unwrap().map(|v| v.version),
-    )
-    .unwrap();
+    let recent = keys::recent_requests();
+    for n in 0..keys::RECENT_CAP {
+        let (key, value) = recent.reserve(&world.kv, &format!("n{n}")).unwrap();
+        world.kv.set(&key, &value).unwrap();
+    }
+    assert!(!recent.newest(&world.kv, 0, keys::RECENT_CAP).unwrap().contains(&"old".to_owned()));
     let reply = world.at(at(1), |env| policies::delete(env, &admin(), "demo-vm", true)).unwrap();
     assert_eq!(reply.body["revoked"], 1);
     assert_eq!(world.state("old"), "revoked");
@@ -306,8 +297,9 @@ fn a_change_whose_event_cannot_be_recorded_does_not_happen() {
 #[test]
 fn an_arm_write_that_cannot_be_recorded_is_redone_and_recorded_by_the_sweep() {
     let world = World::new(policy_json());
-    // request.created and request.approved are recorded; the record of the PUT fails.
-    world.fail_audit_after(2);
+    // request.created and request.approved are recorded (one append); the append of the PUT's
+    // record with the activation fails.
+    world.fail_audit_after(1);
     assert_eq!(world.create("r1", raw_request()).unwrap_err().status, 500);
     assert_eq!(world.state("r1"), "approved", "not activated without its record");
     assert!(world.kv.keys().contains(&keys::ARM_WORK.to_owned()), "queued for the sweep");
@@ -502,14 +494,7 @@ fn extensions_are_capped_by_every_limit_and_the_requester_is_checked_first() {
     let mut small = world.config.clone();
     small.limits.max_duration = crate::domain::AccessDuration::parse("PT70M").unwrap();
     let clock = crate::testing::FixedClock(at(1));
-    let env = Env {
-        kv: &world.kv,
-        arm: &world.arm,
-        config: &small,
-        now: at(1),
-        clock: &clock,
-        origin: super::Origin::system(),
-    };
+    let env = Env::new(&world.kv, &world.arm, &small, at(1), &clock, super::Origin::system());
     let error = decisions::extend(&env, &admin(), "r1", br#"{"duration":"PT30M"}"#).unwrap_err();
     assert_eq!(error.code, "extension_too_long");
     assert!(decisions::extend(&env, &admin(), "r1", br#"{"duration":"PT10M"}"#).is_ok());

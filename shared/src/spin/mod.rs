@@ -24,7 +24,7 @@ use crate::domain::RequestId;
 use crate::http::{Clock, SystemClock};
 use crate::service::throttle::Throttle;
 use crate::service::{Env, Origin};
-use crate::store::KvStore;
+use crate::store::{Cached, KvStore};
 
 /// How long the sweep may spend on webhook deliveries.
 const SWEEP_DELIVERY_BUDGET: Duration = Duration::from_secs(20);
@@ -46,7 +46,7 @@ impl Variables for SpinVariables {
 
 /// Everything one invocation works with, built from Spin's variables and store.
 pub struct Ctx {
-    kv: SpinStore,
+    kv: Cached<SpinStore>,
     http: SpinHttp,
     clock: SystemClock,
     /// Configuration, read once.
@@ -57,7 +57,7 @@ impl Ctx {
     /// Reads configuration and opens the default store; failures are logged, not shown.
     pub fn load() -> Result<Self, ApiError> {
         let config = Config::load(&SpinVariables).map_err(|e| ApiError::internal(format!("configuration: {e:#}")))?;
-        let kv = SpinStore::open().map_err(ApiError::internal)?;
+        let kv = Cached::new(SpinStore::open().map_err(ApiError::internal)?);
         Ok(Self { kv, http: SpinHttp, clock: SystemClock, config })
     }
 
@@ -104,7 +104,7 @@ impl Ctx {
 
     /// The ports wired up, the time read once, and who the audit trail will name.
     pub fn env<'a>(&'a self, arm: &'a ArmClient<'a>, origin: Origin) -> Env<'a> {
-        Env { kv: &self.kv, arm, config: &self.config, now: self.clock.now(), clock: &self.clock, origin }
+        Env::new(&self.kv, arm, &self.config, self.clock.now(), &self.clock, origin)
     }
 
     /// Runs a sweep, with a second ARM client (time of its own) for the reconciler's share,

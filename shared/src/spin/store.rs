@@ -59,6 +59,25 @@ impl KvStore for SpinStore {
         spin_sdk::wit::wasi::keyvalue::atomics::increment(self.bucket()?, key, delta).map_err(backend)
     }
 
+    /// One round trip through `wasi:keyvalue/batch` (offered with atomics, Spin 3+).
+    #[cfg(feature = "atomics")]
+    fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let found = spin_sdk::wit::wasi::keyvalue::batch::get_many(self.bucket()?, keys).map_err(backend)?;
+        // The answer is keyed; a backend may leave absent keys out or change the order.
+        let mut found: std::collections::HashMap<String, Option<Vec<u8>>> = found.into_iter().collect();
+        Ok(keys.iter().map(|key| found.remove(key).flatten()).collect())
+    }
+
+    #[cfg(feature = "atomics")]
+    fn set_many(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        spin_sdk::wit::wasi::keyvalue::batch::set_many(self.bucket()?, entries).map_err(backend)
+    }
+
+    #[cfg(feature = "atomics")]
+    fn delete_many(&self, keys: &[String]) -> Result<(), StoreError> {
+        spin_sdk::wit::wasi::keyvalue::batch::delete_many(self.bucket()?, keys).map_err(backend)
+    }
+
     /// Without atomics (hosts that offer none, such as Akamai Functions) the check and the
     /// write are two calls, and Spin runs invocations concurrently even on one instance: two
     /// writers can both pass the check and one update is lost. Not safe for production.

@@ -23,7 +23,9 @@ pub struct KvBackend {
     faults: Mutex<StoreFaults>,
     rng: AtomicU64,
     injected: [AtomicU64; 3],
-    operations: [AtomicU64; 5],
+    operations: [AtomicU64; 6],
+    /// When tracing, every operation's kind and key, in order.
+    trace: Mutex<Option<Vec<(&'static str, String)>>>,
     /// Bytes read and written by the operations.
     bytes: [AtomicU64; 2],
     /// A network store's round trip, added to every operation (microseconds).
@@ -67,15 +69,27 @@ impl KvBackend {
             rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
             injected: Default::default(),
             operations: Default::default(),
+            trace: Mutex::new(None),
             bytes: Default::default(),
             delay_micros: AtomicU64::new(0),
         })
     }
 
-    /// Operations served so far: gets, sets, deletes, compare-and-swaps, increments (what a
-    /// change costs in store round trips).
-    pub fn operations(&self) -> [u64; 5] {
+    /// Operations served so far: gets, sets, deletes, compare-and-swaps, increments, batches
+    /// (what a change costs in store round trips; a `get-many`, `set-many` or `delete-many` is
+    /// one batch, whatever its number of keys).
+    pub fn operations(&self) -> [u64; 6] {
         self.operations.each_ref().map(|n| n.load(Ordering::Relaxed))
+    }
+
+    /// Starts recording every operation's kind and key (until [`KvBackend::take_trace`]).
+    pub fn start_trace(&self) {
+        *self.trace.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// The operations recorded since [`KvBackend::start_trace`], and stops recording.
+    pub fn take_trace(&self) -> Vec<(&'static str, String)> {
+        self.trace.lock().unwrap().take().unwrap_or_default()
     }
 
     /// Bytes read and written so far (values, not keys).
@@ -89,8 +103,12 @@ impl KvBackend {
         self.delay_micros.store(delay.as_micros() as u64, Ordering::Relaxed);
     }
 
-    fn count(&self, op: usize) {
+    fn count(&self, op: usize, key: &str) {
+        const KINDS: [&str; 6] = ["get", "set", "delete", "swap", "increment", "batch"];
         self.operations[op].fetch_add(1, Ordering::Relaxed);
+        if let Some(trace) = self.trace.lock().unwrap().as_mut() {
+            trace.push((KINDS[op], key.to_owned()));
+        }
         let delay = self.delay_micros.load(Ordering::Relaxed);
         if delay > 0 {
             std::thread::sleep(std::time::Duration::from_micros(delay));
@@ -147,7 +165,42 @@ impl KvBackend {
 
     /// A value.
     pub fn get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        self.count(0);
+        self.count(0, key);
+        self.fetch(store, key)
+    }
+
+    /// Writes a value.
+    pub fn set(&self, store: &str, key: &str, value: &[u8]) -> Result<()> {
+        self.count(1, key);
+        self.write(store, key, value)
+    }
+
+    /// Removes a key.
+    pub fn delete(&self, store: &str, key: &str) -> Result<()> {
+        self.count(2, key);
+        self.remove(store, key)
+    }
+
+    /// Several values in one round trip (`wasi:keyvalue/batch.get-many`).
+    pub fn get_many(&self, store: &str, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
+        self.count(5, &format!("get-many {}", keys.join(" ")));
+        keys.iter().map(|key| self.fetch(store, key)).collect()
+    }
+
+    /// Several writes in one round trip (`set-many`); not atomic, as in Spin.
+    pub fn set_many(&self, store: &str, entries: &[(String, Vec<u8>)]) -> Result<()> {
+        let keys: Vec<&str> = entries.iter().map(|(key, _)| key.as_str()).collect();
+        self.count(5, &format!("set-many {}", keys.join(" ")));
+        entries.iter().try_for_each(|(key, value)| self.write(store, key, value))
+    }
+
+    /// Several deletes in one round trip (`delete-many`).
+    pub fn delete_many(&self, store: &str, keys: &[String]) -> Result<()> {
+        self.count(5, &format!("delete-many {}", keys.join(" ")));
+        keys.iter().try_for_each(|key| self.remove(store, key))
+    }
+
+    fn fetch(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>> {
         let db = self.db.lock().unwrap();
         let value: Option<Vec<u8>> = db
             .query_row("SELECT value FROM spin_key_value WHERE store = ?1 AND key = ?2", params![store, key], |row| {
@@ -158,9 +211,7 @@ impl KvBackend {
         Ok(value)
     }
 
-    /// Writes a value.
-    pub fn set(&self, store: &str, key: &str, value: &[u8]) -> Result<()> {
-        self.count(1);
+    fn write(&self, store: &str, key: &str, value: &[u8]) -> Result<()> {
         self.written(value.len());
         let db = self.db.lock().unwrap();
         db.execute(
@@ -170,9 +221,7 @@ impl KvBackend {
         Ok(())
     }
 
-    /// Removes a key.
-    pub fn delete(&self, store: &str, key: &str) -> Result<()> {
-        self.count(2);
+    fn remove(&self, store: &str, key: &str) -> Result<()> {
         self.db
             .lock()
             .unwrap()
@@ -184,7 +233,7 @@ impl KvBackend {
     /// `expected` `None` (the key was read as absent), Spin's SQLite store writes whatever the
     /// key holds now; with [`KvBackend::strict_swaps`], only if it is still absent.
     pub fn compare_and_swap(&self, store: &str, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool> {
-        self.count(3);
+        self.count(3, key);
         self.written(value.len());
         let db = self.db.lock().unwrap();
         let changed = match expected {
@@ -206,7 +255,7 @@ impl KvBackend {
 
     /// Adds `delta` to the integer at `key` (absent: 0), stored as decimal text; answers the sum.
     pub fn increment(&self, store: &str, key: &str, delta: i64) -> Result<i64> {
-        self.count(4);
+        self.count(4, key);
         let mut db = self.db.lock().unwrap();
         let transaction = db.transaction()?;
         let current: Option<Vec<u8>> = transaction

@@ -10,11 +10,18 @@ use serde_json::json;
 use crate::support::*;
 
 /// Store operations, and ARM calls (`.../providers/...`: a write and its status polls).
+/// With `ROUND_TRIP_TRACE` set, prints every store operation's kind and key.
 async fn cost<F: std::future::Future>(world: &World, op: impl FnOnce() -> F) -> (u64, usize) {
     let store = world.local.host.store();
     let before: u64 = store.operations().iter().sum();
     world.local.emulator.clear_calls();
+    store.start_trace();
     op().await;
+    let trace = store.take_trace();
+    if std::env::var_os("ROUND_TRIP_TRACE").is_some() {
+        let lines: Vec<String> = trace.iter().map(|(kind, key)| format!("  {kind:<9} {key}")).collect();
+        eprintln!("{} operations:\n{}", trace.len(), lines.join("\n"));
+    }
     let after: u64 = store.operations().iter().sum();
     let arm = world.local.emulator.calls().iter().filter(|c| c.path.contains("/providers/")).count();
     (after - before, arm)

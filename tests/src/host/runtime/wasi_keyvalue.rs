@@ -159,21 +159,20 @@ impl batch::Host for GuestState {
         keys: Vec<String>,
     ) -> Result<Vec<(String, Option<Vec<u8>>)>, store::Error> {
         let label = self.bucket_label(&bucket)?;
-        keys.into_iter()
-            .map(|key| {
-                let value = self.kv.get(&label, &key).map_err(other)?;
-                Ok((key, value))
-            })
-            .collect()
+        self.kv.fault(Op::Read).map_err(other)?;
+        let values = self.kv.get_many(&label, &keys).map_err(other)?;
+        Ok(keys.into_iter().zip(values).collect())
     }
 
     fn set_many(&mut self, bucket: Resource<KvHandle>, entries: Vec<(String, Vec<u8>)>) -> Result<(), store::Error> {
         let label = self.bucket_label(&bucket)?;
-        entries.iter().try_for_each(|(key, value)| self.kv.set(&label, key, value).map_err(other))
+        self.kv.fault(Op::Write).map_err(other)?;
+        self.kv.set_many(&label, &entries).map_err(other)
     }
 
     fn delete_many(&mut self, bucket: Resource<KvHandle>, keys: Vec<String>) -> Result<(), store::Error> {
         let label = self.bucket_label(&bucket)?;
-        keys.iter().try_for_each(|key| self.kv.delete(&label, key).map_err(other))
+        self.kv.fault(Op::Write).map_err(other)?;
+        self.kv.delete_many(&label, &keys).map_err(other)
     }
 }
