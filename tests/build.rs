@@ -1,4 +1,4 @@
-//! Builds the three components for `wasm32-wasip2` so the host always runs what the source
+//! Builds the four components for `wasm32-wasip2` so the host always runs what the source
 //! says. Uses its own target directory: the outer cargo holds the lock on `target/`.
 
 use std::path::PathBuf;
@@ -14,7 +14,10 @@ fn main() {
         "request-fn",
         "approve-fn",
         "expire-fn",
+        "web-fn",
+        "openapi.json",
         "tests/floor",
+        ".cargo/config.toml",
         "Cargo.toml",
         "Cargo.lock",
     ] {
@@ -36,6 +39,8 @@ fn main() {
             "approve-fn",
             "-p",
             "expire-fn",
+            "-p",
+            "web-fn",
             // The service benchmark's floor (never part of the app).
             "-p",
             "floor-fn",

@@ -1,8 +1,8 @@
 //! request-fn: policies (admin), access requests (create, read, list, cancel), the audit
 //! trail (read, export, verify, checkpoint), the reconciler's drift reports, webhook
-//! subscriptions, the health check, who the caller is (`/api/whoami`) and the API's
-//! description (`/api/openapi.json`); and the self-service page (`/`, `/ui/...`, see `ui`).
-//! Routes: `/api/...` except what approve-fn owns. The rules live in `shared::service`.
+//! subscriptions, the health check and who the caller is (`/api/whoami`); and the
+//! self-service page's configuration (`/ui/config.json`, see `ui`). Routes: `/api/...` except
+//! what approve-fn and web-fn own. The rules live in `shared::service`.
 
 mod ui;
 
@@ -39,24 +39,11 @@ async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
     }
 }
 
-/// The API's description (`openapi.json` at the root of the repository), minified by
-/// `build.rs`.
-const OPENAPI: &str = include_str!(concat!(env!("OUT_DIR"), "/openapi.min.json"));
-
 fn route(request: &Request) -> Response {
     if let Some(page) = ui::serve(request) {
         return page;
     }
     let query = request.query();
-    // The contract is public: the CLI, the page and anyone's client generator read it.
-    if *request.method() == Method::Get && segments(request, "/api") == ["openapi.json"] {
-        return Response::builder()
-            .status(200)
-            .header("content-type", "application/json")
-            .header("cache-control", "public, max-age=300")
-            .body(OPENAPI)
-            .build();
-    }
     // The watchdog answers without a credential (only ok or failing); with one, in detail.
     if *request.method() == Method::Get
         && segments(request, "/api") == ["health"]
@@ -118,7 +105,6 @@ fn known(path: &[&str]) -> bool {
     matches!(
         path,
         ["whoami"]
-            | ["openapi.json"]
             | ["policies"]
             | ["policies", _]
             | ["policies", _, "evaluate"]

@@ -482,6 +482,94 @@ mod tests {
         assert!(kv.get("m").unwrap().is_some());
     }
 
+    /// A store that counts the round trips it serves.
+    #[derive(Default)]
+    struct Counting {
+        mem: MemStore,
+        calls: std::cell::Cell<usize>,
+    }
+
+    impl KvStore for Counting {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.calls.set(self.calls.get() + 1);
+            self.mem.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.calls.set(self.calls.get() + 1);
+            self.mem.set(key, value)
+        }
+        fn delete(&self, key: &str) -> Result<(), StoreError> {
+            self.calls.set(self.calls.get() + 1);
+            self.mem.delete(key)
+        }
+        fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
+            self.calls.set(self.calls.get() + 1);
+            self.mem.compare_and_swap(key, expected, value)
+        }
+        fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+            self.calls.set(self.calls.get() + 1);
+            self.mem.increment(key, delta)
+        }
+        fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+            self.calls.set(self.calls.get() + 1);
+            keys.iter().map(|key| self.mem.get(key)).collect()
+        }
+    }
+
+    #[test]
+    fn the_cache_reads_a_key_once_and_a_save_costs_only_its_swap() {
+        let cached = Cached::new(Counting::default());
+        save(&cached, "doc", &"a", None).unwrap();
+        let trips = cached.inner.calls.get();
+        assert_eq!(load::<String>(&cached, "doc").unwrap().unwrap().value, "a");
+        assert_eq!(save(&cached, "doc", &"b", Some(1)), Ok(2));
+        assert_eq!(cached.inner.calls.get() - trips, 1, "the read and the swap's own check came from the cache");
+        // One batch fills the cache for several keys, absent ones too.
+        cached.inner.mem.set("x", b"1").unwrap();
+        assert_eq!(cached.get_many(&["x".into(), "y".into(), "doc".into()]).unwrap()[0], Some(b"1".to_vec()));
+        let trips = cached.inner.calls.get();
+        assert_eq!((cached.get("x").unwrap(), cached.get("y").unwrap()), (Some(b"1".to_vec()), None));
+        assert_eq!(cached.inner.calls.get(), trips);
+    }
+
+    #[test]
+    fn a_lost_race_makes_the_cache_read_the_store_again() {
+        let cached = Cached::new(Counting::default());
+        save(&cached, "doc", &"mine", None).unwrap();
+        // Another instance writes behind the cache's back.
+        save(&cached.inner.mem, "doc", &"theirs", Some(1)).unwrap();
+        assert_eq!(load::<String>(&cached, "doc").unwrap().unwrap().value, "mine", "stale, until a swap says so");
+        assert_eq!(save(&cached, "doc", &"again", Some(1)), Err(StoreError::Conflict { key: "doc".into() }));
+        assert_eq!(load::<String>(&cached, "doc").unwrap().unwrap().value, "theirs", "read afresh");
+        // update() retries through the cache and wins on the fresh read.
+        update::<String, _>(&cached, "doc", |_| Some("merged".into())).unwrap();
+        assert_eq!(load::<String>(&cached.inner.mem, "doc").unwrap().unwrap(), Versioned { value: "merged".into(), version: 3 });
+        // A raw swap that fails forgets too.
+        cached.inner.mem.set("raw", b"theirs").unwrap();
+        cached.set("raw", b"mine").unwrap();
+        cached.inner.mem.set("raw", b"newer").unwrap();
+        assert_eq!(cached.compare_and_swap("raw", Some(b"mine"), b"x"), Ok(false));
+        assert_eq!(cached.get("raw").unwrap(), Some(b"newer".to_vec()));
+    }
+
+    #[test]
+    fn a_ring_lists_the_newest_entries_first_and_keeps_only_its_cap() {
+        let kv = MemStore::default();
+        let ring = Ring::new("idx:r".into(), 3);
+        for id in ["a", "b", "c", "d"] {
+            let (key, value) = ring.reserve(&kv, id).unwrap();
+            kv.set(&key, &value).unwrap();
+        }
+        assert_eq!(ring.newest(&kv, 0, 10).unwrap(), ["d", "c", "b"]);
+        assert_eq!(ring.newest(&kv, 1, 1).unwrap(), ["c"]);
+        assert!(ring.newest(&kv, 3, 10).unwrap().is_empty(), "nothing beyond the cap");
+        // A writer that took an entry and died before writing it leaves the slot's older
+        // entry, which is not listed in its place.
+        ring.reserve(&kv, "e").unwrap();
+        assert_eq!(ring.newest(&kv, 0, 10).unwrap(), ["d", "c"]);
+        assert_eq!(kv.keys().len(), 4, "a counter and three slots, whatever the number of entries");
+    }
+
     #[test]
     fn corrupt_documents_are_reported_with_their_key() {
         let kv = MemStore::default();

@@ -374,7 +374,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = wasmtime::Config::new();
     config.wasm_component_model(true);
     let engine = wasmtime::Engine::new(&config)?;
-    for name in ["request_fn", "approve_fn", "expire_fn", "floor_fn"] {
+    for name in ["request_fn", "approve_fn", "expire_fn", "web_fn", "floor_fn"] {
         let path = std::path::Path::new(portcullis_host::GUEST_DIR).join(format!("{name}.wasm"));
         let bytes = std::fs::read(&path)?;
         let compiled = Instant::now();

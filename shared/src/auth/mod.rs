@@ -1,6 +1,7 @@
 //! Who is calling: API keys (configured as SHA-256 hashes), OIDC bearer tokens, and the
 //! caller's network address.
 
+mod jwt_crypto;
 pub mod oidc;
 pub mod signin;
 

@@ -126,6 +126,7 @@ pub fn check(token: &str, jwks: &JwkSet, settings: &OidcSettings) -> Result<serd
     };
     check_key_matches(jwk, header.alg)?;
     let key = DecodingKey::from_jwk(jwk).map_err(|e| invalid(format!("unusable key in the key set: {e}")))?;
+    super::jwt_crypto::install();
     let mut validation = Validation::new(header.alg);
     validation.leeway = SKEW_SECS;
     validation.validate_nbf = true;

@@ -428,7 +428,7 @@ impl Policy {
             if pattern.len() > 200 {
                 return Err(err("'justification_pattern' is longer than 200 characters".into()).into());
             }
-            regex::Regex::new(pattern)
+            regex_lite::Regex::new(pattern)
                 .map_err(|e| err(format!("'justification_pattern' is not a valid regular expression: {e}")))?;
         }
         let break_glass = match raw.break_glass {

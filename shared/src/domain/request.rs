@@ -237,7 +237,7 @@ impl AccessRequest {
 
         if let Some(pattern) = &policy.justification_pattern {
             // Checked when the policy was stored; a pattern that no longer compiles refuses.
-            let matches = regex::Regex::new(pattern).is_ok_and(|re| re.is_match(&justification));
+            let matches = regex_lite::Regex::new(pattern).is_ok_and(|re| re.is_match(&justification));
             if !matches {
                 return Err(refused(
                     "justification_mismatch",

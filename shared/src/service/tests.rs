@@ -647,3 +647,22 @@ fn a_deleted_policys_grant_whose_due_entry_was_lost_is_still_closed() {
     world.at(at(62), sweep::sweep).unwrap();
     assert!(crate::store::read_list(&world.kv, keys::POLICIES).unwrap().is_empty(), "then it leaves the round");
 }
+
+#[test]
+fn deferred_events_go_in_with_the_next_record_or_when_the_invocation_ends() {
+    let world = World::new(policy_json());
+    let last = || log::head(&world.kv).unwrap().map_or(0, |event| event.seq);
+    let before = last();
+    let subject = || crate::audit::Subject { request: Some("r1".into()), policy: Some("demo-vm".into()) };
+    world.at(at(0), |env| {
+        env.defer("rule.put", subject(), Outcome::Ok, json!({}));
+        assert_eq!(last(), before, "held back");
+        env.record("request.activated", subject(), Outcome::Ok, json!({})).unwrap();
+        assert_eq!(last(), before + 2, "written first, in the same append");
+        env.defer("rule.deleted", subject(), Outcome::Ok, json!({}));
+    });
+    assert_eq!(last(), before + 3, "written when the invocation ended");
+    let actions: Vec<String> = log::range(&world.kv, before + 1, before + 3).map(|e| e.unwrap().action).collect();
+    assert_eq!(actions, ["rule.put", "request.activated", "rule.deleted"]);
+    assert_eq!(log::verify_stored(&world.kv, 1, None, None).unwrap().chain.broken, None);
+}

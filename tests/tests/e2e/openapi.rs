@@ -69,10 +69,11 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
         let path: Vec<&str> = captures[3].split(',').map(|s| s.trim().trim_matches('"')).collect();
         routes.insert((captures[1].to_uppercase(), format!("{}/{}", &captures[2], path.join("/"))));
     }
-    // Matched on the whole path rather than by segments.
+    // Matched on the whole path rather than by segments (web-fn's files among them).
     routes.insert(("POST".into(), "/webhooks/slack".into()));
     routes.insert(("GET".into(), "/".into()));
     routes.insert(("GET".into(), "/ui/{}".into()));
+    routes.insert(("GET".into(), "/api/openapi.json".into()));
     routes.insert(("POST".into(), "/internal/sweep".into()));
     routes
 }

@@ -60,8 +60,13 @@ async fn click(
     send_signed(world, &body, skew, secret).await
 }
 
+/// Signs `body` now (give or take `skew` seconds) and posts it.
 async fn send_signed(world: &World, body: &str, skew: i64, secret: &str) -> (u16, String) {
-    let timestamp = world.local.host.clock().now().timestamp() + skew;
+    send_signed_at(world, body, world.local.host.clock().now().timestamp() + skew, secret).await
+}
+
+/// Signs `body` at `timestamp` and posts it: the same arguments send the very same bytes.
+async fn send_signed_at(world: &World, body: &str, timestamp: i64, secret: &str) -> (u16, String) {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("v0:{timestamp}:{body}").as_bytes());
     let signature = format!("v0={}", hex::encode(mac.finalize().into_bytes()));
@@ -141,7 +146,9 @@ async fn a_click_decides_only_when_signed_fresh_first_from_the_workspace_mapped_
         "actions": [{"action_id": "approve", "value": id}],
     });
     let body = format!("payload={}", url_encode(&payload.to_string()));
-    assert_eq!(send_signed(&world, &body, 0, SIGNING_SECRET).await.0, 200);
+    // Signed once: the replay below sends the very same bytes, whatever second it is then.
+    let signed_at = world.local.host.clock().now().timestamp();
+    assert_eq!(send_signed_at(&world, &body, signed_at, SIGNING_SECRET).await.0, 200);
     let told = received(&world, "/response", 4).await;
     assert_eq!(told[3].body["text"], "Done: the request is now active.");
     assert_eq!(world.get_request(&id).await["state"], "active");
@@ -160,7 +167,7 @@ async fn a_click_decides_only_when_signed_fresh_first_from_the_workspace_mapped_
         "{updates:#?}"
     );
     // The very same callback again is a replay.
-    assert_eq!(send_signed(&world, &body, 0, SIGNING_SECRET).await.0, 409);
+    assert_eq!(send_signed_at(&world, &body, signed_at, SIGNING_SECRET).await.0, 409);
 }
 
 #[tokio::test(flavor = "multi_thread")]

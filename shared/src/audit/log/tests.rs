@@ -244,3 +244,54 @@ fn checkpoints_catch_up_when_the_key_is_set_late() {
     assert_eq!(latest_checkpoint(&kv).unwrap().map(|c| c.seq), Some(300));
     assert_eq!(verify_stored(&kv, 1, None, late).unwrap().chain.broken, None);
 }
+
+#[test]
+fn a_batch_is_numbered_and_chained_as_single_appends_are_with_one_swap_of_the_head() {
+    let single = trail(5);
+    let batched = trail(2);
+    let events = append_all(&batched, (3..=5).map(record).collect(), at(3), CHECKPOINTING).unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    assert_eq!(broken_at(&batched), None);
+    assert_eq!(head(&batched).unwrap().map(|h| h.seq), Some(5));
+    assert_eq!(latest_checkpoint(&batched).unwrap().map(|c| c.seq), Some(5), "a checkpoint due inside a batch");
+    // The same records, one by one or together, chain the same way (times aside).
+    let actions = |kv: &MemStore| range(kv, 1, 5).map(|e| e.unwrap().action).collect::<Vec<_>>();
+    assert_eq!(actions(&single), actions(&batched));
+}
+
+#[test]
+fn a_batch_whose_archive_write_failed_stands_in_the_head_until_the_next_append_archives_it() {
+    let kv = trail(1);
+    let events = append_all(&FailingSet(&kv), (2..=4).map(record).collect(), at(2), None).expect("appended");
+    assert_eq!(events.len(), 3);
+    for seq in 2..=4 {
+        assert_eq!(read(&kv, seq).unwrap(), Slot::Missing, "event {seq} is only in the head");
+    }
+    // Readers find every event of the batch in the head.
+    assert_eq!(verify_stored(&kv, 1, None, None).unwrap().chain.broken, None);
+    let page = page(&kv, &Filter::default(), None, 100).unwrap();
+    assert_eq!(page.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    // The next appender archives the whole batch before it moves the head on.
+    append(&kv, record(5), at(5), None).unwrap();
+    for seq in 2..=4 {
+        assert!(matches!(read(&kv, seq).unwrap(), Slot::Event(_)), "event {seq} archived");
+    }
+    assert_eq!(verify_stored(&kv, 1, None, None).unwrap().chain.broken, None);
+}
+
+#[test]
+fn a_batch_that_loses_the_race_for_the_head_goes_in_after_the_winner() {
+    let kv = HookedStore::over(trail(1));
+    let mut rival = true;
+    kv.before_swap(move |mem, key| {
+        if key == keys::AUDIT_HEAD && std::mem::take(&mut rival) {
+            append_all(mem, vec![record(90), record(91)], at(1), None)?;
+        }
+        Ok(())
+    });
+    let events = append_all(&kv, vec![record(2), record(3)], at(2), None).unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5]);
+    kv.clear_hook();
+    assert_eq!(verify_stored(&kv.mem, 1, None, None).unwrap().chain.broken, None);
+    assert_eq!(range(&kv.mem, 1, 5).map(|e| e.unwrap().seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+}
