@@ -1,4 +1,4 @@
-//! Builds the four components for `wasm32-wasip2` so the host always runs what the source
+//! Builds the five components for `wasm32-wasip2` so the host always runs what the source
 //! says. Uses its own target directory: the outer cargo holds the lock on `target/`.
 
 use std::path::PathBuf;
@@ -13,6 +13,7 @@ fn main() {
         "shared/Cargo.toml",
         "request-fn",
         "approve-fn",
+        "admin-fn",
         "expire-fn",
         "web-fn",
         "openapi.json",
@@ -37,6 +38,8 @@ fn main() {
             "request-fn",
             "-p",
             "approve-fn",
+            "-p",
+            "admin-fn",
             "-p",
             "expire-fn",
             "-p",

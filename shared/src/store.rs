@@ -543,7 +543,10 @@ mod tests {
         assert_eq!(load::<String>(&cached, "doc").unwrap().unwrap().value, "theirs", "read afresh");
         // update() retries through the cache and wins on the fresh read.
         update::<String, _>(&cached, "doc", |_| Some("merged".into())).unwrap();
-        assert_eq!(load::<String>(&cached.inner.mem, "doc").unwrap().unwrap(), Versioned { value: "merged".into(), version: 3 });
+        assert_eq!(
+            load::<String>(&cached.inner.mem, "doc").unwrap().unwrap(),
+            Versioned { value: "merged".into(), version: 3 }
+        );
         // A raw swap that fails forgets too.
         cached.inner.mem.set("raw", b"theirs").unwrap();
         cached.set("raw", b"mine").unwrap();

@@ -618,7 +618,7 @@ fn allow_rule(
         description: format!(
             "portcullis JIT {} until {} for {}",
             request.id,
-            ends_at.format("%Y-%m-%dT%H:%M:%SZ"),
+            ends_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             request.requester
         ),
         access: Access::Allow,

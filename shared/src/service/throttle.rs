@@ -281,7 +281,7 @@ fn clear_minute(kv: &dyn KvStore, minute: DateTime<Utc>, budget: &mut usize) -> 
 /// block of that minute, its count of failed logins, or a message id kept against replays. A slot pointing anywhere else
 /// (a damaged store) deletes nothing.
 fn is_tally_of(name: &str, minute: DateTime<Utc>) -> bool {
-    let stamp = minute.format("%Y%m%d%H%M").to_string();
+    let stamp = keys::minute_stamp(minute);
     if name == keys::auth_failures(minute) || name.starts_with("seen:") {
         return true;
     }

@@ -41,7 +41,8 @@ fn the_checker_refuses_what_the_description_does_not_say() {
 fn routes_in_source() -> BTreeSet<(String, String)> {
     let arm = Regex::new(r#"\(Method::(\w+)(?: \| Method::(\w+))?, \[([^\]]*)\]\)"#).unwrap();
     let mut routes = BTreeSet::new();
-    for (file, prefix) in [("request-fn/src/lib.rs", "/api"), ("approve-fn/src/lib.rs", "/api")] {
+    let routers = ["request-fn/src/lib.rs", "approve-fn/src/lib.rs", "admin-fn/src/lib.rs"];
+    for (file, prefix) in routers.map(|file| (file, "/api")) {
         let source = std::fs::read_to_string(format!("{}/../{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
         for captures in arm.captures_iter(&source) {
             let segments: Vec<&str> = captures[3].split(',').map(str::trim).collect();
@@ -64,10 +65,12 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
     }
     // Answered before the router, on exact segments.
     let early = Regex::new(r#"Method::(\w+)\s*&&\s*segments\(&?request, "([^"]*)"\) == \[([^\]]*)\]"#).unwrap();
-    let source = std::fs::read_to_string(format!("{}/../request-fn/src/lib.rs", env!("CARGO_MANIFEST_DIR"))).unwrap();
-    for captures in early.captures_iter(&source) {
-        let path: Vec<&str> = captures[3].split(',').map(|s| s.trim().trim_matches('"')).collect();
-        routes.insert((captures[1].to_uppercase(), format!("{}/{}", &captures[2], path.join("/"))));
+    for file in routers {
+        let source = std::fs::read_to_string(format!("{}/../{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        for captures in early.captures_iter(&source) {
+            let path: Vec<&str> = captures[3].split(',').map(|s| s.trim().trim_matches('"')).collect();
+            routes.insert((captures[1].to_uppercase(), format!("{}/{}", &captures[2], path.join("/"))));
+        }
     }
     // Matched on the whole path rather than by segments (web-fn's files among them).
     routes.insert(("POST".into(), "/webhooks/slack".into()));
@@ -110,6 +113,7 @@ fn codes_in_source() -> Vec<(String, u64, String)> {
     let mut dirs = vec![
         format!("{root}/shared/src"),
         format!("{root}/request-fn/src"),
+        format!("{root}/admin-fn/src"),
         format!("{root}/approve-fn/src"),
         format!("{root}/expire-fn/src"),
     ];
