@@ -250,9 +250,11 @@ where
     Err(StoreError::Conflict { key: key.to_owned() })
 }
 
-/// Adds an id to an index list (once), keeping at most `cap` of the newest.
+/// Adds an id to an index list (once), keeping at most `cap` of the newest. A list that
+/// seems to hold the id already is read again from the store before that is believed: a
+/// cached copy may predate its removal, and "listed" is a promise (the sweep finds the id).
 pub fn add_to_list(kv: &dyn KvStore, key: &str, id: &str, cap: usize) -> Result<(), StoreError> {
-    update::<Vec<String>, _>(kv, key, |list| {
+    let add = |list: Option<Vec<String>>| {
         let mut list = list.unwrap_or_default();
         if list.iter().any(|x| x == id) {
             return None;
@@ -262,8 +264,20 @@ pub fn add_to_list(kv: &dyn KvStore, key: &str, id: &str, cap: usize) -> Result<
             list.drain(..list.len() - cap);
         }
         Some(list)
-    })
-    .map(drop)
+    };
+    if update::<Vec<String>, _>(kv, key, add)?.is_none() {
+        kv.forget(key);
+        update::<Vec<String>, _>(kv, key, add)?;
+    }
+    Ok(())
+}
+
+/// Reads a versioned document from the store itself, past any cache: for decisions a long
+/// invocation (the sweep) makes about documents others may have changed since it first read
+/// them.
+pub fn load_fresh<T: DeserializeOwned>(kv: &dyn KvStore, key: &str) -> Result<Option<Versioned<T>>, StoreError> {
+    kv.forget(key);
+    load(kv, key)
 }
 
 /// Removes an id from an index list. An emptied list stays, as `[]`: deleting the key would
@@ -553,6 +567,17 @@ mod tests {
         cached.inner.mem.set("raw", b"newer").unwrap();
         assert_eq!(cached.compare_and_swap("raw", Some(b"mine"), b"x"), Ok(false));
         assert_eq!(cached.get("raw").unwrap(), Some(b"newer".to_vec()));
+    }
+
+    #[test]
+    fn an_id_the_cache_believes_listed_is_listed_again_when_the_store_lost_it() {
+        // The sweep (another instance) drops the id after this invocation cached the list:
+        // "add" must not trust the cached copy, or the id is left unlisted.
+        let cached = Cached::new(Counting::default());
+        add_to_list(&cached, "work", "x", usize::MAX).unwrap();
+        remove_from_list(&cached.inner.mem, "work", "x").unwrap();
+        add_to_list(&cached, "work", "x", usize::MAX).unwrap();
+        assert_eq!(read_list(&cached.inner.mem, "work").unwrap(), ["x"]);
     }
 
     #[test]

@@ -136,8 +136,14 @@ struct HeadBatch {
 /// The events of the last append, as `audit:head` holds them: one event, or a batch.
 fn parse_head(bytes: &[u8]) -> Result<Vec<AuditEvent>, StoreError> {
     if bytes.starts_with(b"{\"batch\"") {
-        let head: HeadBatch = serde_json::from_slice(bytes)
-            .map_err(|e| StoreError::Corrupt { key: keys::AUDIT_HEAD.to_owned(), reason: e.to_string() })?;
+        let corrupt = |reason: String| StoreError::Corrupt { key: keys::AUDIT_HEAD.to_owned(), reason };
+        let head: HeadBatch = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+        // One append's events: numbered in a row, each chained to the one before.
+        let linked =
+            head.batch.windows(2).all(|pair| pair[1].seq == pair[0].seq + 1 && pair[1].prev_hash == pair[0].hash);
+        if head.batch.is_empty() || !linked {
+            return Err(corrupt("the head's batch is not one run of chained events".into()));
+        }
         return Ok(head.batch);
     }
     Ok(vec![parse(keys::AUDIT_HEAD, bytes)?])
@@ -154,15 +160,19 @@ fn archived(events: &[AuditEvent]) -> Result<Vec<(String, Vec<u8>)>, StoreError>
         .collect()
 }
 
-/// Copies the head's events to their own keys unless their appender already did (one
-/// round trip to look, whatever the batch's size).
+/// Copies the head's events that are missing from their own keys (their appender died
+/// before filing them): one round trip to look, whatever the batch's size. Never overwrites
+/// an archived event.
 fn archive(kv: &dyn KvStore, batch: &[AuditEvent]) -> Result<(), StoreError> {
     if batch.is_empty() {
         return Ok(());
     }
     let keys: Vec<String> = batch.iter().map(|event| keys::audit_event(event.seq)).collect();
-    if kv.get_many(&keys)?.iter().any(Option::is_none) {
-        kv.set_many(&archived(batch)?)?;
+    let stored = kv.get_many(&keys)?;
+    let missing: Vec<AuditEvent> =
+        batch.iter().zip(&stored).filter(|(_, stored)| stored.is_none()).map(|(event, _)| event.clone()).collect();
+    if !missing.is_empty() {
+        kv.set_many(&archived(&missing)?)?;
     }
     Ok(())
 }
@@ -254,7 +264,7 @@ pub fn head(kv: &dyn KvStore) -> Result<Option<AuditEvent>, StoreError> {
 }
 
 /// Event `seq` of the head's batch, if it is one of them.
-fn in_batch(batch: &[AuditEvent], seq: u64) -> Option<&AuditEvent> {
+pub fn in_batch(batch: &[AuditEvent], seq: u64) -> Option<&AuditEvent> {
     batch.iter().find(|event| event.seq == seq)
 }
 
@@ -287,11 +297,19 @@ pub fn read(kv: &dyn KvStore, seq: u64) -> Result<Slot, StoreError> {
 }
 
 /// Events `from..=to` in order, as far as they are readable (missing ones are skipped: the
-/// chain shows the gap).
+/// chain shows the gap). Events only the head holds yet are read from it.
 pub fn range(kv: &dyn KvStore, from: u64, to: u64) -> impl Iterator<Item = Result<AuditEvent, StoreError>> + '_ {
+    let mut batch = None;
     (from.max(1)..=to).filter_map(move |seq| match read(kv, seq) {
         Ok(Slot::Event(event)) => Some(Ok(*event)),
-        Ok(Slot::Missing | Slot::Unreadable(_)) => None,
+        Ok(Slot::Missing) => {
+            let batch = match batch.get_or_insert_with(|| head_batch(kv)) {
+                Ok(batch) => batch,
+                Err(error) => return Some(Err(error.clone())),
+            };
+            in_batch(batch, seq).cloned().map(Ok)
+        }
+        Ok(Slot::Unreadable(_)) => None,
         Err(e) => Some(Err(e)),
     })
 }
@@ -339,6 +357,9 @@ pub fn verify_stored(
     if from > 1 {
         match read(kv, from - 1)? {
             Slot::Event(before) => verifier = Verifier::new(Some((before.seq, before.hash))),
+            Slot::Missing if let Some(before) = in_batch(&batch, from - 1) => {
+                verifier = Verifier::new(Some((before.seq, before.hash.clone())));
+            }
             Slot::Missing => verifier.fail(from - 1, format!("event {} is missing from the store", from - 1)),
             Slot::Unreadable(why) => verifier.fail(from - 1, format!("event {} is unreadable: {why}", from - 1)),
         }

@@ -165,6 +165,23 @@ pub fn open(
     policy: Option<&Policy>,
     mine: Option<Lease>,
 ) -> Result<(), ApiError> {
+    let outcome = open_unflushed(env, request, policy, mine);
+    flushed(env, outcome)
+}
+
+/// A confirmed ARM write's event waits for the append of the state it led to; whatever ended
+/// the step, it is written before the step returns, not at the end of a long invocation.
+fn flushed(env: &Env, outcome: Result<(), ApiError>) -> Result<(), ApiError> {
+    let flushed = env.flush();
+    outcome.and(flushed)
+}
+
+fn open_unflushed(
+    env: &Env,
+    request: &mut Versioned<AccessRequest>,
+    policy: Option<&Policy>,
+    mine: Option<Lease>,
+) -> Result<(), ApiError> {
     if request.value.state != State::Approved {
         return Ok(());
     }
@@ -431,6 +448,11 @@ pub fn close(
 /// PUT of the rule can still be in flight; until then the request stays `revoking`, listed
 /// for the sweep, which deletes again once the lease has run out.
 pub fn finish_close(env: &Env, request: &mut Versioned<AccessRequest>) -> Result<(), ApiError> {
+    let outcome = finish_close_unflushed(env, request);
+    flushed(env, outcome)
+}
+
+fn finish_close_unflushed(env: &Env, request: &mut Versioned<AccessRequest>) -> Result<(), ApiError> {
     retrying(env, request, |request| {
         if !matches!(request.value.state, State::Revoking { .. }) {
             return Ok(());

@@ -146,7 +146,7 @@ fn close_overdue_grants(
     let mut active = Vec::new();
     for id in store::read_list(env.kv, &keys::live(policy))? {
         let Ok(request_id) = RequestId::parse(&id) else { continue };
-        let mut request = match store::load::<AccessRequest>(env.kv, &keys::request(&request_id)) {
+        let mut request = match store::load_fresh::<AccessRequest>(env.kv, &keys::request(&request_id)) {
             Ok(Some(request)) => request,
             Ok(None) => continue,
             Err(error) => {
@@ -210,7 +210,7 @@ fn remove_ownerless_rules(
     for rule in rules {
         let Some(id) = grant_rule_id(rule) else { continue };
         let owner = match RequestId::parse(id) {
-            Ok(id) => match store::load::<AccessRequest>(env.kv, &keys::request(&id)) {
+            Ok(id) => match store::load_fresh::<AccessRequest>(env.kv, &keys::request(&id)) {
                 Ok(owner) => owner.map(|o| o.value),
                 // Unreadable now: decide at a later scan, never on a guess.
                 Err(_) => continue,

@@ -93,6 +93,11 @@ pub fn minute_floor(at: DateTime<Utc>) -> DateTime<Utc> {
 /// (a grant's end, a pending request's timeout). Never behind the sweep's cursor or the
 /// clock: an entry there would never be read. The first entry ever also starts the cursor.
 pub fn schedule(env: &Env, at: DateTime<Utc>, id: &RequestId) -> Result<(), ApiError> {
+    // The cursor read at the start of the invocation will do, unless a slow call (ARM) has
+    // passed since: the sweep may have moved on.
+    if env.fresh_now() - env.now > TimeDelta::seconds(5) {
+        env.kv.forget(keys::SWEEP_CURSOR);
+    }
     let cursor = store::load::<DateTime<Utc>>(env.kv, keys::SWEEP_CURSOR)?;
     let mut at = at.max(env.fresh_now());
     if let Some(cursor) = &cursor {
@@ -419,7 +424,8 @@ fn sweep_minute(
 /// cannot be read now (the caller keeps the work).
 fn load(env: &Env, id: &str) -> Result<Option<Versioned<AccessRequest>>, String> {
     let id = RequestId::parse(id).map_err(|e| e.to_string())?;
-    store::load::<AccessRequest>(env.kv, &keys::request(&id)).map_err(|e| e.to_string())
+    // Fresh: this sweep may have read it a while ago, and another instance changed it since.
+    store::load_fresh::<AccessRequest>(env.kv, &keys::request(&id)).map_err(|e| e.to_string())
 }
 
 /// What came of a due entry.

@@ -227,7 +227,8 @@ fn deliver_to(
 /// Reads the trail past the cursor and queues the events the subscription wants that took
 /// effect. Stops at an event whose change may still be on its way to the store.
 fn enqueue(env: &Env, subscription: &Subscription, state: &mut DeliveryState) -> Result<usize, ApiError> {
-    let Some(head) = log::head(env.kv)? else { return Ok(0) };
+    let batch = log::head_batch(env.kv)?;
+    let Some(head) = batch.last() else { return Ok(0) };
     let mut requests: HashMap<String, Option<AccessRequest>> = HashMap::new();
     let mut policies: HashMap<String, Option<Policy>> = HashMap::new();
     let mut queued = 0;
@@ -237,8 +238,8 @@ fn enqueue(env: &Env, subscription: &Subscription, state: &mut DeliveryState) ->
         }
         let event = match log::read(env.kv, seq)? {
             Slot::Event(event) => *event,
-            // The newest event lives in the head until the next append files it.
-            Slot::Missing if seq == head.seq => head.clone(),
+            // The newest events live in the head until the next append files them.
+            Slot::Missing if let Some(event) = log::in_batch(&batch, seq) => event.clone(),
             Slot::Missing | Slot::Unreadable(_) => {
                 eprintln!("webhooks: audit event {seq} cannot be read; skipped");
                 state.cursor = seq;

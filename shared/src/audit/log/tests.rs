@@ -267,8 +267,11 @@ fn a_batch_whose_archive_write_failed_stands_in_the_head_until_the_next_append_a
     for seq in 2..=4 {
         assert_eq!(read(&kv, seq).unwrap(), Slot::Missing, "event {seq} is only in the head");
     }
-    // Readers find every event of the batch in the head.
+    // Readers find every event of the batch in the head: verify (from any start), pages,
+    // ranges (the export and the webhook deliverer).
     assert_eq!(verify_stored(&kv, 1, None, None).unwrap().chain.broken, None);
+    assert_eq!(verify_stored(&kv, 4, None, None).unwrap().chain.broken, None);
+    assert_eq!(range(&kv, 1, 4).map(|e| e.unwrap().seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
     let page = page(&kv, &Filter::default(), None, 100).unwrap();
     assert_eq!(page.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
     // The next appender archives the whole batch before it moves the head on.
@@ -294,4 +297,21 @@ fn a_batch_that_loses_the_race_for_the_head_goes_in_after_the_winner() {
     kv.clear_hook();
     assert_eq!(verify_stored(&kv.mem, 1, None, None).unwrap().chain.broken, None);
     assert_eq!(range(&kv.mem, 1, 5).map(|e| e.unwrap().seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn a_forged_head_batch_neither_overwrites_archived_events_nor_passes_unchained() {
+    let kv = trail(3);
+    let genuine = kv.get(&keys::audit_event(2)).unwrap();
+    let mut events: Vec<AuditEvent> = range(&kv, 2, 3).map(Result::unwrap).collect();
+    // A head claiming other contents for event 2 (already archived) and 3.
+    events[0].details = json!({"n": "forged"});
+    kv.set(keys::AUDIT_HEAD, &serde_json::to_vec(&HeadBatch { batch: events.clone() }).unwrap()).unwrap();
+    kv.delete(&keys::audit_event(3)).unwrap();
+    append(&kv, record(4), at(4), None).unwrap();
+    assert_eq!(kv.get(&keys::audit_event(2)).unwrap(), genuine, "an archived event is never replaced");
+    // A batch whose events do not follow one another is refused, not archived.
+    events[1].seq = 9;
+    kv.set(keys::AUDIT_HEAD, &serde_json::to_vec(&HeadBatch { batch: events }).unwrap()).unwrap();
+    assert!(matches!(append(&kv, record(5), at(5), None), Err(StoreError::Corrupt { .. })));
 }
