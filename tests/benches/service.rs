@@ -224,6 +224,7 @@ fn seed_not_due(bench: &Bench, template: &str, due: chrono::DateTime<chrono::Utc
             store.set_many("default", &std::mem::take(&mut entries)).unwrap();
         }
     }
+    store.checkpoint().unwrap();
 }
 
 /// Calls per second of 16 clients doing `op` for `seconds`.
