@@ -309,6 +309,11 @@ fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| {
         let mut config = Config::new();
         config.wasm_component_model(true);
+        // `PORTCULLIS_PERFMAP=1`: guest code is named in `perf report` (wasmtime's perf map;
+        // build the guests with `CARGO_PROFILE_RELEASE_STRIP=false` to keep their names).
+        if std::env::var_os("PORTCULLIS_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         Engine::new(&config).expect("wasmtime engine")
     })
 }
