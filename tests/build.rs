@@ -24,6 +24,9 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
     }
+    // Profiling builds keep the guests' names (`CARGO_PROFILE_RELEASE_STRIP=false`, which the
+    // nested build inherits); switching back must rebuild them stripped.
+    println!("cargo:rerun-if-env-changed=CARGO_PROFILE_RELEASE_STRIP");
     ensure_wasm_target();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);

@@ -9,6 +9,7 @@
 //! 1. latency p50/p99 of each operation over `BENCH_CALLS` calls (default 2,000), interleaved
 //!    in blocks, and its ratio to the floor (a spin-sdk component that answers 200 and touches
 //!    nothing, `tests/floor`);
+//!    The same again with the store's commits not flushed to disk one by one;
 //! 2. the store operations, bytes and ARM calls of one call of each, counted by the host;
 //! 3. the same latencies with every store operation 1 ms and 5 ms away (`BENCH_DELAYED_CALLS`,
 //!    default 50);
@@ -307,6 +308,19 @@ async fn main() -> anyhow::Result<()> {
     let mut samples = latencies(&bench, calls, &read).await;
     let floor = samples.get_mut("floor (trivial component)").unwrap().percentile(0.5);
     println!("## Latency\n\n| operation | p50 ms | p99 ms | p50 / floor |\n|---|---|---|---|");
+    for (name, s) in samples.iter_mut() {
+        let (p50, p99) = (s.percentile(0.5), s.percentile(0.99));
+        println!("| {name} | {p50:.2} | {p99:.2} | {:.1} |", p50 / floor);
+    }
+
+    // The same without an fsync per store write: what the components and the host cost
+    // apart from the disk (the profile of the run above is mostly the kernel's fsync).
+    println!("\n## Latency, the store's commits not flushed one by one (SQLite `synchronous = NORMAL`)\n");
+    println!("| operation | p50 ms | p99 ms | p50 / floor |\n|---|---|---|---|");
+    bench.local.host.store().flush_each_commit(false)?;
+    let mut samples = latencies(&bench, (calls / 4).max(50), &read).await;
+    bench.local.host.store().flush_each_commit(true)?;
+    let floor = samples.get_mut("floor (trivial component)").unwrap().percentile(0.5);
     for (name, s) in samples.iter_mut() {
         let (p50, p99) = (s.percentile(0.5), s.percentile(0.99));
         println!("| {name} | {p50:.2} | {p99:.2} | {:.1} |", p50 / floor);

@@ -279,6 +279,15 @@ impl KvBackend {
         Ok(sum)
     }
 
+    /// `false`: commits are no longer flushed to disk one by one (SQLite `synchronous =
+    /// NORMAL` in WAL mode: a crash of the process loses nothing, a power cut may lose the
+    /// last commits). For measuring what the components cost apart from the disk's fsync.
+    pub fn flush_each_commit(&self, flush: bool) -> Result<()> {
+        let mode = if flush { "FULL" } else { "NORMAL" };
+        self.db.lock().unwrap().execute_batch(&format!("PRAGMA synchronous = {mode};"))?;
+        Ok(())
+    }
+
     /// Moves what the write-ahead log holds into the database file, so a measurement that
     /// follows a bulk load does not pay for it (SQLite checkpoints on its own schedule).
     pub fn checkpoint(&self) -> Result<()> {
