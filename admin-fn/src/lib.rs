@@ -11,19 +11,15 @@
 use shared::api::ApiError;
 use shared::service::{audit, policies, reconcile, webhooks};
 use shared::spin::{answer, random_bytes, segments, serve_api, stream_export};
-use spin_sdk::http::conversions::TryFromIncomingRequest;
 use spin_sdk::http::{IncomingRequest, Method, Request, Response, ResponseOutparam};
 use spin_sdk::http_component;
 
 /// The export streams its body; every other route answers whole.
 #[http_component]
 async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
-    let request = match Request::try_from_incoming_request(incoming).await {
+    let request = match shared::spin::read_request(incoming).await {
         Ok(request) => request,
-        Err(error) => {
-            let refused = ApiError::bad_request("unreadable_request", format!("cannot read the request: {error}"));
-            return answer(response_out, shared::spin::respond(Err(refused))).await;
-        }
+        Err(refused) => return answer(response_out, refused).await,
     };
     if *request.method() == Method::Get && segments(&request, "/api") == ["audit", "export"] {
         return stream_export(&request, response_out).await;

@@ -9,19 +9,15 @@ use shared::spin::{
     accept_slack, answer, deliver_after_answer, follow_up_slack, respond, segments, serve_api, serve_decision_link,
     serve_integration, serve_signed_in,
 };
-use spin_sdk::http::conversions::TryFromIncomingRequest;
 use spin_sdk::http::{IncomingRequest, Method, Request, Response, ResponseOutparam};
 use spin_sdk::http_component;
 
 /// Answers, then tells the webhook subscriptions what changed.
 #[http_component]
 async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
-    let request = match Request::try_from_incoming_request(incoming).await {
+    let request = match shared::spin::read_request(incoming).await {
         Ok(request) => request,
-        Err(error) => {
-            let refused = ApiError::bad_request("unreadable_request", format!("cannot read the request: {error}"));
-            return answer(response_out, respond(Err(refused))).await;
-        }
+        Err(refused) => return answer(response_out, refused).await,
     };
     // Slack wants its answer within 3 seconds: acknowledge, then act.
     if *request.method() == Method::Post && request.path() == "/webhooks/slack" {

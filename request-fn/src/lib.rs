@@ -9,18 +9,14 @@ mod ui;
 use shared::api::{ApiError, query_param};
 use shared::service::{health, requests, whoami};
 use shared::spin::{answer, deliver_after_answer, new_request_id, segments, serve_api, serve_public};
-use spin_sdk::http::conversions::TryFromIncomingRequest;
 use spin_sdk::http::{IncomingRequest, Method, Request, Response, ResponseOutparam};
 use spin_sdk::http_component;
 
 #[http_component]
 async fn handle(incoming: IncomingRequest, response_out: ResponseOutparam) {
-    let request = match Request::try_from_incoming_request(incoming).await {
+    let request = match shared::spin::read_request(incoming).await {
         Ok(request) => request,
-        Err(error) => {
-            let refused = ApiError::bad_request("unreadable_request", format!("cannot read the request: {error}"));
-            return answer(response_out, shared::spin::respond(Err(refused))).await;
-        }
+        Err(refused) => return answer(response_out, refused).await,
     };
     let change = !matches!(request.method(), Method::Get | Method::Head | Method::Options);
     let response = route(&request);

@@ -449,6 +449,14 @@ pub fn new_request_id() -> RequestId {
     RequestId::parse(&hex::encode(bytes)).expect("hex is a valid id")
 }
 
+/// Reads an incoming request whole; when it cannot be read, the 400 to answer instead.
+pub async fn read_request(incoming: spin_sdk::http::IncomingRequest) -> Result<Request, Response> {
+    use spin_sdk::http::conversions::TryFromIncomingRequest;
+    Request::try_from_incoming_request(incoming).await.map_err(|error| {
+        respond(Err(ApiError::bad_request("unreadable_request", format!("cannot read the request: {error}"))))
+    })
+}
+
 /// Renders an operation's outcome; a 5xx's cause goes to stderr (the host's log), never to
 /// the client.
 pub fn respond(result: Result<Reply, ApiError>) -> Response {
