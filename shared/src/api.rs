@@ -130,6 +130,7 @@ impl From<StoreError> for ApiError {
                 Self::conflict("concurrent_update", "the record was changed by another call at the same time; retry")
             }
             StoreError::Corrupt { .. } | StoreError::Backend(_) => Self::internal(error),
+            StoreError::Unsupported(why) => Self::new(503, "store_unsupported", why),
         }
     }
 }

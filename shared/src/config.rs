@@ -116,6 +116,24 @@ pub struct Config {
     pub webhooks: crate::webhooks::WebhookSettings,
     /// Systems that send decisions (`POST /webhooks/decision`), each with its signing secret.
     pub integrations: Vec<Integration>,
+    /// Where state is kept.
+    pub store: StoreChoice,
+}
+
+/// Where the components keep their state (variable `store`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// Spin's key-value store `default`, as the runtime configuration sets it up (SQLite on
+    /// one instance; Azure Cosmos DB for several).
+    KeyValue,
+    /// A Redis server through Spin's outbound Redis interface, with compare-and-swap as a Lua
+    /// script (several instances). Not Spin's `type = "redis"` key-value backend, whose
+    /// compare-and-swap is broken.
+    Redis {
+        /// `redis://[:password@]host:port[/db]` or `rediss://...`; a secret when it holds a
+        /// password.
+        url: Secret,
+    },
 }
 
 /// A system that may send decisions, signed as Standard Webhooks specify.
@@ -367,7 +385,19 @@ impl Config {
                 redirect_uri: format!("{}{}", webhooks.public_url, crate::auth::signin::CALLBACK_PATH),
             }),
         };
+        let store = match optional("store", "key_value").as_str() {
+            "key_value" => StoreChoice::KeyValue,
+            "redis" => {
+                let url = required("redis_url")?;
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    bail!("variable 'redis_url' must start with redis:// or rediss://");
+                }
+                StoreChoice::Redis { url: Secret::new(url) }
+            }
+            other => bail!("store '{other}' is not one of key_value, redis"),
+        };
         Ok(Self {
+            store,
             sign_in,
             integrations: integrations(&optional("decision_integrations", "[]"))?,
             max_body_bytes,
@@ -480,6 +510,22 @@ mod tests {
         assert!(error.contains("rate_limit_changes_per_principal"), "{error}");
         let managed = Config::load(&vars(&[("arm_identity", "managed_identity"), ("arm_client_secret", "")])).unwrap();
         assert_eq!(managed.arm.identity, Identity::ManagedIdentity);
+    }
+
+    #[test]
+    fn the_store_is_spins_key_value_unless_redis_is_named_with_its_url() {
+        assert_eq!(Config::load(&vars(&[])).unwrap().store, StoreChoice::KeyValue);
+        let redis = Config::load(&vars(&[("store", "redis"), ("redis_url", "redis://:pw@10.0.0.9:6379")])).unwrap();
+        assert_eq!(redis.store, StoreChoice::Redis { url: Secret::new("redis://:pw@10.0.0.9:6379".into()) });
+        assert!(!format!("{:?}", redis.store).contains("pw"), "the password stays out of logs");
+        for (extra, named) in [
+            (&[("store", "redis")][..], "redis_url"),
+            (&[("store", "redis"), ("redis_url", "http://10.0.0.9")][..], "redis_url"),
+            (&[("store", "cosmos")][..], "store"),
+        ] {
+            let error = format!("{:#}", Config::load(&vars(extra)).unwrap_err());
+            assert!(error.contains(named), "{error}");
+        }
     }
 
     #[test]

@@ -49,6 +49,37 @@ pub trait KvStore {
     fn forget(&self, _key: &str) {}
 }
 
+/// A store chosen at run time (Spin's key-value store or Redis) behind one type.
+impl<S: KvStore + ?Sized> KvStore for Box<S> {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).get(key)
+    }
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        (**self).set(key, value)
+    }
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        (**self).delete(key)
+    }
+    fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
+        (**self).compare_and_swap(key, expected, value)
+    }
+    fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        (**self).increment(key, delta)
+    }
+    fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        (**self).get_many(keys)
+    }
+    fn set_many(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        (**self).set_many(entries)
+    }
+    fn delete_many(&self, keys: &[String]) -> Result<(), StoreError> {
+        (**self).delete_many(keys)
+    }
+    fn forget(&self, key: &str) {
+        (**self).forget(key)
+    }
+}
+
 /// A store that remembers, for one invocation, what it last read or wrote at each key, so a
 /// document read once costs one round trip however often the invocation looks at it, and a
 /// read-modify-write costs only its swap. Every write goes through; a swap that fails (or a
@@ -162,6 +193,10 @@ pub enum StoreError {
     /// The backend failed.
     #[error("key-value store failed: {0}")]
     Backend(String),
+    /// The backend cannot be trusted with portcullis's state (its swaps lie); nothing is
+    /// written until the deployment changes it.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// A document with the version it was read at.

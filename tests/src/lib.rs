@@ -5,11 +5,13 @@
 //! - [`emulator`]: ARM's token endpoint and NSG security-rule API on loopback.
 //! - [`local`]: the two wired together with demo settings (the README's first command).
 //! - [`receiver`]: a webhook receiver that records and checks deliveries.
+//! - [`redis_server`]: a throwaway `redis-server` for the outbound-Redis store.
 
 pub mod emulator;
 pub mod host;
 pub mod local;
 pub mod receiver;
+pub mod redis_server;
 
 /// Where the build script put the components' `.wasm` files.
 pub const GUEST_DIR: &str = env!("PORTCULLIS_GUEST_DIR");

@@ -9,6 +9,7 @@ use anyhow::Result;
 use sha2::{Digest, Sha256};
 
 use crate::emulator::{self, Emulator};
+use crate::host::runtime_config::{KeyValueConfig, RuntimeConfig};
 use crate::host::{Host, HostOptions};
 
 /// A demo API key and who it stands for.
@@ -68,6 +69,9 @@ pub struct LocalOptions {
     pub variables: HashMap<String, String>,
     /// Another manifest than the workspace's `spin.toml` (the benchmark adds its floor).
     pub manifest: Option<PathBuf>,
+    /// A Spin runtime configuration file (`spin up --runtime-config-file`); without one, or
+    /// when it sets no default store, state is SQLite in `state_dir`.
+    pub runtime_config: Option<PathBuf>,
 }
 
 impl LocalOptions {
@@ -84,6 +88,7 @@ impl LocalOptions {
             retry_after: 0,
             variables: HashMap::new(),
             manifest: None,
+            runtime_config: None,
         }
     }
 }
@@ -117,10 +122,17 @@ pub async fn start(options: LocalOptions) -> Result<Local> {
     .collect();
     // Overrides may point at the emulator before its port is known: `{emulator}` stands for its URL.
     variables.extend(options.variables.into_iter().map(|(k, v)| (k, v.replace("{emulator}", &emulator.url()))));
+    let runtime_config = options.runtime_config.as_deref().map(RuntimeConfig::load).transpose()?;
+    for ignored in runtime_config.iter().flat_map(|c| &c.ignored) {
+        eprintln!("runtime config: '{ignored}' is ignored by this host");
+    }
+    let store = runtime_config
+        .and_then(|c| c.default_store)
+        .unwrap_or_else(|| KeyValueConfig::Sqlite(Some(options.state_dir.join("kv.sqlite"))));
     let host = Host::start(HostOptions {
         manifest: options.manifest.unwrap_or_else(crate::manifest_path),
         guest_dir: Some(PathBuf::from(crate::GUEST_DIR)),
-        kv_path: options.state_dir.join("kv.sqlite"),
+        store,
         variables,
         listen: options.listen,
         run_cron: options.run_cron,

@@ -3,6 +3,7 @@
 mod decide;
 mod export;
 mod http;
+mod redis;
 mod store;
 
 use std::net::IpAddr;
@@ -11,6 +12,7 @@ use std::time::Duration;
 pub use decide::{serve_decision_link, serve_signed_in};
 pub use export::{answer, stream_export};
 pub use http::SpinHttp;
+pub use redis::RedisStore;
 use serde_json::json;
 use spin_sdk::http::{Method, Request, Response};
 pub use store::SpinStore;
@@ -19,7 +21,7 @@ use crate::api::{ApiError, Reply};
 use crate::arm::ArmClient;
 use crate::audit::{Outcome, Subject};
 use crate::auth::{self, Caller};
-use crate::config::{Config, Variables};
+use crate::config::{Config, StoreChoice, Variables};
 use crate::domain::RequestId;
 use crate::http::{Clock, SystemClock};
 use crate::service::throttle::Throttle;
@@ -46,7 +48,7 @@ impl Variables for SpinVariables {
 
 /// Everything one invocation works with, built from Spin's variables and store.
 pub struct Ctx {
-    kv: Cached<SpinStore>,
+    kv: Cached<Box<dyn KvStore>>,
     http: SpinHttp,
     clock: SystemClock,
     /// Configuration, read once.
@@ -57,7 +59,11 @@ impl Ctx {
     /// Reads configuration and opens the default store; failures are logged, not shown.
     pub fn load() -> Result<Self, ApiError> {
         let config = Config::load(&SpinVariables).map_err(|e| ApiError::internal(format!("configuration: {e:#}")))?;
-        let kv = Cached::new(SpinStore::open().map_err(ApiError::internal)?);
+        let store: Box<dyn KvStore> = match &config.store {
+            StoreChoice::KeyValue => Box::new(SpinStore::open().map_err(ApiError::internal)?),
+            StoreChoice::Redis { url } => Box::new(RedisStore::open(url.expose()).map_err(ApiError::internal)?),
+        };
+        let kv = Cached::new(store);
         Ok(Self { kv, http: SpinHttp, clock: SystemClock, config })
     }
 

@@ -40,17 +40,26 @@ impl KvStore for SpinStore {
         self.store.delete(key).map_err(|e| StoreError::Backend(e.to_string()))
     }
 
+    /// A swap reported as failed is checked against the store before it is believed: Spin's
+    /// Cosmos DB backend reports throttling and timeouts as `cas-failed`, also when the write
+    /// landed. A store that reports even a no-op swap of a value it holds as failed is Spin's
+    /// `type = "redis"` key-value backend, which also reports lost races as success: refused.
     #[cfg(feature = "atomics")]
     fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
-        use spin_sdk::wit::wasi::keyvalue::atomics;
-        let cas = atomics::Cas::new(self.bucket()?, key).map_err(backend)?;
-        if cas.current().map_err(backend)?.as_deref() != expected {
-            return Ok(false);
-        }
-        match atomics::swap(cas, value) {
-            Ok(()) => Ok(true),
-            Err(atomics::CasError::CasFailed(_)) => Ok(false),
-            Err(atomics::CasError::StoreError(e)) => Err(backend(e)),
+        match self.swap_once(key, expected, value)? {
+            Swap::Done => Ok(true),
+            Swap::Stale => Ok(false),
+            Swap::ReportedFailed => {
+                if self.get(key)?.as_deref() != Some(value) {
+                    return Ok(false);
+                }
+                // Ours is there: did the write land, or does this store fail every swap?
+                match self.swap_once(key, Some(value), value)? {
+                    Swap::Done => Ok(true),
+                    Swap::Stale => Ok(false),
+                    Swap::ReportedFailed => Err(StoreError::Unsupported(BROKEN_SWAPS)),
+                }
+            }
         }
     }
 
@@ -105,6 +114,38 @@ impl KvStore for SpinStore {
             self.set(key, sum.to_string().as_bytes())?;
         }
         Ok(sum)
+    }
+}
+
+/// Why the components refuse a store whose swaps cannot be trusted.
+#[cfg(feature = "atomics")]
+const BROKEN_SWAPS: &str = "the key-value store reports compare-and-swaps that landed as failed, as Spin's \
+    `type = \"redis\"` key-value backend does (it also reports lost races as success): portcullis refuses \
+    to run on it. Use store = \"redis\" with redis_url (outbound Redis), Azure Cosmos DB, or SQLite on one instance";
+
+/// What one swap attempt found.
+#[cfg(feature = "atomics")]
+enum Swap {
+    Done,
+    /// The key held something else.
+    Stale,
+    /// The host said `cas-failed` after the comparison passed.
+    ReportedFailed,
+}
+
+#[cfg(feature = "atomics")]
+impl SpinStore {
+    fn swap_once(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<Swap, StoreError> {
+        use spin_sdk::wit::wasi::keyvalue::atomics;
+        let cas = atomics::Cas::new(self.bucket()?, key).map_err(backend)?;
+        if cas.current().map_err(backend)?.as_deref() != expected {
+            return Ok(Swap::Stale);
+        }
+        match atomics::swap(cas, value) {
+            Ok(()) => Ok(Swap::Done),
+            Err(atomics::CasError::CasFailed(_)) => Ok(Swap::ReportedFailed),
+            Err(atomics::CasError::StoreError(e)) => Err(backend(e)),
+        }
     }
 }
 

@@ -27,6 +27,14 @@ struct Args {
     /// Print the components' output.
     #[arg(long)]
     verbose: bool,
+    /// A Spin runtime configuration file, as `spin up --runtime-config-file` takes: its
+    /// `[key_value_store.default]` replaces the SQLite file in the state directory.
+    #[arg(long)]
+    runtime_config_file: Option<PathBuf>,
+    /// Test hook: the guests' clock runs this many seconds ahead of real time, read from the
+    /// file every 100 ms (tests moving the clock of several processes at once).
+    #[arg(long, hide = true)]
+    clock_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -42,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         retry_after: args.arm_delay,
         variables: Default::default(),
         manifest: None,
+        runtime_config: args.runtime_config_file.clone(),
     })
     .await?;
     let api = service.host.url();
@@ -70,7 +79,24 @@ async fn main() -> anyhow::Result<()> {
             println!("    {:<11} {:<6} roles {:?} groups {:?}", key.key, key.principal, key.roles, key.groups);
         }
     }
-    tokio::signal::ctrl_c().await?;
-    println!("stopping");
+    if let Some(file) = args.clock_file {
+        let clock = service.host.clock().clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(text) = tokio::fs::read_to_string(&file).await
+                    && let Ok(seconds) = text.trim().parse::<i64>()
+                {
+                    clock.set_offset(chrono::TimeDelta::seconds(seconds));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        });
+    }
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = terminate.recv() => {}
+    }
+    println!("stopping: {}", service.host.stats_summary());
     Ok(())
 }

@@ -20,6 +20,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 pub struct KvBackend {
     db: Mutex<Connection>,
     strict: AtomicBool,
+    spin_redis_swaps: AtomicBool,
     faults: Mutex<StoreFaults>,
     rng: AtomicU64,
     injected: [AtomicU64; 3],
@@ -65,6 +66,7 @@ impl KvBackend {
         Ok(Self {
             db: Mutex::new(db),
             strict: AtomicBool::new(false),
+            spin_redis_swaps: AtomicBool::new(false),
             faults: Mutex::default(),
             rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
             injected: Default::default(),
@@ -127,6 +129,17 @@ impl KvBackend {
     /// Spin's SQLite store, which upserts).
     pub fn strict_swaps(&self, strict: bool) {
         self.strict.store(strict, Ordering::SeqCst);
+    }
+
+    /// `true`: swaps behave as Spin's `type = "redis"` key-value backend's do (Spin 3.6 and
+    /// 4.0): one that lands reports `cas-failed`, and one that lost a race reports success.
+    pub fn spin_redis_swaps(&self, on: bool) {
+        self.spin_redis_swaps.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether swaps behave as Spin's `type = "redis"` key-value backend's do.
+    pub fn has_spin_redis_swaps(&self) -> bool {
+        self.spin_redis_swaps.load(Ordering::SeqCst)
     }
 
     /// Makes a share of the guests' operations fail from now on.

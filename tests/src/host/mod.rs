@@ -6,6 +6,7 @@ pub mod kv;
 pub mod manifest;
 pub mod router;
 pub mod runtime;
+pub mod runtime_config;
 pub mod server;
 
 use std::collections::HashMap;
@@ -25,8 +26,8 @@ pub struct HostOptions {
     /// Where the built `.wasm` files are (the build script's output), or `None` for the
     /// manifest's `source` paths.
     pub guest_dir: Option<PathBuf>,
-    /// The SQLite file of the key-value store.
-    pub kv_path: PathBuf,
+    /// The key-value store (a runtime configuration's `default` store).
+    pub store: runtime_config::KeyValueConfig,
     /// Application variable values (win over `SPIN_VARIABLE_*` and defaults).
     pub variables: HashMap<String, String>,
     /// Listen address (port 0 picks one).
@@ -51,7 +52,15 @@ impl Host {
     pub async fn start(options: HostOptions) -> Result<Self> {
         let manifest = manifest::Manifest::load(&options.manifest)?;
         let manifest_dir = options.manifest.parent().context("manifest path has no directory")?.to_owned();
-        let kv = Arc::new(kv::KvBackend::open(&options.kv_path)?);
+        let kv = Arc::new(match &options.store {
+            runtime_config::KeyValueConfig::Sqlite(Some(path)) => kv::KvBackend::open(path)?,
+            runtime_config::KeyValueConfig::Sqlite(None) => kv::KvBackend::open(std::path::Path::new(":memory:"))?,
+            runtime_config::KeyValueConfig::SpinRedis { .. } => {
+                let kv = kv::KvBackend::open(std::path::Path::new(":memory:"))?;
+                kv.spin_redis_swaps(true);
+                kv
+            }
+        });
         let log = if options.echo_guest_logs { GuestLog::echoing() } else { GuestLog::default() };
         let runtime = Arc::new(runtime::Runtime::new(
             &manifest,
@@ -108,6 +117,11 @@ impl Host {
     /// The key-value store's contents.
     pub fn dump_store(&self) -> Vec<(String, String)> {
         self.app.runtime.dump_store()
+    }
+
+    /// Figures over every invocation so far (see [`runtime::InvocationStats::summary`]).
+    pub fn stats_summary(&self) -> String {
+        self.app.runtime.stats.summary()
     }
 
     /// The key-value store itself, for tests that play an attacker with write access to it.

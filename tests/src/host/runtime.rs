@@ -1,6 +1,7 @@
 //! The wasmtime side: the engine, compiled components, a fresh store per invocation, and
 //! the Spin interfaces the guests import (key-value, variables) plus WASI and outbound HTTP.
 
+mod spin_redis;
 mod wasi_keyvalue;
 
 use std::collections::HashMap;
@@ -26,7 +27,10 @@ mod spin_bindings {
     wasmtime::component::bindgen!({
         path: "wit/spin.wit",
         world: "host",
-        with: { "fermyon:spin/key-value.store": super::KvHandle },
+        with: {
+            "fermyon:spin/key-value.store": super::KvHandle,
+            "fermyon:spin/redis.connection": super::spin_redis::RedisHandle,
+        },
     });
 }
 
@@ -38,7 +42,7 @@ mod cron_bindings {
     });
 }
 
-use spin_bindings::fermyon::spin::{key_value, variables};
+use spin_bindings::fermyon::spin::{key_value, redis as spin_redis_wit, variables};
 
 /// An open key-value store inside a guest.
 pub struct KvHandle {
@@ -53,6 +57,11 @@ impl VirtualClock {
     /// Moves guest time forward (or back).
     pub fn advance(&self, by: chrono::TimeDelta) {
         self.0.fetch_add(by.num_milliseconds(), Ordering::SeqCst);
+    }
+
+    /// Sets guest time to real time plus `offset`.
+    pub fn set_offset(&self, offset: chrono::TimeDelta) {
+        self.0.store(offset.num_milliseconds(), Ordering::SeqCst);
     }
 
     /// Guest time now.
@@ -104,7 +113,11 @@ impl AllowedHost {
     }
 
     fn allows(&self, scheme: &str, host: &str, port: u16) -> bool {
-        let default_port = if scheme == "https" { 443 } else { 80 };
+        let default_port = match scheme {
+            "https" => 443,
+            "redis" | "rediss" => 6379,
+            _ => 80,
+        };
         let scheme_ok = self.scheme == "*" || self.scheme == scheme;
         let host_ok = self.host == "*"
             || self.host.eq_ignore_ascii_case(host)
@@ -207,6 +220,39 @@ pub struct GuestState {
     variables: Arc<HashMap<String, String>>,
     /// Compare-and-swap handles opened by this invocation (Spin's table holds 256 at most).
     swaps_opened: u32,
+    /// Outbound Redis commands of this invocation, and how many of them were scripts.
+    redis_commands: u32,
+    redis_scripts: u32,
+}
+
+/// Figures over every invocation a runtime ran, for reports (the storm prints them).
+#[derive(Default)]
+pub struct InvocationStats {
+    invocations: std::sync::atomic::AtomicU64,
+    most_swaps: std::sync::atomic::AtomicU32,
+    most_redis_scripts: std::sync::atomic::AtomicU32,
+    redis_commands: std::sync::atomic::AtomicU64,
+}
+
+impl InvocationStats {
+    fn record(&self, state: &GuestState) {
+        self.invocations.fetch_add(1, Ordering::Relaxed);
+        self.most_swaps.fetch_max(state.swaps_opened, Ordering::Relaxed);
+        self.most_redis_scripts.fetch_max(state.redis_scripts, Ordering::Relaxed);
+        self.redis_commands.fetch_add(u64::from(state.redis_commands), Ordering::Relaxed);
+    }
+
+    /// One line: invocations, the most key-value swaps and Redis scripts one invocation made,
+    /// and all Redis commands.
+    pub fn summary(&self) -> String {
+        format!(
+            "invocations={} max_kv_swaps_per_invocation={} max_redis_scripts_per_invocation={} redis_commands={}",
+            self.invocations.load(Ordering::Relaxed),
+            self.most_swaps.load(Ordering::Relaxed),
+            self.most_redis_scripts.load(Ordering::Relaxed),
+            self.redis_commands.load(Ordering::Relaxed)
+        )
+    }
 }
 
 /// The compare-and-swap handles one invocation may open: Spin's key-value host keeps them in a
@@ -302,6 +348,8 @@ pub struct Runtime {
     pub clock: VirtualClock,
     /// What guests printed.
     pub log: GuestLog,
+    /// Figures over all invocations.
+    pub stats: Arc<InvocationStats>,
 }
 
 fn engine() -> &'static Engine {
@@ -352,6 +400,7 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         key_value::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
         variables::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        spin_redis_wit::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
         wasi_keyvalue::add_to_linker(&mut linker)?;
         let mut components = HashMap::new();
         for (id, def) in &manifest.component {
@@ -383,7 +432,7 @@ impl Runtime {
                 },
             );
         }
-        Ok(Self { components, kv, clock: VirtualClock::default(), log })
+        Ok(Self { components, kv, clock: VirtualClock::default(), log, stats: Arc::default() })
     }
 
     fn store(&self, id: &str) -> Result<(Store<GuestState>, &LoadedComponent, MemoryOutputPipe, MemoryOutputPipe)> {
@@ -404,6 +453,8 @@ impl Runtime {
             stores: component.stores.clone(),
             variables: component.variables.clone(),
             swaps_opened: 0,
+            redis_commands: 0,
+            redis_scripts: 0,
         };
         Ok((Store::new(engine(), state), component, stdout, stderr))
     }
@@ -432,6 +483,7 @@ impl Runtime {
                 proxy.wasi_http_incoming_handler().call_handle(&mut store, incoming, out).await
             }
             .await;
+            runtime.stats.record(store.data());
             runtime.collect(&id, &stdout, &stderr);
             if let Err(error) = &result {
                 runtime.log.push(&id, &format!("trap: {error:?}"));
@@ -459,6 +511,7 @@ impl Runtime {
         let metadata =
             cron_bindings::fermyon::spin_cron::cron_types::Metadata { timestamp: self.clock.now().timestamp() as u64 };
         let result = cron.call_handle_cron_event(&mut store, metadata).await;
+        self.stats.record(store.data());
         self.collect(id, &stdout, &stderr);
         match result? {
             Ok(()) => Ok(()),

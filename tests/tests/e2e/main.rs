@@ -18,6 +18,8 @@
 //! - `round_trips`: the store operations and ARM calls of the hot paths, held to ceilings.
 //! - `races`: interleavings with ARM slowed down (revoke vs open, expiry vs extend, two sweeps).
 //! - `workflow`: auto-approval rules, timeouts, revoke, extend, break-glass, quotas, dry runs.
+//! - `stores`: the outbound-Redis store against a real redis-server, and Spin's redis
+//!   key-value backend refused.
 //! - `azure`: parity with Azure's JIT: VM resolution, baseline deny rules, rules it does not
 //!   own, identities, and the ARM cost of a grant.
 
@@ -37,6 +39,7 @@ mod round_trips;
 mod security;
 mod sign_in;
 mod slack;
+mod stores;
 mod support;
 mod validation;
 mod webhooks;

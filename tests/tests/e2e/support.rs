@@ -7,6 +7,7 @@ use chrono::TimeDelta;
 pub use portcullis_host::emulator::{DEMO_NSG, DEMO_VM, Fault};
 use portcullis_host::local::{self, DemoKey, Local, LocalOptions};
 use portcullis_host::receiver::Receiver;
+use portcullis_host::redis_server::RedisServer;
 use serde_json::{Value, json};
 
 pub const ADMIN: &str = "demo-admin";
@@ -46,6 +47,8 @@ pub struct World {
     pub client: reqwest::Client,
     /// The webhook receiver.
     pub receiver: Receiver,
+    /// The Redis server of a world on the outbound-Redis store.
+    pub redis: Option<RedisServer>,
     _state: tempfile::TempDir,
 }
 
@@ -74,7 +77,36 @@ impl World {
 
     /// A world whose API listens on `listen` (`[::1]:0` for IPv6 callers).
     pub async fn listening(listen: &str, variables: &[(&str, &str)]) -> Self {
+        Self::build(listen, variables, None, None).await
+    }
+
+    /// A world on the outbound-Redis store (`store = "redis"`), against a Redis of its own.
+    pub async fn on_redis(variables: &[(&str, &str)]) -> Self {
+        let redis = RedisServer::start().expect("starting redis-server");
+        let url = redis.url();
+        // The test's own variables come last and win.
+        let mut all = vec![("store", "redis"), ("redis_url", url.as_str()), ("redis_host", url.as_str())];
+        all.extend_from_slice(variables);
+        Self::build("127.0.0.1:0", &all, None, Some(redis)).await
+    }
+
+    /// A world whose host reads a Spin runtime configuration file with this text.
+    pub async fn with_runtime_config(text: &str) -> Self {
+        Self::build("127.0.0.1:0", &[], Some(text), None).await
+    }
+
+    async fn build(
+        listen: &str,
+        variables: &[(&str, &str)],
+        runtime_config: Option<&str>,
+        redis: Option<RedisServer>,
+    ) -> Self {
         let state = tempfile::tempdir().unwrap();
+        let runtime_config = runtime_config.map(|text| {
+            let path = state.path().join("runtime-config.toml");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
         let receiver = Receiver::start().await.expect("starting the webhook receiver");
         // `{receiver}` in a value stands for the webhook receiver's origin.
         let mut overrides: HashMap<String, String> =
@@ -105,10 +137,11 @@ impl World {
             retry_after: 0,
             variables: overrides,
             manifest: None,
+            runtime_config,
         })
         .await
         .expect("starting the host and emulator");
-        Self { local, client: reqwest::Client::new(), receiver, _state: state }
+        Self { local, client: reqwest::Client::new(), receiver, redis, _state: state }
     }
 
     /// One API call; answers the status and the JSON body (`Null` when empty).

@@ -121,7 +121,8 @@ impl atomics::Host for GuestState {
             .kv
             .compare_and_swap(&handle.label, &handle.key, handle.current.as_deref(), &value)
             .map_err(|e| atomics::CasError::StoreError(other(e)))?;
-        if swapped {
+        let reported = if self.kv.has_spin_redis_swaps() { !swapped } else { swapped };
+        if reported {
             return Ok(());
         }
         // Hand the guest a fresh read, so it can retry from the value that won: another handle.
