@@ -220,7 +220,8 @@ pub struct GuestState {
     variables: Arc<HashMap<String, String>>,
     /// Compare-and-swap handles opened by this invocation (Spin's table holds 256 at most).
     swaps_opened: u32,
-    /// Outbound Redis commands of this invocation, and how many of them were scripts.
+    /// Outbound Redis commands of this invocation, and how many of them were scripts that can
+    /// write (compare-and-swaps).
     redis_commands: u32,
     redis_scripts: u32,
 }
@@ -246,7 +247,7 @@ impl InvocationStats {
     /// and all Redis commands.
     pub fn summary(&self) -> String {
         format!(
-            "invocations={} max_kv_swaps_per_invocation={} max_redis_scripts_per_invocation={} redis_commands={}",
+            "invocations={} max_kv_swaps_per_invocation={} max_redis_swaps_per_invocation={} redis_commands={}",
             self.invocations.load(Ordering::Relaxed),
             self.most_swaps.load(Ordering::Relaxed),
             self.most_redis_scripts.load(Ordering::Relaxed),

@@ -28,10 +28,12 @@ impl GuestState {
         Ok(&mut self.table.get_mut(connection).map_err(other)?.connection)
     }
 
-    /// Counts a command for the invocation's figures: writes, and scripts (which may write).
-    fn count_redis(&mut self, command: &str) {
+    /// Counts a command for the invocation's figures, and among them the scripts that can
+    /// write (the store's compare-and-swaps; its batch reads only read).
+    fn count_redis(&mut self, command: &str, script: Option<&[u8]>) {
         self.redis_commands += 1;
-        if command.eq_ignore_ascii_case("EVAL") || command.eq_ignore_ascii_case("EVALSHA") {
+        let writes = |s: &[u8]| s.windows(b"'SET'".len()).any(|w| w == b"'SET'");
+        if command.eq_ignore_ascii_case("EVAL") && script.is_some_and(writes) {
             self.redis_scripts += 1;
         }
     }
@@ -42,7 +44,7 @@ impl GuestState {
         command: redis::Cmd,
         name: &str,
     ) -> Result<T, wit::Error> {
-        self.count_redis(name);
+        self.count_redis(name, None);
         let connection = self.redis(connection)?;
         command.query(connection).map_err(|e| match e.kind() {
             redis::ErrorKind::UnexpectedReturnType => wit::Error::TypeError,
@@ -138,6 +140,11 @@ impl wit::HostConnection for GuestState {
         command: String,
         arguments: Vec<wit::RedisParameter>,
     ) -> Result<Vec<wit::RedisResult>, wit::Error> {
+        let script = match arguments.first() {
+            Some(wit::RedisParameter::Binary(bytes)) => Some(bytes.clone()),
+            _ => None,
+        };
+        self.count_redis(&command, script.as_deref());
         let mut cmd = redis::cmd(&command);
         for argument in arguments {
             match argument {
@@ -145,7 +152,7 @@ impl wit::HostConnection for GuestState {
                 wit::RedisParameter::Binary(bytes) => cmd.arg(bytes),
             };
         }
-        let reply: Value = self.query(&connection, cmd, &command)?;
+        let reply: Value = cmd.query(self.redis(&connection)?).map_err(other)?;
         let mut results = Vec::new();
         flatten(reply, &mut results)?;
         Ok(results)
