@@ -515,7 +515,9 @@ async fn three_processes_on_one_redis_keep_every_rule_owned_and_every_trail_whol
     check_rules(&emulator, &nsgs, &requests).unwrap_or_else(|e| panic!("three hours on: {e}"));
     assert!(requests.values().all(|r| r["state"] != "active"));
 
-    // No rule was put again after its delete, and none for a request never approved.
+    // No rule came back after a delete removed it, and none was put for a request never
+    // approved. (A delete that found nothing, 204, can come before the PUT of an opener that
+    // was already under way: that opener, or the sweep once its lease lapsed, deletes again.)
     let mut deleted: HashSet<String> = HashSet::new();
     for call in &calls {
         let Some(name) = call.path.rsplit('/').next().filter(|n| n.starts_with("jit-") && !n.starts_with("jit-deny-"))
@@ -524,12 +526,12 @@ async fn three_processes_on_one_redis_keep_every_rule_owned_and_every_trail_whol
         };
         let landed = (200..300).contains(&call.status);
         match call.method.as_str() {
-            "DELETE" if landed => {
+            "DELETE" if call.status == 200 || call.status == 202 => {
                 deleted.insert(name.to_owned());
             }
             "PUT" if landed => assert!(
                 !deleted.contains(name),
-                "{name} was put again after its delete: {:#?}\n{:#?}",
+                "{name} was put again after a delete removed it: {:#?}\n{:#?}",
                 calls
                     .iter()
                     .filter(|c| c.path.ends_with(name))
