@@ -1,8 +1,9 @@
 //! The key layout of the key-value store: the only place a key is spelled.
 //!
 //! Segments are separated by `:`, never `/`: Azure Cosmos DB, the natural multi-instance store
-//! on Azure, refuses keys containing `/`, `\`, `?` or `#` (ids here are letters, digits and
-//! `-_.@`, so no key can contain them), and allows at most 255 characters.
+//! on Azure, refuses keys containing `/`, `\`, `?` or `#`, allows at most 255 characters, and
+//! Spin's Cosmos backend puts keys unescaped into a SQL query, so no key may hold `'` either
+//! (ids here are letters, digits and `-_.@`, so no key can contain any of them).
 //!
 //! | key | value |
 //! |---|---|
@@ -18,6 +19,7 @@
 //! | `work:arm` | ids of requests with unfinished ARM work (open or close), and due ids the sweep must see again |
 //! | `sweep:cursor` | the last minute the sweep fully processed |
 //! | `sweep:status` | when the last sweep ran and what it left (the health check reads it) |
+//! | `probe:swap:<nonce>` | a moment's test of the store's compare-and-swap (deleted right after) |
 //! | `drift:<policy>` | the reconciler's last scan of a policy's NSG and what it found |
 //! | `reconcile:next` | where the reconciler's round over the policies goes on |
 //! | `cache:arm-token` | the cached ARM access token |
@@ -140,6 +142,11 @@ pub fn drift(policy: &PolicyName) -> String {
 
 /// When the last sweep ran and the backlog it left.
 pub const SWEEP_STATUS: &str = "sweep:status";
+
+/// A fresh key a store's compare-and-swap is tested on, deleted right after.
+pub fn swap_probe(nonce: u64) -> String {
+    format!("probe:swap:{nonce:016x}")
+}
 /// Where the reconciler's round over the policies goes on.
 pub const RECONCILE_NEXT: &str = "reconcile:next";
 
@@ -231,6 +238,7 @@ mod tests {
             pending(&policy),
             drift(&policy),
             SWEEP_STATUS.into(),
+            swap_probe(u64::MAX),
             RECONCILE_NEXT.into(),
             open_of(&policy, &principal),
             live(&policy),
@@ -246,7 +254,7 @@ mod tests {
             AUDIT_CHECKPOINT.into(),
         ];
         for key in keys {
-            assert!(key.len() <= 255 && !key.contains(['/', '\\', '?', '#']), "{key}");
+            assert!(key.len() <= 255 && !key.contains(['/', '\\', '?', '#', '\'', '"']), "{key}");
         }
     }
 }

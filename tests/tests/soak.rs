@@ -186,7 +186,12 @@ async fn thousands_of_lifecycles_under_faults_leave_no_rule_open() {
     for fault in storm() {
         world.inject(fault);
     }
-    world.local.host.store().inject(StoreFaults { reads: 0.003, writes: 0.003, swaps: 0.003 });
+    world.local.host.store().inject(StoreFaults {
+        reads: 0.003,
+        writes: 0.003,
+        swaps: 0.003,
+        ..StoreFaults::default()
+    });
 
     let started = Instant::now();
     let storming = AtomicBool::new(true);
@@ -224,7 +229,7 @@ async fn thousands_of_lifecycles_under_faults_leave_no_rule_open() {
     // Faults off; make sure every policy is back, then sweep until everything has settled.
     let arm_faults: Vec<String> =
         world.local.emulator.faults().iter().map(|f| format!("{:?} x{}", f.kind, f.hits)).collect();
-    let [reads, writes, swaps] = world.local.host.store().injected();
+    let [reads, writes, swaps, _] = world.local.host.store().injected();
     world.local.emulator.clear_faults();
     world.local.host.store().inject(StoreFaults::default());
     for (name, auto) in POLICIES {

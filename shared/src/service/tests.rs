@@ -60,6 +60,7 @@ impl World {
                 rate_limits: Default::default(),
                 webhooks: Default::default(),
                 integrations: Vec::new(),
+                store: crate::config::StoreChoice::KeyValue,
             },
         };
         world.at(at(0), |env| policies::put(env, &admin(), "demo-vm", policy.to_string().as_bytes(), false)).unwrap();

@@ -79,7 +79,7 @@ impl KvStore for RedisStore {
     }
 
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.connection.set(key, &value.to_vec()).map_err(backend)
+        self.connection.set(key, value).map_err(backend)
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -40,25 +40,22 @@ impl KvStore for SpinStore {
         self.store.delete(key).map_err(|e| StoreError::Backend(e.to_string()))
     }
 
-    /// A swap reported as failed is checked against the store before it is believed: Spin's
-    /// Cosmos DB backend reports throttling and timeouts as `cas-failed`, also when the write
-    /// landed. A store that reports even a no-op swap of a value it holds as failed is Spin's
-    /// `type = "redis"` key-value backend, which also reports lost races as success: refused.
+    /// A swap reported as failed counts as not written, and the caller re-reads and decides,
+    /// as after any lost race (Spin's Cosmos DB backend reports throttling and timeouts as
+    /// `cas-failed`, also when the write landed). But when our value is there, the store may
+    /// be Spin's `type = "redis"` key-value backend, which reports every landed swap as failed
+    /// and every lost race as success: a race staged on a fresh key tells them apart, and such
+    /// a store is refused.
     #[cfg(feature = "atomics")]
     fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<bool, StoreError> {
         match self.swap_once(key, expected, value)? {
             Swap::Done => Ok(true),
             Swap::Stale => Ok(false),
             Swap::ReportedFailed => {
-                if self.get(key)?.as_deref() != Some(value) {
-                    return Ok(false);
+                if self.get(key)?.as_deref() == Some(value) && self.swaps_lie()? {
+                    return Err(StoreError::Unsupported(BROKEN_SWAPS));
                 }
-                // Ours is there: did the write land, or does this store fail every swap?
-                match self.swap_once(key, Some(value), value)? {
-                    Swap::Done => Ok(true),
-                    Swap::Stale => Ok(false),
-                    Swap::ReportedFailed => Err(StoreError::Unsupported(BROKEN_SWAPS)),
-                }
+                Ok(false)
             }
         }
     }
@@ -119,9 +116,9 @@ impl KvStore for SpinStore {
 
 /// Why the components refuse a store whose swaps cannot be trusted.
 #[cfg(feature = "atomics")]
-const BROKEN_SWAPS: &str = "the key-value store reports compare-and-swaps that landed as failed, as Spin's \
-    `type = \"redis\"` key-value backend does (it also reports lost races as success): portcullis refuses \
-    to run on it. Use store = \"redis\" with redis_url (outbound Redis), Azure Cosmos DB, or SQLite on one instance";
+const BROKEN_SWAPS: &str = "the key-value store reports compare-and-swaps that lost their race as \
+    successful (and those that landed as failed), as Spin's `type = \"redis\"` key-value backend does: \
+    portcullis refuses to run on it. Use store = \"redis\" with redis_url (outbound Redis), Azure Cosmos DB, or SQLite on one instance";
 
 /// What one swap attempt found.
 #[cfg(feature = "atomics")]
@@ -135,6 +132,23 @@ enum Swap {
 
 #[cfg(feature = "atomics")]
 impl SpinStore {
+    /// Whether the store reports a swap that lost its race as a success, as Spin's `type =
+    /// "redis"` backend does: a fresh key is written, a swap is prepared on it, the key is
+    /// written again behind the swap's back, and the swap must fail. A store that reports
+    /// errors as failures (Cosmos DB throttling) cannot pass for a liar this way.
+    fn swaps_lie(&self) -> Result<bool, StoreError> {
+        use spin_sdk::wit::wasi::keyvalue::atomics;
+        let nonce = u64::from_le_bytes(wasi::random::random::get_random_bytes(8).try_into().unwrap_or_default());
+        let probe = crate::keys::swap_probe(nonce);
+        self.set(&probe, b"before")?;
+        let cas = atomics::Cas::new(self.bucket()?, &probe).map_err(backend)?;
+        cas.current().map_err(backend)?;
+        self.set(&probe, b"meanwhile")?;
+        let lied = atomics::swap(cas, b"after").is_ok();
+        let _ = self.delete(&probe);
+        Ok(lied)
+    }
+
     fn swap_once(&self, key: &str, expected: Option<&[u8]>, value: &[u8]) -> Result<Swap, StoreError> {
         use spin_sdk::wit::wasi::keyvalue::atomics;
         let cas = atomics::Cas::new(self.bucket()?, key).map_err(backend)?;

@@ -23,7 +23,7 @@ pub struct KvBackend {
     spin_redis_swaps: AtomicBool,
     faults: Mutex<StoreFaults>,
     rng: AtomicU64,
-    injected: [AtomicU64; 3],
+    injected: [AtomicU64; 4],
     operations: [AtomicU64; 6],
     /// When tracing, every operation's kind and key, in order.
     trace: Mutex<Option<Vec<(&'static str, String)>>>,
@@ -42,6 +42,9 @@ pub struct StoreFaults {
     pub writes: f64,
     /// Swaps.
     pub swaps: f64,
+    /// Swaps that land and are then reported as `cas-failed`, as Spin's Cosmos DB backend
+    /// reports a throttled or timed-out write that went through.
+    pub landed_swaps_reported_failed: f64,
 }
 
 /// A kind of store operation, for fault injection.
@@ -53,6 +56,8 @@ pub enum Op {
     Write,
     /// A compare-and-swap.
     Swap,
+    /// A compare-and-swap that landed, to be reported as failed anyway.
+    LandedSwap,
 }
 
 impl KvBackend {
@@ -154,6 +159,7 @@ impl KvBackend {
             Op::Read => faults.reads,
             Op::Write => faults.writes,
             Op::Swap => faults.swaps,
+            Op::LandedSwap => faults.landed_swaps_reported_failed,
         };
         if rate <= 0.0 {
             return Ok(());
@@ -171,8 +177,8 @@ impl KvBackend {
         Ok(())
     }
 
-    /// Faults injected so far: reads, writes, swaps.
-    pub fn injected(&self) -> [u64; 3] {
+    /// Faults injected so far: reads, writes, swaps, landed swaps reported failed.
+    pub fn injected(&self) -> [u64; 4] {
         self.injected.each_ref().map(|n| n.load(Ordering::Relaxed))
     }
 

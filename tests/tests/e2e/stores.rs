@@ -4,6 +4,8 @@
 
 use serde_json::{Value, json};
 
+use portcullis_host::host::kv::StoreFaults;
+
 use crate::support::*;
 
 /// Every key in the world's Redis.
@@ -81,4 +83,44 @@ async fn spins_redis_key_value_backend_is_refused_with_a_clear_error() {
     let (status, _) = world.request(ALICE, &ssh("PT1H")).await;
     assert_ne!(status, 201);
     assert!(world.jit_rules().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn swaps_that_land_but_report_failure_as_cosmos_does_are_retried_never_refused() {
+    // Spin's Cosmos DB backend reports a throttled write that went through as `cas-failed`;
+    // the components must treat it as a lost race (re-read, decide), never as the broken
+    // Redis backend.
+    let world = World::start().await;
+    world.auto_policy().await;
+    let faults = StoreFaults { landed_swaps_reported_failed: 0.3, ..StoreFaults::default() };
+    world.local.host.store().inject(faults);
+    let mut created = 0;
+    for _ in 0..10 {
+        let (status, body) = world.request(ALICE, &ssh("PT1H")).await;
+        assert_ne!(body["error"]["code"], "store_unsupported", "{body}");
+        assert!(status == 201 || status == 409 || status == 500, "{status} {body}");
+        created += usize::from(status == 201);
+    }
+    assert!(world.local.host.store().injected()[3] > 0, "the fault was hit");
+    assert!(created > 0, "some requests went through");
+    world.local.host.store().inject(StoreFaults::default());
+    for _ in 0..3 {
+        world.advance_minutes(6);
+        world.tick().await;
+    }
+    // Whatever the answers said, what is active owns exactly one rule and nothing else is open.
+    let (_, listed) = world.call("GET", "/api/requests", Some(ADMIN), None).await;
+    let active: Vec<String> = listed["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "active")
+        .map(|r| format!("jit-{}", r["id"].as_str().unwrap()))
+        .collect();
+    let mut rules: Vec<String> = world.jit_rules().iter().map(|r| r["name"].as_str().unwrap().to_owned()).collect();
+    rules.sort();
+    let mut expected = active.clone();
+    expected.sort();
+    assert_eq!(rules, expected);
+    assert!(active.len() <= 1, "one grant per requester and policy: {active:?}");
 }

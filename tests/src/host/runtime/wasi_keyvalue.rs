@@ -121,7 +121,8 @@ impl atomics::Host for GuestState {
             .kv
             .compare_and_swap(&handle.label, &handle.key, handle.current.as_deref(), &value)
             .map_err(|e| atomics::CasError::StoreError(other(e)))?;
-        let reported = if self.kv.has_spin_redis_swaps() { !swapped } else { swapped };
+        let reported =
+            if self.kv.has_spin_redis_swaps() { !swapped } else { swapped && self.kv.fault(Op::LandedSwap).is_ok() };
         if reported {
             return Ok(());
         }
