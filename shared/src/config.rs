@@ -389,8 +389,14 @@ impl Config {
             "key_value" => StoreChoice::KeyValue,
             "redis" => {
                 let url = required("redis_url")?;
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                let Some(rest) = url.strip_prefix("redis://").or_else(|| url.strip_prefix("rediss://")) else {
                     bail!("variable 'redis_url' must start with redis:// or rediss://");
+                };
+                // A password with a raw '/', '?' or '#' cuts the URL short, and Spin logs an
+                // address it cannot parse whole: the password would be in the log.
+                let authority = rest.rsplit_once('@').map_or("", |(userinfo, _)| userinfo);
+                if authority.contains(['/', '?', '#', '@']) {
+                    bail!("variable 'redis_url': percent-encode '/', '?', '#' and '@' in the user name and password");
                 }
                 StoreChoice::Redis { url: Secret::new(url) }
             }
@@ -522,6 +528,7 @@ mod tests {
             (&[("store", "redis")][..], "redis_url"),
             (&[("store", "redis"), ("redis_url", "http://10.0.0.9")][..], "redis_url"),
             (&[("store", "cosmos")][..], "store"),
+            (&[("store", "redis"), ("redis_url", "redis://:pa/ss@10.0.0.9:6379")][..], "percent-encode"),
         ] {
             let error = format!("{:#}", Config::load(&vars(extra)).unwrap_err());
             assert!(error.contains(named), "{error}");

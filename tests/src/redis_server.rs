@@ -1,5 +1,9 @@
 //! A throwaway `redis-server` for tests: on a free loopback port, with its files in a
 //! temporary directory, no persistence, stopped when dropped. Never the system's service.
+//!
+//! The components log in as the ACL user `portcullis`, with exactly the rules that
+//! `deploy/spinkube/redis.yaml` gives it (a test holds the two together), so the tests prove
+//! that those commands are all the store needs; the tests' own looks use the user `admin`.
 
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -7,6 +11,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+/// The ACL rules of the `portcullis` user after its password: keys of any name, no channels,
+/// and only the commands the outbound-Redis store sends (scripts run with the same rights).
+pub const PORTCULLIS_RULES: [&str; 12] =
+    ["~*", "resetchannels", "-@all", "+get", "+set", "+mset", "+del", "+incrby", "+eval", "+ping", "+hello", "+auth"];
+
+const PASSWORD: &str = "portcullis-test-password";
+const ADMIN_PASSWORD: &str = "admin-test-password";
 
 /// A running `redis-server`.
 pub struct RedisServer {
@@ -26,6 +38,9 @@ impl RedisServer {
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&dir)
+            .args(["--user", "default", "off", "--user", "portcullis", "on", &format!(">{PASSWORD}")])
+            .args(PORTCULLIS_RULES)
+            .args(["--user", "admin", "on", &format!(">{ADMIN_PASSWORD}"), "~*", "&*", "+@all"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -41,14 +56,19 @@ impl RedisServer {
         Ok(server)
     }
 
-    /// `redis://127.0.0.1:<port>`, for `redis_url` and `redis_host`.
+    /// `redis://portcullis:<password>@127.0.0.1:<port>`, for `redis_url`.
     pub fn url(&self) -> String {
+        format!("redis://portcullis:{PASSWORD}@127.0.0.1:{}", self.port)
+    }
+
+    /// `redis://127.0.0.1:<port>`, for `redis_host` (`allowed_outbound_hosts`).
+    pub fn host(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// A connection for a test's own looks at the data.
+    /// A connection as `admin`, for a test's own looks at the data.
     pub fn connect(&self) -> Result<redis::Connection> {
-        Ok(redis::Client::open(self.url())?.get_connection()?)
+        Ok(redis::Client::open(format!("redis://admin:{ADMIN_PASSWORD}@127.0.0.1:{}", self.port))?.get_connection()?)
     }
 }
 

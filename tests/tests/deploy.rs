@@ -151,19 +151,60 @@ fn every_spinapp_sets_every_required_variable_and_refuses_to_start_without_its_s
 }
 
 #[test]
-fn the_sweep_cronjob_runs_every_minute_one_at_a_time_with_the_sweep_secret() {
+fn the_sweep_cronjob_runs_every_minute_one_at_a_time_with_the_sweep_secret_from_a_file() {
     let job = spinkube("sweep-cronjob.yaml").remove(0);
     assert_eq!(job["kind"], "CronJob");
     assert_eq!(job["spec"]["schedule"], "* * * * *");
     assert_eq!(job["spec"]["concurrencyPolicy"], "Forbid");
-    let container = &job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0];
-    let env = &container["env"][0]["valueFrom"]["secretKeyRef"];
-    assert_eq!((env["name"].as_str(), env["key"].as_str()), (Some("portcullis-secrets"), Some("sweep-secret")));
+    let pod = &job["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
     let command = container["args"][0].as_str().unwrap();
+    assert!(command.contains("-X POST") && command.contains("/internal/sweep"), "{command}");
+    // The header comes from a mounted Secret, not the command line (visible to `ps`).
+    assert!(command.contains("-H @/run/portcullis/header") && !command.contains("Bearer"), "{command}");
+    let volume = &pod["volumes"][0]["secret"];
+    assert_eq!((volume["secretName"].as_str(), &volume["optional"]), (Some("portcullis-sweep-header"), &json!(false)));
+    assert_eq!(container["volumeMounts"][0]["mountPath"], "/run/portcullis");
+    let example = spinkube("secrets.example.yaml");
     assert!(
-        command.contains("POST") && command.contains("/internal/sweep") && command.contains("Bearer $SWEEP_SECRET")
+        example
+            .iter()
+            .any(|s| s["metadata"]["name"] == "portcullis-sweep-header" && s["stringData"]["header"].is_string())
     );
+    // Every call fits in the job's deadline.
+    assert!(command.contains("--max-time \"$left\""), "{command}");
     assert!(job["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"].as_u64().unwrap() < 60);
+    assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], json!(false));
+}
+
+#[test]
+fn redis_runs_one_at_a_time_for_portcullis_alone_with_the_rights_the_tests_use() {
+    let documents = spinkube("redis.yaml");
+    let of_kind = |kind: &str| documents.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"));
+    let deployment = of_kind("Deployment");
+    assert_eq!(deployment["spec"]["replicas"], json!(1));
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate", "never two Redis servers behind the Service");
+    let args: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let user = |name: &str| -> Vec<&str> {
+        let at = args.windows(2).position(|w| w == ["--user", name]).unwrap_or_else(|| panic!("no user {name}"));
+        args[at + 2..].iter().take_while(|a| !a.starts_with("--")).copied().collect()
+    };
+    assert_eq!(user("default"), ["off"]);
+    let rules = user("portcullis");
+    assert_eq!(rules[..2], ["on", ">$(REDIS_PASSWORD)"]);
+    assert_eq!(rules[2..], portcullis_host::redis_server::PORTCULLIS_RULES, "the tests run with these rights");
+    let policy = of_kind("NetworkPolicy");
+    let allowed = &policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"];
+    for (file, app) in spin_apps() {
+        for (label, value) in allowed.as_object().unwrap() {
+            assert_eq!(&app["spec"]["podLabels"][label], value, "{file} carries the label Redis admits");
+        }
+    }
 }
 
 #[test]

@@ -53,7 +53,7 @@ struct Process {
 }
 
 impl Process {
-    fn start(index: usize, dir: &Path, clock_file: &Path, emulator: &str, redis: &str) -> Self {
+    fn start(index: usize, dir: &Path, clock_file: &Path, emulator: &str, redis: &RedisServer) -> Self {
         let state = dir.join(format!("process-{index}"));
         let stderr = std::fs::File::create(dir.join(format!("process-{index}.stderr"))).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis-local"))
@@ -63,8 +63,8 @@ impl Process {
             .arg("--clock-file")
             .arg(clock_file)
             .env("SPIN_VARIABLE_STORE", "redis")
-            .env("SPIN_VARIABLE_REDIS_URL", redis)
-            .env("SPIN_VARIABLE_REDIS_HOST", redis)
+            .env("SPIN_VARIABLE_REDIS_URL", redis.url())
+            .env("SPIN_VARIABLE_REDIS_HOST", redis.host())
             .env("SPIN_VARIABLE_ARM_BASE_URL", emulator)
             .env("SPIN_VARIABLE_LOGIN_BASE_URL", emulator)
             .env("SPIN_VARIABLE_API_KEYS", api_keys_json(&keys()))
@@ -281,7 +281,8 @@ fn requests_in_redis(redis: &RedisServer) -> HashMap<String, Value> {
     keys.iter()
         .zip(values)
         .filter_map(|(key, value)| {
-            let document: Value = serde_json::from_slice(&value?).ok()?;
+            // Deleted since the listing: fine. Unreadable: never.
+            let document: Value = serde_json::from_slice(&value?).unwrap_or_else(|e| panic!("{key}: {e}"));
             Some((key["req:".len()..].to_owned(), document["doc"].clone()))
         })
         .collect()
@@ -409,7 +410,7 @@ async fn three_processes_on_one_redis_keep_every_rule_owned_and_every_trail_whol
 
     let started = Instant::now();
     let mut processes: Vec<Process> =
-        (0..PROCESSES).map(|i| Process::start(i, dir.path(), &clock_file, &emulator.url(), &redis.url())).collect();
+        (0..PROCESSES).map(|i| Process::start(i, dir.path(), &clock_file, &emulator.url(), &redis)).collect();
     println!("storm: {PROCESSES} processes up in {:.1} s", started.elapsed().as_secs_f64());
     let storm = Storm {
         urls: processes.iter().map(|p| p.url.clone()).collect(),
@@ -465,7 +466,7 @@ async fn three_processes_on_one_redis_keep_every_rule_owned_and_every_trail_whol
 
     let requests = requests_in_redis(&redis);
     // The trail, read through a process started afresh on the same store.
-    let mut reader = Process::start(PROCESSES, dir.path(), &clock_file, &emulator.url(), &redis.url());
+    let mut reader = Process::start(PROCESSES, dir.path(), &clock_file, &emulator.url(), &redis);
     let get = |path: &str| {
         let url = format!("{}{path}", reader.url);
         let http = storm.http.clone();
@@ -513,7 +514,6 @@ async fn three_processes_on_one_redis_keep_every_rule_owned_and_every_trail_whol
         unsettled(&requests, &|r| is_final(r["state"].as_str().unwrap_or("")))
     );
     check_rules(&emulator, &nsgs, &requests).unwrap_or_else(|e| panic!("three hours on: {e}"));
-    assert!(requests.values().all(|r| r["state"] != "active"));
 
     // No rule came back after a delete removed it, and none was put for a request never
     // approved. (A delete that found nothing, 204, can come before the PUT of an opener that

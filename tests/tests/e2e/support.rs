@@ -83,9 +83,9 @@ impl World {
     /// A world on the outbound-Redis store (`store = "redis"`), against a Redis of its own.
     pub async fn on_redis(variables: &[(&str, &str)]) -> Self {
         let redis = RedisServer::start().expect("starting redis-server");
-        let url = redis.url();
+        let (url, host) = (redis.url(), redis.host());
         // The test's own variables come last and win.
-        let mut all = vec![("store", "redis"), ("redis_url", url.as_str()), ("redis_host", url.as_str())];
+        let mut all = vec![("store", "redis"), ("redis_url", url.as_str()), ("redis_host", host.as_str())];
         all.extend_from_slice(variables);
         Self::build("127.0.0.1:0", &all, None, Some(redis)).await
     }
