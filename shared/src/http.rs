@@ -76,6 +76,11 @@ pub trait Clock {
     fn now(&self) -> DateTime<Utc>;
     /// Waits.
     fn sleep(&self, duration: Duration);
+    /// A reading of a clock that never jumps (the wall clock can, when it is set), for time
+    /// limits within one invocation. Only differences between readings mean anything.
+    fn monotonic(&self) -> Duration {
+        (self.now() - DateTime::UNIX_EPOCH).to_std().unwrap_or_default()
+    }
 }
 
 /// The system clock (WASI's wall clock inside a component).
@@ -88,5 +93,11 @@ impl Clock for SystemClock {
 
     fn sleep(&self, duration: Duration) {
         std::thread::sleep(duration);
+    }
+
+    /// WASI's monotonic clock.
+    fn monotonic(&self) -> Duration {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        START.get_or_init(std::time::Instant::now).elapsed()
     }
 }

@@ -493,10 +493,10 @@ async fn three_processes_on_one_redis_keep_every_rule_owned_and_every_trail_whol
         std::fs::write(path, format!("{summary}\n")).expect("writing the storm report");
     }
     let stderr = |i: usize| std::fs::read_to_string(dir.path().join(format!("process-{i}.stderr"))).unwrap_or_default();
-    // 502 `arm_unavailable` is an answer, not a fault: the emulator, shared by three busy
-    // processes, was slower than a call's ARM budget, and the sweep finishes the work.
-    let fatal: Vec<(&String, &usize)> =
-        answers.iter().filter(|(k, _)| k.starts_with('5') && k.as_str() != "502 arm_unavailable").collect();
+    // No 5xx at all: ARM is slowed, never failed, well within a call's budget. (The storm
+    // found the clock jumps spending ARM's time limit at once: it now runs on the monotonic
+    // clock.)
+    let fatal: Vec<(&String, &usize)> = answers.iter().filter(|(k, _)| k.starts_with('5')).collect();
     assert!(fatal.is_empty(), "server errors in the storm: {fatal:?}\n{}", stderr(0));
     assert!(requests.len() >= 50, "the storm made too few requests to mean anything: {}", requests.len());
     let unsettled = |requests: &HashMap<String, Value>, done: &dyn Fn(&Value) -> bool| {

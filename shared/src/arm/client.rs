@@ -34,8 +34,9 @@ pub struct ArmClient<'a> {
     settings: &'a ArmSettings,
     /// Time still available for waiting (backoff and polling) in this invocation.
     budget: Cell<Duration>,
-    /// No call starts after this.
-    deadline: chrono::DateTime<chrono::Utc>,
+    /// No call starts after this reading of the monotonic clock (a wall clock set forward
+    /// must not spend the time at once, nor one set back stretch it).
+    deadline: Duration,
     /// Whether a write failed in a way that may still take effect.
     uncertain: Cell<bool>,
 }
@@ -72,7 +73,7 @@ impl<'a> ArmClient<'a> {
         settings: &'a ArmSettings,
         wait_budget: Duration,
     ) -> Self {
-        let deadline = clock.now() + chrono::TimeDelta::from_std(ARM_TIME_LIMIT).unwrap_or_default();
+        let deadline = clock.monotonic() + ARM_TIME_LIMIT;
         Self { http, kv, clock, settings, budget: Cell::new(wait_budget), deadline, uncertain: Cell::new(false) }
     }
 
@@ -116,13 +117,13 @@ impl<'a> ArmClient<'a> {
     fn call(&self, method: Method, url: &str, body: Option<&serde_json::Value>) -> Result<HttpResponse, ArmError> {
         let mut last = String::new();
         for attempt in 0..MAX_ATTEMPTS {
-            if self.clock.now() >= self.deadline {
+            if self.clock.monotonic() >= self.deadline {
                 last = format!("this invocation's {} s for ARM are spent", ARM_TIME_LIMIT.as_secs());
                 break;
             }
             let token = token::token(self.http, self.kv, self.settings, self.clock.now())?;
             // Again after the token, which may have taken a while: nothing is sent late.
-            if self.clock.now() >= self.deadline {
+            if self.clock.monotonic() >= self.deadline {
                 last = format!("this invocation's {} s for ARM are spent", ARM_TIME_LIMIT.as_secs());
                 break;
             }
@@ -406,6 +407,34 @@ mod tests {
         let (kv, clock, settings) = (crate::store::MemStore::default(), FakeClock::default(), arm_settings());
         ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30)).put_rule(&nsg(), &rule()).unwrap();
         assert_eq!(clock.slept(), Duration::from_secs(2));
+    }
+
+    /// A wall clock set forward by two minutes at every reading (more than the time limit);
+    /// the monotonic clock moves a millisecond.
+    struct JumpingClock(Cell<i64>);
+
+    impl Clock for JumpingClock {
+        fn now(&self) -> chrono::DateTime<chrono::Utc> {
+            self.0.set(self.0.get() + 2);
+            crate::testing::at(self.0.get())
+        }
+        fn sleep(&self, _: Duration) {}
+        fn monotonic(&self) -> Duration {
+            Duration::from_millis(self.0.get() as u64)
+        }
+    }
+
+    #[test]
+    fn a_wall_clock_set_forward_does_not_spend_the_time_limit() {
+        let http = ScriptedHttp::new(vec![
+            token_ok(),
+            answer(429, &[("Retry-After", "1")], r#"{"error":{"code":"RetryableError"}}"#),
+            answer(200, &[], "{}"),
+        ]);
+        let (kv, clock, settings) = (crate::store::MemStore::default(), JumpingClock(Cell::new(0)), arm_settings());
+        let client = ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30));
+        client.put_rule(&nsg(), &rule()).expect("the retry went out: only a minute of monotonic time counts");
+        assert_eq!(http.urls().len(), 3);
     }
 
     #[test]
