@@ -18,7 +18,9 @@
 //!    ratio of each to the first;
 //! 5. throughput of 16 concurrent clients for `BENCH_SECONDS` (default 10) each, and the
 //!    host's peak memory;
-//! 6. the components' sizes, compile and instantiation times.
+//! 6. the components' sizes, compile and instantiation times;
+//! 7. on the outbound-Redis store (`store = "redis"`, a `redis-server` of its own): latency,
+//!    Redis commands (round trips) per call, and latency with each command 1 ms and 5 ms away.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use chrono::TimeDelta;
 use portcullis_host::local::{self, Local, LocalOptions};
+use portcullis_host::redis_server::RedisServer;
 use serde_json::{Value, json};
 
 const ADMIN: &str = "demo-admin";
@@ -157,6 +160,116 @@ async fn latencies(bench: &Bench, calls: usize, read: &str) -> BTreeMap<&'static
     samples
 }
 
+/// Starts the service with the floor added, and the benchmark's settings plus `extra`.
+async fn start(dir: &std::path::Path, extra: &[(&str, String)]) -> anyhow::Result<Arc<Bench>> {
+    let mut variables: std::collections::HashMap<String, String> =
+        [("rate_limits", "off".to_owned()), ("api_keys", api_keys(100))]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+    variables.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let local = local::start(LocalOptions {
+        polls: 0,
+        variables,
+        manifest: Some(manifest_with_floor(dir)),
+        ..LocalOptions::ephemeral(&dir.join("kv"))
+    })
+    .await?;
+    let url = local.host.url();
+    Ok(Arc::new(Bench { local, client: reqwest::Client::new(), url }))
+}
+
+/// The policies every run uses; answers the id of the request every read reads (it waits in
+/// `held`, out of the other policies' way).
+async fn policies(bench: &Bench) -> String {
+    let quotas = json!({"per_requester": 1000, "per_vm": 1000});
+    let port = json!([{"port": 22, "max_duration": "PT3H", "allowed_sources": ["127.0.0.0/8"]}]);
+    for (name, approval) in [
+        ("auto", json!({"mode": "auto"})),
+        ("manual", json!({"mode": "manual", "approvers": ["group:ops"], "required": 1})),
+        ("held", json!({"mode": "manual", "approvers": ["group:ops"], "required": 1})),
+    ] {
+        let policy = json!({"vm": VM, "nsg": NSG, "private_ip": "10.0.0.4", "ports": port, "approval": approval, "quotas": quotas});
+        bench.call("PUT", &format!("/api/policies/{name}"), ADMIN, Some(policy)).await;
+    }
+    bench.ask("held").await
+}
+
+/// p50 latencies of the store-bound calls with every store round trip 1 ms, then 5 ms away.
+async fn with_network_delay(bench: &Bench, calls: usize, read: &str) -> BTreeMap<&'static str, Vec<f64>> {
+    let mut delayed: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for delay in [1, 5] {
+        bench.local.host.store().set_delay(Duration::from_millis(delay));
+        let mut samples = BTreeMap::<&str, Samples>::new();
+        let mut time =
+            |name, started: Instant| samples.entry(name).or_default().0.push(started.elapsed().as_micros() as u64);
+        for _ in 0..calls {
+            let started = Instant::now();
+            bench.call("GET", &format!("/api/requests/{read}"), ALICE, None).await;
+            time("GET /api/requests/{id}", started);
+            let started = Instant::now();
+            let id = bench.ask("auto").await;
+            time("POST /api/requests (auto-approved)", started);
+            let started = Instant::now();
+            bench.revoke(&id).await;
+            time("POST .../revoke", started);
+            let id = bench.ask("manual").await;
+            let started = Instant::now();
+            bench.approve(&id).await;
+            time("POST .../approve", started);
+            bench.revoke(&id).await;
+        }
+        for (name, mut s) in samples {
+            delayed.entry(name).or_default().push(s.percentile(0.5));
+        }
+    }
+    bench.local.host.store().set_delay(Duration::ZERO);
+    delayed
+}
+
+/// Section 7: the outbound-Redis store.
+async fn on_redis(calls: usize, delayed_calls: usize) -> anyhow::Result<()> {
+    let redis = RedisServer::start()?;
+    let dir = tempfile::tempdir()?;
+    let extra = [("store", "redis".to_owned()), ("redis_url", redis.url()), ("redis_host", redis.host())];
+    let bench = start(dir.path(), &extra).await?;
+    let read = policies(&bench).await;
+    latencies(&bench, 10, &read).await;
+    let commands = || bench.local.host.stats().redis_commands();
+    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+    let before = commands();
+    bench.call("GET", &format!("/api/requests/{read}"), ALICE, None).await;
+    counts.insert("GET /api/requests/{id}", commands() - before);
+    let before = commands();
+    bench.call("GET", "/api/policies", ALICE, None).await;
+    counts.insert("GET /api/policies", commands() - before);
+    let before = commands();
+    let id = bench.ask("auto").await;
+    counts.insert("POST /api/requests (auto-approved, rule opened)", commands() - before);
+    let before = commands();
+    bench.revoke(&id).await;
+    counts.insert("POST .../revoke (rule removed)", commands() - before);
+    let id = bench.ask("manual").await;
+    let before = commands();
+    bench.approve(&id).await;
+    counts.insert("POST .../approve (rule opened)", commands() - before);
+    bench.revoke(&id).await;
+    println!("\n## On the outbound-Redis store (a local redis-server; {calls} calls each)\n");
+    println!("| operation | p50 ms | p99 ms | p50 / floor | Redis commands (round trips) |\n|---|---|---|---|---|");
+    let mut samples = latencies(&bench, calls, &read).await;
+    let floor = samples.get_mut("floor (trivial component)").unwrap().percentile(0.5);
+    for (name, s) in samples.iter_mut() {
+        let (p50, p99) = (s.percentile(0.5), s.percentile(0.99));
+        let count = counts.get(name).map_or("-".to_owned(), u64::to_string);
+        println!("| {name} | {p50:.2} | {p99:.2} | {:.1} | {count} |", p50 / floor);
+    }
+    println!("\n| operation | p50 ms, 1 ms a Redis command | p50 ms, 5 ms a Redis command |\n|---|---|---|");
+    for (name, p50s) in with_network_delay(&bench, delayed_calls, &read).await {
+        println!("| {name} | {:.1} | {:.1} |", p50s[0], p50s[1]);
+    }
+    Ok(())
+}
+
 /// Keys of requesters of their own (a person's new grant replaces their older one).
 fn requester_key(n: usize) -> String {
     format!("bench-requester-{n}")
@@ -275,31 +388,8 @@ async fn main() -> anyhow::Result<()> {
     let (calls, delayed_calls, seconds) =
         (setting("BENCH_CALLS", 2000), setting("BENCH_DELAYED_CALLS", 50), setting("BENCH_SECONDS", 10) as u64);
     let state = tempfile::tempdir()?;
-    let manifest = manifest_with_floor(state.path());
-    let local = local::start(LocalOptions {
-        polls: 0,
-        variables: [("rate_limits", "off".to_owned()), ("api_keys", api_keys(100))]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect(),
-        manifest: Some(manifest),
-        ..LocalOptions::ephemeral(&state.path().join("kv"))
-    })
-    .await?;
-    let url = local.host.url();
-    let bench = Arc::new(Bench { local, client: reqwest::Client::new(), url });
-    let quotas = json!({"per_requester": 1000, "per_vm": 1000});
-    let port = json!([{"port": 22, "max_duration": "PT3H", "allowed_sources": ["127.0.0.0/8"]}]);
-    // `held`: the request every read reads waits there, out of the other policies' way.
-    for (name, approval) in [
-        ("auto", json!({"mode": "auto"})),
-        ("manual", json!({"mode": "manual", "approvers": ["group:ops"], "required": 1})),
-        ("held", json!({"mode": "manual", "approvers": ["group:ops"], "required": 1})),
-    ] {
-        let policy = json!({"vm": VM, "nsg": NSG, "private_ip": "10.0.0.4", "ports": port, "approval": approval, "quotas": quotas});
-        bench.call("PUT", &format!("/api/policies/{name}"), ADMIN, Some(policy)).await;
-    }
-    let read = bench.ask("held").await;
+    let bench = start(state.path(), &[]).await?;
+    let read = policies(&bench).await;
     // Warm: the ARM token, the policies and every component compiled.
     latencies(&bench, 10, &read).await;
 
@@ -392,35 +482,7 @@ async fn main() -> anyhow::Result<()> {
 
     println!("\n## With a network store ({delayed_calls} calls each)\n");
     println!("| operation | p50 ms, 1 ms a store call | p50 ms, 5 ms a store call |\n|---|---|---|");
-    let mut delayed: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    for delay in [1, 5] {
-        bench.local.host.store().set_delay(Duration::from_millis(delay));
-        let mut samples = BTreeMap::<&str, Samples>::new();
-        for _ in 0..delayed_calls {
-            let started = Instant::now();
-            bench.call("GET", &format!("/api/requests/{read}"), ALICE, None).await;
-            samples.entry("GET /api/requests/{id}").or_default().0.push(started.elapsed().as_micros() as u64);
-            let started = Instant::now();
-            let id = bench.ask("auto").await;
-            samples
-                .entry("POST /api/requests (auto-approved)")
-                .or_default()
-                .0
-                .push(started.elapsed().as_micros() as u64);
-            let started = Instant::now();
-            bench.revoke(&id).await;
-            samples.entry("POST .../revoke").or_default().0.push(started.elapsed().as_micros() as u64);
-            let id = bench.ask("manual").await;
-            let started = Instant::now();
-            bench.approve(&id).await;
-            samples.entry("POST .../approve").or_default().0.push(started.elapsed().as_micros() as u64);
-            bench.revoke(&id).await;
-        }
-        for (name, mut s) in samples {
-            delayed.entry(name).or_default().push(s.percentile(0.5));
-        }
-    }
-    bench.local.host.store().set_delay(Duration::ZERO);
+    let delayed = with_network_delay(&bench, delayed_calls, &read).await;
     for (name, p50s) in delayed {
         println!("| {name} | {:.1} | {:.1} |", p50s[0], p50s[1]);
     }
@@ -448,6 +510,7 @@ async fn main() -> anyhow::Result<()> {
         "\nInstantiating a compiled component (pre-instantiated, as Spin does) is part of every call \
          above: the floor's p50 is that, plus the HTTP round trip."
     );
+    on_redis((calls / 4).max(50), delayed_calls).await?;
     println!("\nRan in {:.0} s on {} cores.", started.elapsed().as_secs_f64(), std::thread::available_parallelism()?);
     Ok(())
 }

@@ -105,9 +105,17 @@ impl KvBackend {
     }
 
     /// Adds `delay` to every operation from now on, as a store across a network would (Redis
-    /// about 0.5-1 ms a round trip, Cosmos DB 5-10 ms).
+    /// about 0.5-1 ms a round trip, Cosmos DB 5-10 ms); outbound Redis commands wait as long.
     pub fn set_delay(&self, delay: std::time::Duration) {
         self.delay_micros.store(delay.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Waits the simulated network delay, if any (see [`KvBackend::set_delay`]).
+    pub fn network_delay(&self) {
+        let delay = self.delay_micros.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+        }
     }
 
     fn count(&self, op: usize, key: &str) {
@@ -116,10 +124,7 @@ impl KvBackend {
         if let Some(trace) = self.trace.lock().unwrap().as_mut() {
             trace.push((KINDS[op], key.to_owned()));
         }
-        let delay = self.delay_micros.load(Ordering::Relaxed);
-        if delay > 0 {
-            std::thread::sleep(std::time::Duration::from_micros(delay));
-        }
+        self.network_delay();
     }
 
     fn read(&self, n: usize) {

@@ -124,6 +124,11 @@ impl Host {
         self.app.runtime.stats.summary()
     }
 
+    /// The figures themselves.
+    pub fn stats(&self) -> &runtime::InvocationStats {
+        &self.app.runtime.stats
+    }
+
     /// The key-value store itself, for tests that play an attacker with write access to it.
     pub fn store(&self) -> &kv::KvBackend {
         self.app.runtime.kv()

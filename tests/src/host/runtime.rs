@@ -243,6 +243,11 @@ impl InvocationStats {
         self.redis_commands.fetch_add(u64::from(state.redis_commands), Ordering::Relaxed);
     }
 
+    /// Outbound Redis commands so far (each one round trip).
+    pub fn redis_commands(&self) -> u64 {
+        self.redis_commands.load(Ordering::Relaxed)
+    }
+
     /// One line: invocations, the most key-value swaps and Redis scripts one invocation made,
     /// and all Redis commands.
     pub fn summary(&self) -> String {

@@ -31,6 +31,7 @@ impl GuestState {
     /// Counts a command for the invocation's figures, and among them the scripts that can
     /// write (the store's compare-and-swaps; its batch reads only read).
     fn count_redis(&mut self, command: &str, script: Option<&[u8]>) {
+        self.kv.network_delay();
         self.redis_commands += 1;
         let writes = |s: &[u8]| s.windows(b"'SET'".len()).any(|w| w == b"'SET'");
         if command.eq_ignore_ascii_case("EVAL") && script.is_some_and(writes) {
