@@ -475,6 +475,9 @@ fn process_due(env: &Env, id: &str, report: &mut SweepReport, overdue: &mut Over
             }
         };
     }
+    // What the close will read before its swaps (the requester's open list, the policy's
+    // live list, the ARM work list, the audit head): one batch, or none once cached.
+    env.prefetch(&request.value.policy, &request.value.requester);
     let result = grants::close(env, &mut request, Event::Due, None);
     overdue.note(&request.value, env.now);
     match result {
@@ -508,6 +511,10 @@ fn finish_arm_work(env: &Env, id: &str, report: &mut SweepReport, overdue: &mut 
         }
     };
     let before = request.value.state;
+    if before.needs_arm_work() {
+        // What the retry will read before its swaps (see `process_due`).
+        env.prefetch(&request.value.policy, &request.value.requester);
+    }
     let result = match before {
         State::Approved => {
             let policy = match store::load(env.kv, &keys::policy(&request.value.policy)) {
