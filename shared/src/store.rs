@@ -142,8 +142,12 @@ impl<S: KvStore> KvStore for Cached<S> {
     }
 
     fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        let missing: Vec<String> =
-            keys.iter().filter(|key| !self.values.borrow().contains_key(*key)).cloned().collect();
+        let mut missing: Vec<String> = Vec::new();
+        for key in keys {
+            if !self.values.borrow().contains_key(key) && !missing.contains(key) {
+                missing.push(key.clone());
+            }
+        }
         if !missing.is_empty() {
             for (key, value) in missing.iter().zip(self.inner.get_many(&missing)?) {
                 self.remember(key, value.as_deref());
@@ -579,6 +583,10 @@ mod tests {
         let trips = cached.inner.calls.get();
         assert_eq!((cached.get("x").unwrap(), cached.get("y").unwrap()), (Some(b"1".to_vec()), None));
         assert_eq!(cached.inner.calls.get(), trips);
+        // A key asked twice is read once and answered twice.
+        cached.inner.mem.set("z", b"2").unwrap();
+        let twice = cached.get_many(&["z".into(), "z".into()]).unwrap();
+        assert_eq!(twice, [Some(b"2".to_vec()), Some(b"2".to_vec())]);
     }
 
     #[test]

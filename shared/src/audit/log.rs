@@ -85,8 +85,43 @@ pub fn append_all(
     now: DateTime<Utc>,
     checkpointing: Option<Checkpointing>,
 ) -> Result<Vec<AuditEvent>, StoreError> {
+    let (events, archive) = append_unarchived(kv, records, now, checkpointing)?;
+    file(kv, &events, &archive);
+    Ok(events)
+}
+
+/// Files appended events under their own keys. Nothing may report the append as failed
+/// now (its caller would not make the change, and the trail would show one that never
+/// happened): an archive write that fails is done by the next appender.
+pub fn file(kv: &dyn KvStore, events: &[AuditEvent], archive: &[(String, Vec<u8>)]) {
+    if archive.is_empty() {
+        return;
+    }
+    if let Err(error) = kv.set_many(archive) {
+        report_unfiled(events, &error);
+    }
+}
+
+/// Says which events stay in the head because their archive write failed.
+pub fn report_unfiled(events: &[AuditEvent], error: &StoreError) {
+    if let (Some(first), Some(last)) = (events.first(), events.last()) {
+        eprintln!(
+            "audit: events {}..={} stay in the head until the next append archives them: {error}",
+            first.seq, last.seq
+        );
+    }
+}
+
+/// As [`append_all`], leaving the events' archive writes to the caller, who makes them with
+/// writes of its own in one batch (see [`file`]); until then the head holds the events.
+pub fn append_unarchived(
+    kv: &dyn KvStore,
+    records: Vec<Record>,
+    now: DateTime<Utc>,
+    checkpointing: Option<Checkpointing>,
+) -> Result<(Vec<AuditEvent>, Vec<(String, Vec<u8>)>), StoreError> {
     if records.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     for _ in 0..APPEND_ATTEMPTS {
         let head_bytes = kv.get(keys::AUDIT_HEAD)?;
@@ -110,19 +145,15 @@ pub fn append_all(
             continue;
         }
         // The swap made the events part of the trail: from here on, nothing may report the
-        // append as failed (its caller would not make the change, and the trail would show
-        // one that never happened). An archive write that fails is done by the next appender.
-        if let Err(error) = kv.set_many(&archived(&events)?) {
-            let (first, last) = (events[0].seq, events[events.len() - 1].seq);
-            eprintln!("audit: events {first}..={last} stay in the head until the next append archives them: {error}");
-        }
+        // append as failed (an event that cannot be encoded for its key stays in the head).
+        let archive = archived(&events).unwrap_or_default();
         if let Some(checkpointing) = checkpointing
             && let Some(event) = events.iter().find(|e| checkpoint_due(kv, e.seq, checkpointing.every))
             && let Err(error) = save_checkpoint(kv, &Checkpoint::sign(checkpointing.key, event.seq, &event.hash))
         {
             eprintln!("audit: checkpoint at {} not saved (the next one will be): {error}", event.seq);
         }
-        return Ok(events);
+        return Ok((events, archive));
     }
     Err(StoreError::Conflict { key: keys::AUDIT_HEAD.to_owned() })
 }

@@ -397,7 +397,7 @@ fn defer_arm_write(
 }
 
 /// The outcome and details of an event about an ARM write.
-fn arm_write_event(
+pub(crate) fn arm_write_event(
     mut details: serde_json::Value,
     outcome: &Result<ArmReceipt, ArmError>,
 ) -> (Outcome, serde_json::Value) {
@@ -612,12 +612,12 @@ fn rewrite(
     })
 }
 
-fn record_attempt(request: &mut Versioned<AccessRequest>, error: &ArmError) {
+pub(crate) fn record_attempt(request: &mut Versioned<AccessRequest>, error: &ArmError) {
     request.value.arm_attempts += 1;
     request.value.last_error = Some(error.to_string());
 }
 
-fn transition(request: &mut Versioned<AccessRequest>, event: Event) -> Result<(), ApiError> {
+pub(crate) fn transition(request: &mut Versioned<AccessRequest>, event: Event) -> Result<(), ApiError> {
     request.value.state = request
         .value
         .state

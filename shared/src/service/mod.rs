@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod decisions;
+pub mod expiry;
 pub mod grants;
 pub mod health;
 pub mod inbound;
@@ -185,7 +186,7 @@ impl Env<'_> {
         details: serde_json::Value,
     ) -> Result<AuditEvent, ApiError> {
         let record = self.record_of(action, subject, outcome, details);
-        let mut events = self.append(record)?;
+        let mut events = self.append([record])?;
         Ok(events.pop().expect("the record's own event is last"))
     }
 
@@ -224,17 +225,41 @@ impl Env<'_> {
         }
     }
 
-    /// Appends the deferred events and `record`; on failure the deferred ones stay queued.
-    fn append(&self, record: impl Into<Option<Record>>) -> Result<Vec<AuditEvent>, ApiError> {
-        let mut records = std::mem::take(&mut *self.deferred.borrow_mut());
-        let deferred = records.len();
-        records.extend(record.into());
+    /// Appends events by this invocation's actor, after any deferred ones, in one append (one
+    /// swap of the head): for a batch of changes the caller makes next, each event written
+    /// ahead of its change. Nothing is queued when the append fails.
+    pub fn record_all(
+        &self,
+        events: impl IntoIterator<Item = (&'static str, Subject, Outcome, serde_json::Value)>,
+    ) -> Result<(), ApiError> {
+        let records = events
+            .into_iter()
+            .map(|(action, subject, outcome, details)| self.record_of(action, subject, outcome, details));
+        self.append(records.collect::<Vec<_>>()).map(drop)
+    }
+
+    /// Appends the deferred events and `records`; on failure the deferred ones stay queued.
+    fn append(&self, records: impl IntoIterator<Item = Record>) -> Result<Vec<AuditEvent>, ApiError> {
+        let (events, archive) = self.append_unfiled(records)?;
+        log::file(self.kv, &events, &archive);
+        Ok(events)
+    }
+
+    /// As [`Env::append`], answering the events' archive writes for the caller to make.
+    fn append_unfiled(
+        &self,
+        records: impl IntoIterator<Item = Record>,
+    ) -> Result<(Vec<AuditEvent>, Vec<(String, Vec<u8>)>), ApiError> {
+        let mut queued = std::mem::take(&mut *self.deferred.borrow_mut());
+        let deferred = queued.len();
+        queued.extend(records);
+        let mut records = queued;
         let audit = &self.config.audit;
         let checkpointing = audit
             .checkpoint_key
             .as_ref()
             .map(|key| Checkpointing { key: key.expose().as_bytes(), every: audit.checkpoint_every });
-        log::append_all(self.kv, records.clone(), self.now, checkpointing).map_err(|e| {
+        log::append_unarchived(self.kv, records.clone(), self.now, checkpointing).map_err(|e| {
             records.truncate(deferred);
             self.deferred.borrow_mut().splice(0..0, records);
             ApiError::internal(format!("appending to the audit trail: {e}"))
@@ -253,19 +278,42 @@ impl Env<'_> {
         change: impl FnOnce() -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         self.record(action, subject.clone(), Outcome::Ok, details)?;
-        change().inspect_err(|error| {
-            // The trail must not claim a change that did not happen: a store that just failed
-            // the change may fail once more, so the correction is tried a few times.
-            // Only a lost race is sure not to have written; a store error may hide a write
-            // that landed (Cosmos DB reports every error as a failed swap).
-            let saved = if error.is_concurrent_update() { json!(false) } else { json!("unknown") };
-            let details = json!({"error": error.message, "saved": saved});
-            let recorded = (0..FAILURE_RECORD_ATTEMPTS)
-                .any(|_| self.record(action, subject.clone(), Outcome::Failed, details.clone()).is_ok());
-            if !recorded {
-                eprintln!("audit: could not record that {action} on {subject:?} failed: {}", error.message);
-            }
+        change().inspect_err(|error| self.record_failure(action, subject, error))
+    }
+
+    /// As [`Env::audited`], for a change that is a batch of plain writes (keys no one else
+    /// can know yet): the event's archive write goes into the same batch, one round trip in
+    /// all. Until that batch lands, the trail's head holds the event.
+    pub fn audited_writes(
+        &self,
+        action: &'static str,
+        subject: Subject,
+        details: serde_json::Value,
+        writes: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), ApiError> {
+        let record = self.record_of(action, subject.clone(), Outcome::Ok, details);
+        let (events, mut batch) = self.append_unfiled([record])?;
+        batch.extend(writes);
+        self.kv.set_many(&batch).map_err(|error| {
+            log::report_unfiled(&events, &error);
+            let error = ApiError::from(error);
+            self.record_failure(action, subject, &error);
+            error
         })
+    }
+
+    /// Records that a change recorded ahead failed. The trail must not claim a change that did
+    /// not happen: a store that just failed the change may fail once more, so the correction
+    /// is tried a few times. Only a lost race is sure not to have written; a store error may
+    /// hide a write that landed (Cosmos DB reports every error as a failed swap).
+    fn record_failure(&self, action: &'static str, subject: Subject, error: &ApiError) {
+        let saved = if error.is_concurrent_update() { json!(false) } else { json!("unknown") };
+        let details = json!({"error": error.message, "saved": saved});
+        let recorded = (0..FAILURE_RECORD_ATTEMPTS)
+            .any(|_| self.record(action, subject.clone(), Outcome::Failed, details.clone()).is_ok());
+        if !recorded {
+            eprintln!("audit: could not record that {action} on {subject:?} failed: {}", error.message);
+        }
     }
 
     /// Records a change of a request (with the state it moves to), then saves it.

@@ -92,20 +92,19 @@ pub fn create(
     }
     // The request and its entries in the recent indexes, in one batch: its id is fresh and
     // random, so no one else can have written it.
-    let mut writes =
-        vec![keys::recent_requests().reserve(env.kv, &id)?, keys::requests_by(&caller.principal).reserve(env.kv, &id)?];
-    let save = || {
-        writes.push((keys::request(&request.id), store::encode_new(&request)?));
-        env.kv.set_many(&writes)?;
-        Ok(1)
-    };
-    let version = if auto_approved {
+    // Its events' archive writes join them (see `Env::audited_writes`).
+    let writes = vec![
+        keys::recent_requests().reserve(env.kv, &id)?,
+        keys::requests_by(&caller.principal).reserve(env.kv, &id)?,
+        (keys::request(&request.id), store::encode_new(&request)?),
+    ];
+    if auto_approved {
         env.defer("request.created", subject.clone(), Outcome::Ok, details);
-        env.audited("request.approved", subject, approval_details(&request), save)?
+        env.audited_writes("request.approved", subject, approval_details(&request), writes)?;
     } else {
-        env.audited("request.created", subject, details, save)?
-    };
-    let mut request = Versioned { value: request, version };
+        env.audited_writes("request.created", subject, details, writes)?;
+    }
+    let mut request = Versioned { value: request, version: 1 };
     store::add_to_list(env.kv, &keys::open_of(&policy.name, &caller.principal), &id, usize::MAX)?;
     if request.value.break_glass {
         eprintln!(

@@ -9,6 +9,7 @@
 //! stopped.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,10 @@ pub const SWAP_BUDGET: u32 = 200;
 const RECONCILE_RESERVE: u32 = 50;
 /// Due minutes one sweep reads at most: after a long outage, the catch-up is spread over ticks.
 const MAX_MINUTES_PER_SWEEP: usize = 240;
+/// Swaps a batch of closes makes whatever its size (the ARM work list twice, the audit head
+/// twice, a policy's live list), and per grant (its two saves and its requester's open list).
+const BATCH_SWAPS: u32 = 10;
+const BATCH_SWAPS_PER_GRANT: u32 = 3;
 /// Slots tried when a backend's counter hands one out twice (Cosmos's increment can).
 const SLOT_ATTEMPTS: usize = 8;
 
@@ -146,12 +151,24 @@ fn read_due(kv: &dyn KvStore, minute: DateTime<Utc>) -> Result<Vec<Slot>, StoreE
     // way (Cosmos DB cannot even `get` one). On SQLite this writes a 0 for an empty minute,
     // which the minute's completion deletes.
     let count = kv.increment(&keys::due_count(minute), 0)?;
-    Ok((1..=count)
-        .map(|slot| match kv.get(&keys::due_slot(minute, slot)) {
+    let slots: Vec<String> = (1..=count).map(|slot| keys::due_slot(minute, slot)).collect();
+    if slots.is_empty() {
+        return Ok(Vec::new());
+    }
+    // One round trip for the minute; should the batch fail, each slot on its own, so one
+    // unreadable slot holds up only itself.
+    let values = match kv.get_many(&slots) {
+        Ok(values) => values.into_iter().map(Ok).collect(),
+        Err(_) => slots.iter().map(|slot| kv.get(slot)).collect::<Vec<_>>(),
+    };
+    Ok(values
+        .into_iter()
+        .zip(&slots)
+        .map(|(value, slot)| match value {
             Ok(Some(bytes)) => String::from_utf8(bytes).map_or(Slot::Garbage, Slot::Id),
             Ok(None) => Slot::Empty,
             Err(error) => {
-                eprintln!("sweep: reading slot {slot} of {minute}: {error}");
+                eprintln!("sweep: reading {slot}: {error}");
                 Slot::Unreadable
             }
         })
@@ -160,12 +177,13 @@ fn read_due(kv: &dyn KvStore, minute: DateTime<Utc>) -> Result<Vec<Slot>, StoreE
 
 /// Removes a completed minute's index.
 fn clear_due(kv: &dyn KvStore, minute: DateTime<Utc>, slots: usize) -> Result<(), StoreError> {
-    for slot in 1..=slots {
-        kv.delete(&keys::due_slot(minute, slot as i64))?;
+    let slots: Vec<String> = (1..=slots).map(|slot| keys::due_slot(minute, slot as i64)).collect();
+    if !slots.is_empty() {
+        kv.delete_many(&slots)?;
     }
-    kv.delete(&keys::due_count(minute))?;
-    // The minute's count of failed logins is done with too.
-    kv.delete(&keys::auth_failures(minute))
+    // The counter after its slots (one left behind would be read again, never lost), and the
+    // minute's count of failed logins, done with too.
+    kv.delete_many(&[keys::due_count(minute), keys::auth_failures(minute)])
 }
 
 /// A store that counts the compare-and-swaps and increments made through it.
@@ -382,14 +400,75 @@ fn sweep_minute(
 ) -> Result<bool, StoreError> {
     let slots = read_due(env.kv, minute)?;
     let mut clean = true;
+    let listed: Vec<&str> = slots
+        .iter()
+        .filter_map(|slot| match slot {
+            Slot::Id(id) => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut requests = load_all(env, &listed);
+    // The grants due to close, together (as many as the swap budget has room for); the rest
+    // of the minute one by one.
+    let room = (SWAP_BUDGET.saturating_sub(budget.used() + BATCH_SWAPS) / BATCH_SWAPS_PER_GRANT) as usize;
+    let mut batch: Vec<Versioned<AccessRequest>> = Vec::new();
+    for id in &listed {
+        let due = matches!(requests.get(*id), Some(Ok(Some(request)))
+            if request.value.state == State::Active && request.value.ends_at.is_some_and(|end| end <= env.now));
+        if !due {
+            continue;
+        }
+        if batch.len() == room {
+            report.deferred = true;
+            clean = false;
+            break;
+        }
+        if let Some(Ok(Some(request))) = requests.remove(*id) {
+            batch.push(request);
+        }
+    }
+    let mut settled = Vec::new();
+    if !batch.is_empty() {
+        // What the close will read before its swaps, for the whole batch.
+        let results = super::expiry::close_due(env, &mut batch);
+        for (grant, result) in batch.iter().zip(results) {
+            overdue.note(&grant.value, env.now);
+            let due = match result {
+                Ok(()) => {
+                    tally(&grant.value, report);
+                    Due::Handled
+                }
+                Err(error) => {
+                    let id = &grant.value.id;
+                    eprintln!("sweep: closing {id}: {}", error.internal.as_deref().unwrap_or(&error.message));
+                    report.skipped += 1;
+                    Due::Again
+                }
+            };
+            settled.push((grant.value.id.to_string(), due));
+        }
+    }
+    let mut seen: Vec<&str> = Vec::new();
     for slot in &slots {
         match slot {
             Slot::Id(id) => {
-                if budget.spent() {
-                    report.deferred = true;
-                    return Ok(false);
+                if seen.contains(&id.as_str()) {
+                    continue;
                 }
-                match process_due(env, id, report, overdue) {
+                seen.push(id);
+                let due = match settled.iter().position(|(settled, _)| settled == id) {
+                    Some(at) => settled.swap_remove(at).1,
+                    None if !requests.contains_key(id.as_str()) => continue,
+                    None => {
+                        if budget.spent() {
+                            report.deferred = true;
+                            return Ok(false);
+                        }
+                        let loaded = requests.remove(id.as_str()).unwrap_or(Ok(None));
+                        process_due(env, id, loaded, report, overdue)
+                    }
+                };
+                match due {
                     Due::Nothing => {}
                     Due::Handled => handled.push(id.clone()),
                     Due::Again => {
@@ -420,12 +499,29 @@ fn sweep_minute(
     Ok(clean)
 }
 
+/// Reads the requests a due minute lists, in one round trip (should the batch fail, one by
+/// one), as [`load`] does each.
+fn load_all(env: &Env, ids: &[&str]) -> HashMap<String, Result<Option<Versioned<AccessRequest>>, String>> {
+    let keys: Vec<String> =
+        ids.iter().filter_map(|id| RequestId::parse(id).ok()).map(|id| keys::request(&id)).collect();
+    keys.iter().for_each(|key| env.kv.forget(key));
+    // Fills the cache; `load` then reads each from it (or from the store, if this failed).
+    let _ = env.kv.get_many(&keys);
+    ids.iter().map(|id| ((*id).to_owned(), load_cached(env, id))).collect()
+}
+
 /// Reads a request the sweep was told about: `Ok(None)` when there is none, `Err` when it
 /// cannot be read now (the caller keeps the work).
 fn load(env: &Env, id: &str) -> Result<Option<Versioned<AccessRequest>>, String> {
     let id = RequestId::parse(id).map_err(|e| e.to_string())?;
     // Fresh: this sweep may have read it a while ago, and another instance changed it since.
     store::load_fresh::<AccessRequest>(env.kv, &keys::request(&id)).map_err(|e| e.to_string())
+}
+
+/// As [`load`], from what the invocation's cache holds when it holds it.
+fn load_cached(env: &Env, id: &str) -> Result<Option<Versioned<AccessRequest>>, String> {
+    let id = RequestId::parse(id).map_err(|e| e.to_string())?;
+    store::load::<AccessRequest>(env.kv, &keys::request(&id)).map_err(|e| e.to_string())
 }
 
 /// What came of a due entry.
@@ -439,8 +535,14 @@ enum Due {
 }
 
 /// Closes one due grant, or times out a request that waited too long for approval.
-fn process_due(env: &Env, id: &str, report: &mut SweepReport, overdue: &mut Overdue) -> Due {
-    let mut request = match load(env, id) {
+fn process_due(
+    env: &Env,
+    id: &str,
+    loaded: Result<Option<Versioned<AccessRequest>>, String>,
+    report: &mut SweepReport,
+    overdue: &mut Overdue,
+) -> Due {
+    let mut request = match loaded {
         Ok(Some(request)) => request,
         Ok(None) => return Due::Nothing,
         Err(reason) => {

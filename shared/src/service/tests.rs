@@ -9,7 +9,7 @@ use crate::arm::{Access, ArmError, SecurityRule};
 use crate::audit::{Outcome, log};
 use crate::auth::{ApiKeys, Caller, Role};
 use crate::config::{Config, PriorityBand};
-use crate::domain::{GroupName, Principal, RequestId};
+use crate::domain::{GroupName, PolicyName, Principal, RequestId};
 use crate::keys;
 use crate::store::{KvStore, StoreError};
 use crate::testing::{FakeArm, HookedStore, arm_settings, at, limits, policy_json, raw_request};
@@ -666,4 +666,112 @@ fn deferred_events_go_in_with_the_next_record_or_when_the_invocation_ends() {
     let actions: Vec<String> = log::range(&world.kv, before + 1, before + 3).map(|e| e.unwrap().action).collect();
     assert_eq!(actions, ["rule.put", "request.activated", "rule.deleted"]);
     assert_eq!(log::verify_stored(&world.kv, 1, None, None).unwrap().chain.broken, None);
+}
+
+/// Three grants that end in the same minute, for the batched close.
+fn three_due_grants(world: &World) {
+    world.create("r1", raw_request()).unwrap();
+    let mut rdp = raw_request();
+    rdp["ports"] = json!([3389]);
+    world.create("r2", rdp).unwrap();
+    world
+        .at(at(0), |env| {
+            let mut other = alice();
+            other.principal = Principal::parse("carol").unwrap();
+            requests::create(env, &other, None, RequestId::parse("r3").unwrap(), raw_request().to_string().as_bytes())
+        })
+        .unwrap();
+    assert_eq!(world.allow_rules().len(), 3);
+}
+
+#[test]
+fn grants_due_together_close_as_one_batch_each_recorded_and_unlisted() {
+    let world = World::new(policy_json());
+    three_due_grants(&world);
+    let head = log::head(&world.kv).unwrap().unwrap().seq;
+    let report = world.at(at(61), sweep::sweep).unwrap();
+    assert_eq!(report.closed, 3);
+    assert!(world.allow_rules().is_empty());
+    for id in ["r1", "r2", "r3"] {
+        assert_eq!(world.state(id), "expired");
+        let events: Vec<_> = log::range(&world.kv, head + 1, head + 100)
+            .map(Result::unwrap)
+            .filter(|e| e.subject.request.as_deref() == Some(id))
+            .map(|e| (e.action, e.outcome))
+            .collect();
+        let want = [("request.expiring", Outcome::Ok), ("rule.deleted", Outcome::Ok), ("request.expired", Outcome::Ok)];
+        assert_eq!(events, want.map(|(a, o)| (a.to_owned(), o)), "{id}");
+    }
+    for list in [keys::ARM_WORK.to_owned(), keys::live(&PolicyName::parse("demo-vm").unwrap())] {
+        assert!(crate::store::read_list(&world.kv, &list).unwrap().is_empty(), "{list}");
+    }
+    for who in ["alice", "carol"] {
+        let open = keys::open_of(&PolicyName::parse("demo-vm").unwrap(), &Principal::parse(who).unwrap());
+        assert!(crate::store::read_list(&world.kv, &open).unwrap().is_empty(), "{open}");
+    }
+}
+
+#[test]
+fn a_batched_close_that_loses_a_race_or_meets_a_failed_delete_leaves_that_grant_to_finish_alone() {
+    let world = World::new(policy_json());
+    three_due_grants(&world);
+    // r2's first save in the batch meets a rival's write (an extension that lands first
+    // would look the same); r3's DELETE fails once.
+    let r2 = keys::request(&RequestId::parse("r2").unwrap());
+    let mut rival = true;
+    world.kv.before_swap(move |mem, key| {
+        if key == r2 && std::mem::take(&mut rival) {
+            let bytes = mem.get(key)?.expect("the request exists");
+            mem.set(key, &[bytes.as_slice(), b" "].concat())?;
+        }
+        Ok(())
+    });
+    // DELETEs: r2's first (closed on its own right after its lost save), then the batch's
+    // (r1, r3).
+    world.arm.outcomes.borrow_mut().extend([Ok(()), Ok(()), Err(ArmError::Transient("503".into()))]);
+    let report = world.at(at(61), sweep::sweep).unwrap();
+    world.kv.clear_hook();
+    assert_eq!(world.state("r1"), "expired");
+    assert_eq!(world.state("r2"), "expired", "closed on its own after the lost race");
+    assert_eq!(world.state("r3"), "revoking", "its rule may still be there: kept for the next sweep");
+    assert_eq!((report.closed, report.retrying), (2, 1), "{report:?}");
+    let events: Vec<_> = log::range(&world.kv, 1, 1000).map(Result::unwrap).collect();
+    let of = |id: &str| -> Vec<(String, Outcome)> {
+        events
+            .iter()
+            .filter(|e| e.subject.request.as_deref() == Some(id))
+            .map(|e| (e.action.clone(), e.outcome))
+            .collect()
+    };
+    assert!(
+        of("r2").windows(2).any(|w| w[0] == ("request.expiring".into(), Outcome::Ok)
+            && w[1] == ("request.expiring".into(), Outcome::Failed)),
+        "the lost save is recorded as failed: {:?}",
+        of("r2")
+    );
+    assert!(of("r3").contains(&("rule.deleted".into(), Outcome::Failed)), "{:?}", of("r3"));
+    assert!(crate::store::read_list(&world.kv, keys::ARM_WORK).unwrap().contains(&"r3".to_owned()));
+
+    let report = world.at(at(62), sweep::sweep).unwrap();
+    assert_eq!(report.closed, 1);
+    assert_eq!(world.state("r3"), "expired");
+    assert!(world.allow_rules().is_empty());
+    assert!(crate::store::read_list(&world.kv, keys::ARM_WORK).unwrap().is_empty());
+}
+
+#[test]
+fn a_batch_whose_audit_append_fails_changes_nothing_and_is_closed_by_the_next_sweep() {
+    let world = World::new(policy_json());
+    three_due_grants(&world);
+    world.fail_audit_after(0);
+    let report = world.at(at(61), sweep::sweep).unwrap();
+    assert_eq!(report.closed, 0);
+    for id in ["r1", "r2", "r3"] {
+        assert_eq!(world.state(id), "active", "not moved without its event");
+    }
+    assert_eq!(world.allow_rules().len(), 3);
+    world.kv.clear_hook();
+    let report = world.at(at(62), sweep::sweep).unwrap();
+    assert_eq!(report.closed, 3);
+    assert!(world.allow_rules().is_empty());
 }

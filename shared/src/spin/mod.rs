@@ -269,9 +269,17 @@ pub fn serve_api(request: &Request, route: impl FnOnce(&Ctx, &Env, &Caller) -> R
         {
             ctx.record_refusal(request, origin, "auth.forbidden", error, json!({}));
         }
+        ANSWERED.with(|slot| *slot.borrow_mut() = Some(ctx));
         outcome
     });
     respond(outcome)
+}
+
+thread_local! {
+    /// The context of the call just answered, for the work after the answer: its
+    /// configuration is read, and what it read of the store is known (any decision there ends
+    /// in a compare-and-swap, which sees the store as it is).
+    static ANSWERED: std::cell::RefCell<Option<Ctx>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Serves a decision from an integration (`POST /webhooks/decision`): its Standard Webhooks
@@ -438,7 +446,7 @@ pub fn segments<'a>(request: &'a Request, prefix: &str) -> Vec<&'a str> {
 /// Delivers webhooks once the handler has answered (the sweep sends whatever this leaves:
 /// work after the answer is lost when the host stops the instance).
 pub fn deliver_after_answer() {
-    match Ctx::load() {
+    match ANSWERED.with(|slot| slot.borrow_mut().take()).map_or_else(Ctx::load, Ok) {
         Ok(ctx) => ctx.deliver_webhooks(AFTER_ANSWER_DELIVERY_BUDGET),
         Err(error) => eprintln!("webhooks: {}", error.internal.unwrap_or(error.message)),
     }

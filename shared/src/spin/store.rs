@@ -69,9 +69,10 @@ impl KvStore for SpinStore {
     #[cfg(feature = "atomics")]
     fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         let found = spin_sdk::wit::wasi::keyvalue::batch::get_many(self.bucket()?, keys).map_err(backend)?;
-        // The answer is keyed; a backend may leave absent keys out or change the order.
-        let mut found: std::collections::HashMap<String, Option<Vec<u8>>> = found.into_iter().collect();
-        Ok(keys.iter().map(|key| found.remove(key).flatten()).collect())
+        // The answer is keyed; a backend may leave absent keys out, change the order, or
+        // answer a key asked twice once.
+        let found: std::collections::HashMap<String, Option<Vec<u8>>> = found.into_iter().collect();
+        Ok(keys.iter().map(|key| found.get(key).cloned().flatten()).collect())
     }
 
     #[cfg(feature = "atomics")]

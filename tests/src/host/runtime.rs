@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
 use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
-use wasmtime::{Config, Engine, Store};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{HostWallClock, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -368,8 +368,36 @@ fn engine() -> &'static Engine {
         if std::env::var_os("PORTCULLIS_PERFMAP").is_some() {
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
         }
+        // Spin instantiates from a pool of memory mapped in advance when the machine lets it
+        // reserve the address space, and on demand otherwise; so does this host.
+        // `PORTCULLIS_ON_DEMAND=1` compares the two.
+        if std::env::var_os("PORTCULLIS_ON_DEMAND").is_none() {
+            let mut pooled = config.clone();
+            pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool()));
+            match Engine::new(&pooled) {
+                Ok(engine) => return engine,
+                Err(error) => eprintln!("host: no pooling allocator here ({error}); instances are allocated on demand"),
+            }
+        }
         Engine::new(&config).expect("wasmtime engine")
     })
+}
+
+/// The instance pool: room for as many guests at once as a busy test or benchmark runs
+/// (each guest is one component instance of a few core instances, one memory and a few
+/// tables), with Spin's own per-component limits.
+fn pool() -> PoolingAllocationConfig {
+    const INSTANCES: u32 = 1_000;
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(INSTANCES)
+        .total_core_instances(4 * INSTANCES)
+        .total_memories(INSTANCES)
+        .total_tables(4 * INSTANCES)
+        .total_stacks(INSTANCES)
+        .max_memories_per_component(10)
+        .max_tables_per_component(20)
+        .max_memory_size(1 << 30);
+    pool
 }
 
 /// Compiles a component once per process (tests start many hosts on the same files).

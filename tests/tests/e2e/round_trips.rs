@@ -96,3 +96,44 @@ async fn the_hot_paths_stay_within_their_store_round_trips_and_arm_calls() {
         .collect();
     assert!(over.is_empty(), "over the ceilings:\n{}\nall measured: {measured:#?}", over.join("\n"));
 }
+
+/// The sweep's cost per closed grant (issue 13: at most 6 store operations a grant, plus a
+/// constant): a sweep that closes six grants of three requesters against one that closes one,
+/// with the same minutes behind each, so the difference is the five grants alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sweep_closes_each_further_grant_in_at_most_six_store_operations() {
+    let world = World::start().await;
+    world.auto_policy().await;
+    let both = |duration: &str, port: u16| json!({"policy": "demo-vm", "ports": [port], "duration": duration, "justification": "INC-1"});
+    // Warm, and the rate-limit tallies and due minutes of the start swept away.
+    let (_, warm) = world.request(ALICE, &ssh("PT1M")).await;
+    world.advance_minutes(3);
+    world.tick().await;
+    assert_eq!(world.get_request(&id(&warm)).await["state"], "expired");
+
+    let sweep_after = |grants: Vec<(&'static str, u16)>| {
+        let world = &world;
+        async move {
+            let mut ids = Vec::new();
+            for (who, port) in grants {
+                let (status, body) = world.request(who, &both("PT1M", port)).await;
+                assert_eq!((status, body["state"].as_str()), (201, Some("active")), "{body}");
+                ids.push(id(&body));
+            }
+            world.advance_minutes(3);
+            let (store, arm) = cost(world, || world.tick()).await;
+            for id in &ids {
+                assert_eq!(world.get_request(id).await["state"], "expired");
+            }
+            (store, arm)
+        }
+    };
+    let (one, one_arm) = sweep_after(vec![(ALICE, 22)]).await;
+    let six = vec![(ALICE, 22), (ALICE, 3389), (CAROL, 22), (CAROL, 3389), (ERIN, 22), (ERIN, 3389)];
+    let (many, many_arm) = sweep_after(six).await;
+    let per_grant = (many as f64 - one as f64) / 5.0;
+    eprintln!("sweep closing 1 grant: {one} store operations; 6 grants: {many} ({per_grant:.1} per further grant)");
+    assert!(per_grant <= 6.0, "{per_grant} store operations per further grant (one: {one}, six: {many})");
+    // A DELETE and its status polls a grant, nothing more (the reconciler may look at the NSG).
+    assert!(many_arm <= 6 * one_arm + 1, "ARM calls: closing one {one_arm}, six {many_arm}");
+}
