@@ -222,7 +222,6 @@ pub fn extend(env: &Env, caller: &Caller, id: &str, body: &[u8]) -> Result<Reply
         ));
     }
     super::sweep::schedule(env, new_end, &request.value.id)?;
-    super::notices::schedule_for_grant(env, &request.value.id, new_end)?;
     request.value.ends_at = Some(new_end);
     request.value.extensions.push(Extension { by: caller.principal.clone(), at: env.now, by_duration: by });
     env.commit(&mut request, "request.extended", json!({ "by": by.to_string(), "ends_at": new_end }))?;

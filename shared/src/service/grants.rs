@@ -272,8 +272,8 @@ fn settle_opened(
     let ends_at = opened_at + request.value.duration.as_delta();
     // The due entry goes first: once it exists, the sweep will close the rule whatever
     // happens to the rest of this call.
+    // Its warning before the end rides on the same entry (see `notices`).
     super::sweep::schedule(env, ends_at, &request.value.id)?;
-    super::notices::schedule_for_grant(env, &request.value.id, ends_at)?;
     transition(request, Event::RuleOpened)?;
     request.value.activated_at = Some(opened_at);
     request.value.ends_at = Some(ends_at);

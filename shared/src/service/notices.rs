@@ -2,15 +2,17 @@
 //! waited for approval (`request.reminder`, naming who can still approve), a warning when it
 //! is about to time out (`request.reminder` with `"notice": "timing_out"`), and a warning
 //! before a grant ends (`grant.expiring`, again after each extension). Each is sent once: the
-//! request keeps the notices it has had. They ride on the sweep's due index: one more entry
-//! when a request starts waiting or a grant opens or is extended.
+//! request keeps the notices it has had. They ride on the sweep's due index: the warnings
+//! before an end on the entry of that end, which the sweep reads `notice_lead` ahead (see
+//! [`ahead`]), so opening or extending a grant writes no entry of its own for them; the
+//! reminder on an entry of its own.
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use super::{Env, subject_of};
 use crate::api::ApiError;
-use crate::domain::{AccessRequest, Approval, Policy, RequestId, State};
+use crate::domain::{AccessRequest, Approval, Policy, State};
 use crate::keys;
 use crate::store::{self, Versioned};
 
@@ -23,22 +25,16 @@ pub fn schedule_for_pending(env: &Env, request: &AccessRequest) -> Result<(), Ap
     {
         super::sweep::schedule(env, request.created_at + after, &request.id)?;
     }
-    if let Some(lead) = settings.notice_lead {
-        schedule_before(env, &request.id, until - lead, request.created_at)?;
-    }
     Ok(())
 }
 
-/// Schedules the warning before a grant that now ends at `ends_at`.
-pub fn schedule_for_grant(env: &Env, id: &RequestId, ends_at: DateTime<Utc>) -> Result<(), ApiError> {
-    match env.config.webhooks.notice_lead {
-        Some(lead) => schedule_before(env, id, ends_at - lead, env.now),
-        None => Ok(()),
-    }
-}
-
-fn schedule_before(env: &Env, id: &RequestId, at: DateTime<Utc>, not_before: DateTime<Utc>) -> Result<(), ApiError> {
-    if at > not_before { super::sweep::schedule(env, at, id) } else { Ok(()) }
+/// The due minutes whose entries are owed a warning when the sweep reads `minute`: those
+/// `notice_lead` later (two when the lead is not a whole number of minutes, since an end
+/// anywhere in `minute + lead` and the minute after can be a lead away from `minute`).
+pub fn ahead(env: &Env, minute: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+    let Some(lead) = env.config.webhooks.notice_lead else { return Vec::new() };
+    let first = super::sweep::minute_floor(minute + lead);
+    if first == minute + lead { vec![first] } else { vec![first, first + chrono::TimeDelta::minutes(1)] }
 }
 
 /// Sends the notices that are due for a request the sweep was told about, one at a time.

@@ -365,6 +365,7 @@ fn due_phase(
             break;
         }
         report.minutes_scanned += 1;
+        warn_ahead(env, budget, minute, report);
         let complete = match sweep_minute(env, budget, minute, report, overdue, handled) {
             Ok(clean) => clean && minute + SETTLE < this_minute,
             Err(error) => {
@@ -386,6 +387,45 @@ fn due_phase(
         }
     }
     Ok(Some(complete_until))
+}
+
+/// Sends the warnings owed, as of `minute`, before the ends the due index lists a lead later
+/// (see [`notices::ahead`](super::notices::ahead)). Those minutes are only read here, never
+/// cleared: each is cleared in its own turn. A warning that cannot be sent now is tried again
+/// while `minute` is still read (until it settles).
+fn warn_ahead(env: &Env, budget: &Budgeted, minute: DateTime<Utc>, report: &mut SweepReport) {
+    for ahead in super::notices::ahead(env, minute) {
+        let slots = match read_due(env.kv, ahead) {
+            Ok(slots) => slots,
+            Err(error) => {
+                eprintln!("sweep: warnings listed at {ahead}: {error}");
+                report.skipped += 1;
+                continue;
+            }
+        };
+        let mut ids: Vec<&str> = Vec::new();
+        for slot in &slots {
+            if let Slot::Id(id) = slot
+                && !ids.contains(&id.as_str())
+            {
+                ids.push(id);
+            }
+        }
+        let mut requests = load_all(env, &ids);
+        for id in ids {
+            if budget.used() >= SWAP_BUDGET - RECONCILE_RESERVE {
+                report.deferred = true;
+                return;
+            }
+            let Some(Ok(Some(mut request))) = requests.remove(id) else { continue };
+            if matches!(request.value.state, State::Active | State::Pending)
+                && let Err(error) = super::notices::send_due(env, &mut request)
+            {
+                eprintln!("sweep: warning of {id}: {}", error.internal.as_deref().unwrap_or(&error.message));
+                report.skipped += 1;
+            }
+        }
+    }
 }
 
 /// Handles one due minute; answers whether everything in it was handled (and, when the minute
