@@ -112,6 +112,9 @@ pub fn report_unfiled(events: &[AuditEvent], error: &StoreError) {
     }
 }
 
+/// The writes that file appended events under their own keys.
+pub type ArchiveWrites = Vec<(String, Vec<u8>)>;
+
 /// As [`append_all`], leaving the events' archive writes to the caller, who makes them with
 /// writes of its own in one batch (see [`file`]); until then the head holds the events.
 pub fn append_unarchived(
@@ -119,7 +122,7 @@ pub fn append_unarchived(
     records: Vec<Record>,
     now: DateTime<Utc>,
     checkpointing: Option<Checkpointing>,
-) -> Result<(Vec<AuditEvent>, Vec<(String, Vec<u8>)>), StoreError> {
+) -> Result<(Vec<AuditEvent>, ArchiveWrites), StoreError> {
     if records.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }

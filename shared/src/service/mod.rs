@@ -249,7 +249,7 @@ impl Env<'_> {
     fn append_unfiled(
         &self,
         records: impl IntoIterator<Item = Record>,
-    ) -> Result<(Vec<AuditEvent>, Vec<(String, Vec<u8>)>), ApiError> {
+    ) -> Result<(Vec<AuditEvent>, log::ArchiveWrites), ApiError> {
         let mut queued = std::mem::take(&mut *self.deferred.borrow_mut());
         let deferred = queued.len();
         queued.extend(records);
