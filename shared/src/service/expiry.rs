@@ -63,22 +63,27 @@ pub fn close_due(env: &Env, batch: &mut [Versioned<AccessRequest>]) -> Vec<Resul
         let grant = &mut batch[index];
         let sent_at = env.fresh_now();
         let Some(rule) = grant.value.rule.clone() else {
-            gone.push((index, None));
+            gone.push(index);
             continue;
         };
         let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
         let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
         if outcome.is_ok() && !grant.value.put_in_flight(sent_at) {
-            gone.push((index, Some((details, outcome))));
+            // A fact from now on: it goes into the trail with the next append (the one after
+            // this loop), and stays queued for a later one should that fail.
+            grants::defer_arm_write(env, "rule.deleted", subject_of(&grant.value), details, &outcome);
+            gone.push(index);
             continue;
         }
         let recorded = grants::record_arm_write(env, "rule.deleted", subject_of(&grant.value), details, &outcome);
         results[index] = Some(recorded.and_then(|()| match &outcome {
             // A PUT may still land: the one-grant close keeps it `revoking` until it cannot.
             Ok(_) => hand_over(env, grant),
-            // Stays `revoking`, listed: the sweep deletes again next tick.
+            // Stays `revoking`, listed again (a sweep that read it before it was saved
+            // `revoking` may have dropped it from the list): deleted again next tick.
             Err(error) => {
                 grants::record_attempt(grant, error);
+                store::add_to_list(env.kv, keys::ARM_WORK, grant.value.id.as_str(), usize::MAX)?;
                 match env.save_request(grant) {
                     Err(lost) if lost.is_concurrent_update() => hand_over(env, grant),
                     other => other,
@@ -87,26 +92,22 @@ pub fn close_due(env: &Env, batch: &mut [Versioned<AccessRequest>]) -> Vec<Resul
         }));
     }
 
-    // Closed: recorded (the DELETE with the state it led to), saved, unlisted.
+    // Closed: recorded (after the DELETEs' events), saved, unlisted.
     let mut events = Vec::new();
-    for (index, delete) in &gone {
-        let grant = &mut batch[*index];
+    for &index in &gone {
+        let grant = &mut batch[index];
         if let Err(error) = grants::transition(grant, Event::RuleClosed) {
-            results[*index] = Some(Err(error));
+            results[index] = Some(Err(error));
             continue;
         }
         grant.value.closed_at = Some(env.now);
         grant.value.arm_attempts = 0;
         grant.value.put_leases.clear();
         grant.value.last_error = None;
-        if let Some((details, outcome)) = delete {
-            let (result, details) = grants::arm_write_event(details.clone(), outcome);
-            events.push(("rule.deleted", subject_of(&grant.value), result, details));
-        }
         let details = json!({"state": grant.value.state.name()});
         events.push(("request.expired", subject_of(&grant.value), Outcome::Ok, details));
     }
-    let mut closed: Vec<usize> = gone.iter().map(|(index, _)| *index).filter(|&i| results[i].is_none()).collect();
+    let mut closed: Vec<usize> = gone.into_iter().filter(|&i| results[i].is_none()).collect();
     if let Err(error) = env.record_all(events) {
         for index in closed {
             results[index] = Some(Err(ApiError::internal(&error.message)));
@@ -144,11 +145,7 @@ fn save_or_hand_over(
     result: &mut Option<Result<(), ApiError>>,
 ) -> bool {
     let Err(error) = env.save_request(grant) else { return true };
-    let saved = if error.is_concurrent_update() { json!(false) } else { json!("unknown") };
-    let details = json!({"error": error.message, "saved": saved});
-    if let Err(unrecorded) = env.record(action, subject_of(&grant.value), Outcome::Failed, details) {
-        eprintln!("audit: could not record that {action} of {} failed: {}", grant.value.id, unrecorded.message);
-    }
+    env.record_failure(action, subject_of(&grant.value), &error);
     *result = Some(hand_over(env, grant));
     false
 }

@@ -385,7 +385,7 @@ pub(crate) fn record_arm_write(
 
 /// As [`record_arm_write`], for a write whose outcome the caller saves next: the event goes
 /// into the trail with that save's (see [`Env::defer`]).
-fn defer_arm_write(
+pub(crate) fn defer_arm_write(
     env: &Env,
     action: &'static str,
     subject: Subject,

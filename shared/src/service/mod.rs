@@ -282,17 +282,24 @@ impl Env<'_> {
     }
 
     /// As [`Env::audited`], for a change that is a batch of plain writes (keys no one else
-    /// can know yet): the event's archive write goes into the same batch, one round trip in
-    /// all. Until that batch lands, the trail's head holds the event.
+    /// can know yet), recorded by `before` (facts of the same change, such as a break-glass
+    /// use) and `action`: the events' archive writes go into the same batch, one round trip in
+    /// all. Until that batch lands, the trail's head holds the events. Should the append fail,
+    /// none of these events is kept for a later one: the change was not made.
     pub fn audited_writes(
         &self,
+        before: Vec<(&'static str, serde_json::Value)>,
         action: &'static str,
         subject: Subject,
         details: serde_json::Value,
         writes: Vec<(String, Vec<u8>)>,
     ) -> Result<(), ApiError> {
-        let record = self.record_of(action, subject.clone(), Outcome::Ok, details);
-        let (events, mut batch) = self.append_unfiled([record])?;
+        let records: Vec<Record> = before
+            .into_iter()
+            .chain([(action, details)])
+            .map(|(action, details)| self.record_of(action, subject.clone(), Outcome::Ok, details))
+            .collect();
+        let (events, mut batch) = self.append_unfiled(records)?;
         batch.extend(writes);
         self.kv.set_many(&batch).map_err(|error| {
             log::report_unfiled(&events, &error);
@@ -306,7 +313,7 @@ impl Env<'_> {
     /// not happen: a store that just failed the change may fail once more, so the correction
     /// is tried a few times. Only a lost race is sure not to have written; a store error may
     /// hide a write that landed (Cosmos DB reports every error as a failed swap).
-    fn record_failure(&self, action: &'static str, subject: Subject, error: &ApiError) {
+    pub(crate) fn record_failure(&self, action: &'static str, subject: Subject, error: &ApiError) {
         let saved = if error.is_concurrent_update() { json!(false) } else { json!("unknown") };
         let details = json!({"error": error.message, "saved": saved});
         let recorded = (0..FAILURE_RECORD_ATTEMPTS)

@@ -7,7 +7,6 @@ use serde_json::json;
 use super::grants;
 use super::{Env, request_json};
 use crate::api::{ApiError, Reply, parse_json};
-use crate::audit::Outcome;
 use crate::auth::{Caller, Role};
 use crate::domain::decide::{Decision, decide};
 use crate::domain::request::{Ending, RawRequest, approvals_missing, may_approve};
@@ -71,8 +70,10 @@ pub fn create(
         "auto_approved": matches!(decision, Decision::AutoApproved { .. }),
     });
     let subject = super::subject_of(&request);
+    // Recorded with the request's creation, in the same append: if that fails, none is.
+    let mut before = Vec::new();
     if request.break_glass {
-        env.defer("break_glass.used", subject.clone(), Outcome::Ok, details.clone());
+        before.push(("break_glass.used", details.clone()));
     }
     let id = request.id.as_str().to_owned();
     // Whatever must follow the request is in place before it is saved, so a crash right after
@@ -99,10 +100,10 @@ pub fn create(
         (keys::request(&request.id), store::encode_new(&request)?),
     ];
     if auto_approved {
-        env.defer("request.created", subject.clone(), Outcome::Ok, details);
-        env.audited_writes("request.approved", subject, approval_details(&request), writes)?;
+        before.push(("request.created", details));
+        env.audited_writes(before, "request.approved", subject, approval_details(&request), writes)?;
     } else {
-        env.audited_writes("request.created", subject, details, writes)?;
+        env.audited_writes(before, "request.created", subject, details, writes)?;
     }
     let mut request = Versioned { value: request, version: 1 };
     store::add_to_list(env.kv, &keys::open_of(&policy.name, &caller.principal), &id, usize::MAX)?;

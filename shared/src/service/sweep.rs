@@ -38,9 +38,10 @@ const RECONCILE_RESERVE: u32 = 50;
 /// Due minutes one sweep reads at most: after a long outage, the catch-up is spread over ticks.
 const MAX_MINUTES_PER_SWEEP: usize = 240;
 /// Swaps a batch of closes makes whatever its size (the ARM work list twice, the audit head
-/// twice, a policy's live list), and per grant (its two saves and its requester's open list).
-const BATCH_SWAPS: u32 = 10;
-const BATCH_SWAPS_PER_GRANT: u32 = 3;
+/// twice, and room for a checkpoint and a lost race), and per grant (its two saves; the index
+/// lists it shares with no other grant of the batch are counted apart).
+const BATCH_SWAPS: u32 = 8;
+const BATCH_SWAPS_PER_GRANT: u32 = 2;
 /// Slots tried when a backend's counter hands one out twice (Cosmos's increment can).
 const SLOT_ATTEMPTS: usize = 8;
 
@@ -365,9 +366,11 @@ fn due_phase(
             break;
         }
         report.minutes_scanned += 1;
-        warn_ahead(env, budget, minute, report);
-        let complete = match sweep_minute(env, budget, minute, report, overdue, handled) {
-            Ok(clean) => clean && minute + SETTLE < this_minute,
+        let swept = sweep_minute(env, budget, minute, report, overdue, handled);
+        // After the minute's own work (closes come first), and before it may be completed.
+        let warned = warn_ahead(env, budget, minute, report);
+        let complete = match swept {
+            Ok(clean) => clean && warned && minute + SETTLE < this_minute,
             Err(error) => {
                 eprintln!("sweep: minute {minute} left for the next tick: {error}");
                 report.skipped += 1;
@@ -393,13 +396,15 @@ fn due_phase(
 /// (see [`notices::ahead`](super::notices::ahead)). Those minutes are only read here, never
 /// cleared: each is cleared in its own turn. A warning that cannot be sent now is tried again
 /// while `minute` is still read (until it settles).
-fn warn_ahead(env: &Env, budget: &Budgeted, minute: DateTime<Utc>, report: &mut SweepReport) {
+fn warn_ahead(env: &Env, budget: &Budgeted, minute: DateTime<Utc>, report: &mut SweepReport) -> bool {
+    let mut complete = true;
     for ahead in super::notices::ahead(env, minute) {
         let slots = match read_due(env.kv, ahead) {
             Ok(slots) => slots,
             Err(error) => {
                 eprintln!("sweep: warnings listed at {ahead}: {error}");
                 report.skipped += 1;
+                complete = false;
                 continue;
             }
         };
@@ -415,7 +420,7 @@ fn warn_ahead(env: &Env, budget: &Budgeted, minute: DateTime<Utc>, report: &mut 
         for id in ids {
             if budget.used() >= SWAP_BUDGET - RECONCILE_RESERVE {
                 report.deferred = true;
-                return;
+                return false;
             }
             let Some(Ok(Some(mut request))) = requests.remove(id) else { continue };
             if matches!(request.value.state, State::Active | State::Pending)
@@ -423,9 +428,11 @@ fn warn_ahead(env: &Env, budget: &Budgeted, minute: DateTime<Utc>, report: &mut 
             {
                 eprintln!("sweep: warning of {id}: {}", error.internal.as_deref().unwrap_or(&error.message));
                 report.skipped += 1;
+                complete = false;
             }
         }
     }
+    complete
 }
 
 /// Handles one due minute; answers whether everything in it was handled (and, when the minute
@@ -448,21 +455,29 @@ fn sweep_minute(
         })
         .collect();
     let mut requests = load_all(env, &listed);
-    // The grants due to close, together (as many as the swap budget has room for); the rest
-    // of the minute one by one.
-    let room = (SWAP_BUDGET.saturating_sub(budget.used() + BATCH_SWAPS) / BATCH_SWAPS_PER_GRANT) as usize;
+    // The grants due to close, together, as many as the swaps left before the reconciler's
+    // reserve allow; the rest of the minute one by one.
+    let mut room = (SWAP_BUDGET - RECONCILE_RESERVE).saturating_sub(budget.used() + BATCH_SWAPS);
     let mut batch: Vec<Versioned<AccessRequest>> = Vec::new();
+    let mut lists: Vec<String> = Vec::new();
     for id in &listed {
         let due = matches!(requests.get(*id), Some(Ok(Some(request)))
             if request.value.state == State::Active && request.value.ends_at.is_some_and(|end| end <= env.now));
-        if !due {
+        if !due || batch.iter().any(|grant| grant.value.id.as_str() == *id) {
             continue;
         }
-        if batch.len() == room {
+        let Some(Ok(Some(grant))) = requests.get(*id) else { continue };
+        // Its two saves, and a write of each index list no grant before it in the batch has.
+        let touched = [keys::open_of(&grant.value.policy, &grant.value.requester), keys::live(&grant.value.policy)];
+        let new_lists: Vec<String> = touched.into_iter().filter(|key| !lists.contains(key)).collect();
+        let cost = BATCH_SWAPS_PER_GRANT + new_lists.len() as u32;
+        if cost > room {
             report.deferred = true;
             clean = false;
             break;
         }
+        room -= cost;
+        lists.extend(new_lists);
         if let Some(Ok(Some(request))) = requests.remove(*id) {
             batch.push(request);
         }
@@ -487,6 +502,9 @@ fn sweep_minute(
             };
             settled.push((grant.value.id.to_string(), due));
         }
+        // The batch's ARM calls took time: what is left is read afresh.
+        let left: Vec<&str> = requests.keys().map(String::as_str).collect();
+        requests = load_all(env, &left);
     }
     let mut seen: Vec<&str> = Vec::new();
     for slot in &slots {
@@ -600,6 +618,19 @@ fn process_due(
             }
             Err(error) => {
                 eprintln!("sweep: timing out {id}: {}", error.internal.as_deref().unwrap_or(&error.message));
+                report.skipped += 1;
+                Due::Again
+            }
+        };
+    }
+    if request.value.state.needs_arm_work() {
+        // Listed under `work:arm` by whoever moved it there, unless a sweep that read it
+        // earlier dropped it from the list meanwhile: listed again (a fresh look when it seems
+        // listed), for this sweep's pass over that list to finish.
+        return match store::add_to_list(env.kv, keys::ARM_WORK, id, usize::MAX) {
+            Ok(()) => Due::Nothing,
+            Err(error) => {
+                eprintln!("sweep: listing {id} for its ARM work: {error}");
                 report.skipped += 1;
                 Due::Again
             }

@@ -775,3 +775,50 @@ fn a_batch_whose_audit_append_fails_changes_nothing_and_is_closed_by_the_next_sw
     assert_eq!(report.closed, 3);
     assert!(world.allow_rules().is_empty());
 }
+
+#[test]
+fn a_batched_grant_whose_delete_fails_is_listed_again_though_another_sweep_dropped_it_meanwhile() {
+    // Another sweep (its clock a little behind) read r1 as active and not due, and drops it
+    // from `work:arm` right after this batch listed it and before its save moved it to
+    // `revoking`; then the DELETE fails. Unlisted, the grant would never be deleted again.
+    let world = World::new(policy_json());
+    world.create("r1", raw_request()).unwrap();
+    let r1 = keys::request(&RequestId::parse("r1").unwrap());
+    let mut rival = true;
+    world.kv.before_swap(move |mem, key| {
+        if key == r1 && std::mem::take(&mut rival) {
+            crate::store::remove_from_list(mem, keys::ARM_WORK, "r1")?;
+        }
+        Ok(())
+    });
+    world.arm.outcomes.borrow_mut().push_back(Err(ArmError::Transient("503".into())));
+    world.at(at(61), sweep::sweep).unwrap();
+    world.kv.clear_hook();
+    assert_eq!(world.state("r1"), "revoking");
+    assert_eq!(crate::store::read_list(&world.kv, keys::ARM_WORK).unwrap(), ["r1"]);
+    // The next sweep deletes it.
+    world.at(at(62), sweep::sweep).unwrap();
+    assert_eq!(world.state("r1"), "expired");
+    assert!(world.allow_rules().is_empty());
+}
+
+#[test]
+fn a_break_glass_use_whose_request_was_never_saved_is_not_recorded_later() {
+    // The append that records a new request fails: the request is not created, and none of
+    // its events may surface afterwards (they used to wait in the queue for the next append).
+    let mut glass = policy_json();
+    glass["break_glass"] = json!({"members": ["group:devs"], "max_duration": "PT1H"});
+    let world = World::new(glass);
+    world.fail_audit_after(0);
+    let mut body = raw_request();
+    body["break_glass"] = json!(true);
+    assert!(world.create("r1", body).is_err());
+    world.kv.clear_hook();
+    world.create("r2", raw_request()).unwrap();
+    let actions: Vec<_> = log::range(&world.kv, 1, 100)
+        .map(Result::unwrap)
+        .filter(|e| e.subject.request.as_deref() == Some("r1"))
+        .map(|e| e.action)
+        .collect();
+    assert!(actions.is_empty(), "{actions:?}");
+}

@@ -466,6 +466,8 @@ pub fn new_request_id() -> RequestId {
 /// Reads an incoming request whole; when it cannot be read, the 400 to answer instead.
 pub async fn read_request(incoming: spin_sdk::http::IncomingRequest) -> Result<Request, Response> {
     use spin_sdk::http::conversions::TryFromIncomingRequest;
+    // A new call: nothing of an earlier one's is reused, should the host reuse an instance.
+    ANSWERED.with(|slot| slot.borrow_mut().take());
     Request::try_from_incoming_request(incoming).await.map_err(|error| {
         respond(Err(ApiError::bad_request("unreadable_request", format!("cannot read the request: {error}"))))
     })
