@@ -156,6 +156,15 @@ impl FakeArm {
 }
 
 impl Arm for FakeArm {
+    fn list_vms(
+        &self,
+        _selector: &crate::arm::inventory::VmSelector,
+        _page: Option<&str>,
+    ) -> Result<crate::arm::inventory::VmPage, ArmError> {
+        self.scripted()?;
+        Ok(crate::arm::inventory::VmPage::default())
+    }
+
     fn put_rule(&self, _nsg: &NsgId, rule: &SecurityRule) -> Result<ArmReceipt, ArmError> {
         self.scripted()?;
         let mut rules = self.rules.borrow_mut();

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::inventory::{VmPage, VmSelector};
 use super::{
-    Arm, ArmError, ArmReceipt, COMPUTE_API_VERSION, ExistingRule, NETWORK_API_VERSION, SecurityRule, VmNetwork, token,
+    Arm, ArmError, ArmReceipt, COMPUTE_API_VERSION, ExistingRule, NETWORK_API_VERSION, SecurityRule, VmNetwork,
+    inventory, token,
 };
 use crate::config::ArmSettings;
 use crate::domain::{NsgId, VmId};
@@ -287,9 +289,24 @@ impl Arm for ArmClient<'_> {
                     ports: many("destinationPortRange", "destinationPortRanges"),
                 });
             }
-            url = page["nextLink"].as_str().map(str::to_owned);
+            // The token goes wherever the link says: into ARM only.
+            url = page["nextLink"]
+                .as_str()
+                .filter(|link| within_arm(&self.settings.arm_base_url, link))
+                .map(str::to_owned);
         }
         Ok(rules)
+    }
+
+    fn list_vms(&self, selector: &VmSelector, page: Option<&str>) -> Result<VmPage, ArmError> {
+        let base = &self.settings.arm_base_url;
+        let url = match page {
+            None => selector.first_page(base),
+            // A link kept from an earlier page: into ARM only, like any `nextLink`.
+            Some(link) if within_arm(base, link) => link.to_owned(),
+            Some(_) => return Err(ArmError::Transient("a VM listing's next page is not in ARM; not followed".into())),
+        };
+        inventory::parse_page(&self.get_json(&url)?, selector, base)
     }
 
     fn resolve_vm(&self, vm: &VmId) -> Result<VmNetwork, ArmError> {
@@ -327,6 +344,11 @@ impl Arm for ArmClient<'_> {
     }
 }
 
+/// Whether `link` is an address under ARM's `base` (not merely one that starts like it).
+fn within_arm(base: &str, link: &str) -> bool {
+    link.starts_with(&format!("{}/", base.trim_end_matches('/')))
+}
+
 fn receipt(response: &HttpResponse) -> ArmReceipt {
     ArmReceipt { request_id: response.header("x-ms-request-id").map(str::to_owned) }
 }
@@ -359,6 +381,8 @@ fn retry_after(response: &HttpResponse) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
     use crate::domain::VmId;
     use crate::testing::{FakeClock, ScriptedHttp, arm_settings, nsg, rule};
 
@@ -501,6 +525,34 @@ mod tests {
         assert_eq!(network.private_ip.to_string(), "10.1.2.3");
         assert_eq!(network.nsg, Some(nsg()));
         assert!(http.urls()[2].starts_with(&format!("https://arm{nic}?api-version=")));
+    }
+
+    #[test]
+    fn a_vm_listing_reads_one_page_a_call_and_resumes_from_its_link() {
+        let group = "/subscriptions/s1/resourceGroups/fleet";
+        let vm = |name: &str| format!("{group}/providers/Microsoft.Compute/virtualMachines/{name}");
+        let http = ScriptedHttp::new(vec![
+            token_ok(),
+            answer(200, &[], &json!({"value": [{"id": vm("a")}], "nextLink": "https://arm/next?skip=1"}).to_string()),
+            answer(200, &[], &json!({"value": [{"id": vm("b")}, {"id": vm("a")}]}).to_string()),
+        ]);
+        let (kv, clock, settings) = (crate::store::MemStore::default(), FakeClock::default(), arm_settings());
+        let client = ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30));
+        let selector = VmSelector::new(group, None).unwrap();
+        let first = inventory::list(&client, &selector, None, 1).unwrap();
+        assert_eq!(first.vms.len(), 1);
+        assert_eq!(first.resume.as_deref(), Some("https://arm/next?skip=1"));
+        let rest = inventory::list(&client, &selector, first.resume.as_deref(), 5).unwrap();
+        let names: Vec<&str> = rest.vms.iter().map(|v| v.as_str().rsplit('/').next().unwrap()).collect();
+        assert_eq!((names, rest.resume), (vec!["b", "a"], None));
+        assert_eq!(
+            http.urls()[1],
+            format!("https://arm{group}/providers/Microsoft.Compute/virtualMachines?api-version=2024-07-01")
+        );
+        assert_eq!(http.urls()[2], "https://arm/next?skip=1");
+        // A resume link from elsewhere is never called with the token.
+        assert!(inventory::list(&client, &selector, Some("https://elsewhere/x"), 1).is_err());
+        assert_eq!(http.urls().len(), 3);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! implementation ([`ArmClient`]).
 
 mod client;
+pub mod inventory;
 mod token;
 
 use std::net::IpAddr;
@@ -168,6 +169,9 @@ pub trait Arm {
     fn list_rules(&self, nsg: &NsgId) -> Result<Vec<ExistingRule>, ArmError>;
     /// Resolves a VM to its NIC, private IP and NSG.
     fn resolve_vm(&self, vm: &VmId) -> Result<VmNetwork, ArmError>;
+    /// One page of the VMs a selector names: the first, or the one at `page` (a `nextLink`
+    /// an earlier page gave).
+    fn list_vms(&self, selector: &inventory::VmSelector, page: Option<&str>) -> Result<inventory::VmPage, ArmError>;
     /// Whether a write of this invocation failed in a way that may still take effect later (a
     /// timeout, a dropped connection, a 5xx), even if a retry then got a clear answer: a PUT
     /// lease is then kept until it runs out rather than released.

@@ -75,7 +75,26 @@ impl Emulator {
     /// Adds a VM in `demo-rg` with one NIC and its subnet, the NSG where `nsg` says.
     /// Answers the VM's id.
     pub fn add_vm(&self, name: &str, private_ip: &str, nsg: NsgPlacement) -> String {
-        let group = format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/demo-rg");
+        self.add_vm_in("demo-rg", name, private_ip, nsg, &[])
+    }
+
+    /// Entries per page of the VM lists (ARM's are larger; small pages exercise `nextLink`).
+    pub fn set_page_size(&self, entries: usize) {
+        self.state.lock().unwrap().page_size = entries;
+    }
+
+    /// As [`Emulator::add_vm`], in resource group `group` of the demo subscription, with tags.
+    pub fn add_vm_in(
+        &self,
+        group: &str,
+        name: &str,
+        private_ip: &str,
+        nsg: NsgPlacement,
+        tags: &[(&str, &str)],
+    ) -> String {
+        let group = format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{group}");
+        let tags: serde_json::Map<String, serde_json::Value> =
+            tags.iter().map(|(k, v)| ((*k).to_owned(), serde_json::json!(v))).collect();
         let vm = format!("{group}/providers/Microsoft.Compute/virtualMachines/{name}");
         let nic = format!("{group}/providers/Microsoft.Network/networkInterfaces/{name}-nic");
         let subnet = format!("{group}/providers/Microsoft.Network/virtualNetworks/{name}-vnet/subnets/default");
@@ -86,7 +105,7 @@ impl Emulator {
             NsgPlacement::None => (None, None),
         };
         let mut state = self.state.lock().unwrap();
-        state.add_resource(&vm, serde_json::json!({"id": vm, "name": name, "location": "westeurope", "type": "Microsoft.Compute/virtualMachines",
+        state.add_resource(&vm, serde_json::json!({"id": vm, "name": name, "location": "westeurope", "type": "Microsoft.Compute/virtualMachines", "tags": tags,
             "properties": {"networkProfile": {"networkInterfaces": [{"id": nic, "properties": {"primary": true}}]}}}));
         let mut nic_properties = serde_json::json!({"ipConfigurations": [{"name": "ipconfig1", "properties": {"primary": true, "privateIPAddress": private_ip, "subnet": {"id": subnet}}}]});
         if let Some(nsg) = nic_nsg {

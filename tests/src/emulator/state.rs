@@ -126,6 +126,8 @@ pub struct EmulatorState {
     nsgs: HashMap<String, Nsg>,
     /// Other resources (VMs, NICs, subnets) by lower-cased id.
     resources: HashMap<String, Value>,
+    /// Entries a list answers per page (ARM's pages are larger; small ones exercise paging).
+    pub page_size: usize,
     tokens: HashMap<String, ()>,
     /// Tokens issued, by endpoint (`client_credentials`, `imds`, `app_service`).
     pub tokens_issued: HashMap<&'static str, u32>,
@@ -146,6 +148,7 @@ impl EmulatorState {
             retry_after,
             nsgs: HashMap::new(),
             resources: HashMap::new(),
+            page_size: 100,
             tokens: HashMap::new(),
             tokens_issued: HashMap::new(),
             operations: HashMap::new(),
@@ -297,6 +300,11 @@ impl EmulatorState {
             return self.poll_location(id);
         }
         let lower = path.to_lowercase();
+        if method == Method::GET
+            && let Some(answer) = self.list(&lower, uri.query().unwrap_or_default())
+        {
+            return answer;
+        }
         if let Some(resource) = self.resources.get(&lower) {
             return if method == Method::GET {
                 (200, vec![], resource.to_string())
@@ -334,6 +342,82 @@ impl EmulatorState {
             (Method::DELETE, _, Some(name)) => self.delete_rule(nsg_path, name),
             _ => arm_error(405, "MethodNotAllowed", "The requested method is not supported on this resource."),
         }
+    }
+
+    /// The VM lists of a subscription or resource group: Compute's
+    /// (`.../providers/Microsoft.Compute/virtualMachines`) and the Resources API's
+    /// (`.../resources`, with `$filter=tagName eq '<n>' and tagValue eq '<v>'` only, whose
+    /// answers leave tags out, as ARM's do). Paged by `$skiptoken`, with ARM's `nextLink`.
+    fn list(&self, lower: &str, query: &str) -> Option<Answer> {
+        let (scope, resources_api) =
+            if let Some(scope) = lower.strip_suffix("/providers/microsoft.compute/virtualmachines") {
+                (scope, false)
+            } else {
+                (lower.strip_suffix("/resources")?, true)
+            };
+        let parts: Vec<&str> = scope.split('/').collect();
+        let scoped =
+            matches!(parts.as_slice(), ["", "subscriptions", _] | ["", "subscriptions", _, "resourcegroups", _]);
+        if !scoped {
+            return None;
+        }
+        let parameter = |name: &str| {
+            query.split('&').find_map(|pair| pair.strip_prefix(name).and_then(|v| v.strip_prefix('='))).map(decode)
+        };
+        let filter = match (resources_api, parameter("$filter")) {
+            (false, Some(_)) => {
+                return Some(arm_error(400, "InvalidFilterInQueryString", "Compute lists take no tag filter."));
+            }
+            (true, Some(filter)) => match parse_tag_filter(&filter) {
+                Some(tag) => Some(tag),
+                None => return Some(arm_error(400, "InvalidFilterInQueryString", "Invalid $filter.")),
+            },
+            (_, None) => None,
+        };
+        let mut found: Vec<&Value> = self
+            .resources
+            .iter()
+            .filter(|(id, _)| id.starts_with(&format!("{scope}/")))
+            .map(|(_, resource)| resource)
+            .filter(|resource| {
+                let vm = resource["type"]
+                    .as_str()
+                    .is_some_and(|t| t.eq_ignore_ascii_case("Microsoft.Compute/virtualMachines"));
+                // The Resources list holds top-level resources (a subnet is a VNet's child).
+                (vm || resources_api && resource["type"].is_string())
+                    && filter
+                        .as_ref()
+                        .is_none_or(|(name, value)| resource["tags"][name.as_str()].as_str() == Some(value))
+            })
+            .collect();
+        found.sort_by_key(|resource| resource["id"].as_str().map(str::to_lowercase));
+        let skip: usize = parameter("$skiptoken").and_then(|token| token.parse().ok()).unwrap_or(0);
+        let page: Vec<Value> = found
+            .iter()
+            .skip(skip)
+            .take(self.page_size.max(1))
+            .map(|resource| {
+                let mut resource = (*resource).clone();
+                if filter.is_some()
+                    && let Some(fields) = resource.as_object_mut()
+                {
+                    fields.remove("tags");
+                }
+                resource
+            })
+            .collect();
+        let mut body = json!({ "value": page });
+        if skip + self.page_size.max(1) < found.len() {
+            let kept: Vec<&str> = query.split('&').filter(|pair| !pair.starts_with("$skiptoken=")).collect();
+            let next = skip + self.page_size.max(1);
+            body["nextLink"] = json!(format!(
+                "{}{scope}{}?{}&$skiptoken={next}",
+                self.base_url,
+                &lower[scope.len()..],
+                kept.join("&")
+            ));
+        }
+        Some((200, vec![], body.to_string()))
     }
 
     fn token(&mut self, path: &str, body: &[u8]) -> Answer {
@@ -525,4 +609,37 @@ fn rule_document(nsg_id: &str, name: &str, mut properties: Value, provisioning: 
         "type": "Microsoft.Network/networkSecurityGroups/securityRules",
         "properties": properties,
     })
+}
+
+/// Percent-decodes a query value.
+fn decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], bytes.get(i + 1..i + 3)) {
+            (b'%', Some(hex)) if let Ok(byte) = u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("zz"), 16) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `tagName eq '<n>' and tagValue eq '<v>'`, the one tag filter ARM's Resources list takes
+/// (quotes doubled inside a value, as OData writes them).
+fn parse_tag_filter(filter: &str) -> Option<(String, String)> {
+    let rest = filter.trim().strip_prefix("tagName eq '")?;
+    let (name, rest) = rest.split_once("' and tagValue eq '")?;
+    let value = rest.strip_suffix('\'')?;
+    Some((name.replace("''", "'"), value.replace("''", "'")))
 }

@@ -283,3 +283,71 @@ async fn disabling_with_revoke_ends_running_grants_and_without_it_lets_them_run(
     assert_eq!((status, body["revoked"].as_u64()), (200, Some(1)), "{body}");
     assert!(world.rules().is_empty(), "{:?}", world.rules());
 }
+
+/// Fleets (issue 15, its first step): the emulator lists a resource group's VMs and a tag's
+/// VMs page by page as ARM does, and the service's listing code reads those pages, follows
+/// their `nextLink` and keeps only the VMs in scope.
+#[tokio::test(flavor = "multi_thread")]
+async fn vms_are_listed_by_resource_group_and_by_tag_page_by_page() {
+    use shared::arm::inventory::{TagMatch, VmSelector, parse_page};
+
+    let world = World::start().await;
+    let emulator = &world.local.emulator;
+    emulator.set_page_size(2);
+    let nsg = DEMO_NSG;
+    for (n, tag) in [(1, "ssh"), (2, "rdp"), (3, "ssh"), (4, "ssh"), (5, "none")] {
+        emulator.add_vm_in(
+            "fleet-rg",
+            &format!("vm{n}"),
+            &format!("10.9.0.{n}"),
+            NsgPlacement::Nic(nsg),
+            &[("jit", tag)],
+        );
+    }
+    emulator.add_vm_in("other-rg", "vm9", "10.9.1.9", NsgPlacement::Nic(nsg), &[("jit", "ssh")]);
+    let base = emulator.url();
+    let client = reqwest::Client::new();
+    let token: Value = client
+        .post(format!("{base}/{}/oauth2/v2.0/token", portcullis_host::emulator::TENANT))
+        .form(&[
+            ("client_id", portcullis_host::emulator::CLIENT_ID),
+            ("client_secret", portcullis_host::emulator::CLIENT_SECRET),
+            ("grant_type", "client_credentials"),
+            ("scope", "https://management.azure.com/.default"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {}", token["access_token"].as_str().unwrap());
+    let list = |selector: VmSelector| {
+        let (client, bearer, base) = (client.clone(), bearer.clone(), base.clone());
+        async move {
+            let (mut names, mut pages) = (Vec::new(), 0);
+            let mut next = Some(selector.first_page(&base));
+            while let Some(url) = next.take() {
+                let response = client.get(&url).header("authorization", &bearer).send().await.unwrap();
+                assert_eq!(response.status(), 200, "{url}");
+                let page = parse_page(&response.json().await.unwrap(), &selector, &base).unwrap();
+                names.extend(page.vms.iter().map(|vm| vm.as_str().rsplit('/').next().unwrap().to_owned()));
+                next = page.next;
+                pages += 1;
+            }
+            (names, pages)
+        }
+    };
+    let group = format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/fleet-rg");
+    let (all, pages) = list(VmSelector::new(&group, None).unwrap()).await;
+    assert_eq!((all, pages), (vec!["vm1", "vm2", "vm3", "vm4", "vm5"].into_iter().map(String::from).collect(), 3));
+    let ssh = Some(TagMatch { name: "jit".into(), value: "ssh".into() });
+    let (tagged, _) = list(VmSelector::new(&group, ssh.clone()).unwrap()).await;
+    assert_eq!(tagged, ["vm1", "vm3", "vm4"]);
+    let (subscription, _) = list(VmSelector::new(&format!("/subscriptions/{SUBSCRIPTION}"), ssh).unwrap()).await;
+    assert_eq!(subscription, ["vm1", "vm3", "vm4", "vm9"]);
+    // A tag filter on the Compute list is refused, as ARM refuses it.
+    let url = format!("{base}{group}/providers/Microsoft.Compute/virtualMachines?api-version=2024-07-01&$filter=x");
+    let refused = client.get(url).header("authorization", &bearer).send().await.unwrap();
+    assert_eq!(refused.status(), 400);
+}
