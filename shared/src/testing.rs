@@ -115,20 +115,27 @@ impl Clock for FakeClock {
 pub struct ScriptedHttp {
     script: RefCell<VecDeque<HttpResponse>>,
     urls: RefCell<Vec<String>>,
+    requests: RefCell<Vec<HttpRequest>>,
 }
 
 impl ScriptedHttp {
     pub fn new(script: Vec<HttpResponse>) -> Self {
-        Self { script: RefCell::new(script.into()), urls: RefCell::default() }
+        Self { script: RefCell::new(script.into()), urls: RefCell::default(), requests: RefCell::default() }
     }
 
     pub fn urls(&self) -> Vec<String> {
         self.urls.borrow().clone()
     }
+
+    /// Every request sent, in order.
+    pub fn requests(&self) -> Vec<HttpRequest> {
+        self.requests.borrow().clone()
+    }
 }
 
 impl HttpClient for ScriptedHttp {
     fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        self.requests.borrow_mut().push(request.clone());
         self.urls.borrow_mut().push(request.url);
         self.script.borrow_mut().pop_front().ok_or_else(|| HttpError::Connection("script exhausted".into()))
     }
@@ -156,6 +163,24 @@ impl FakeArm {
 }
 
 impl Arm for FakeArm {
+    fn put_firewall_rules(
+        &self,
+        _firewall: &crate::domain::FirewallId,
+        _wanted: &[crate::arm::firewall::FirewallWant],
+    ) -> Result<(ArmReceipt, Vec<crate::arm::firewall::FirewallGrant>), ArmError> {
+        self.scripted()?;
+        Ok((self.receipt(), Vec::new()))
+    }
+
+    fn delete_firewall_rules(
+        &self,
+        _firewall: &crate::domain::FirewallId,
+        _names: &[String],
+    ) -> Result<ArmReceipt, ArmError> {
+        self.scripted()?;
+        Ok(self.receipt())
+    }
+
     fn list_vms(
         &self,
         _selector: &crate::arm::inventory::VmSelector,

@@ -6,17 +6,23 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::firewall::{self, FirewallGrant, FirewallWant};
 use super::inventory::{VmPage, VmSelector};
 use super::{
     Arm, ArmError, ArmReceipt, COMPUTE_API_VERSION, ExistingRule, NETWORK_API_VERSION, SecurityRule, VmNetwork,
     inventory, token,
 };
 use crate::config::ArmSettings;
-use crate::domain::{NsgId, VmId};
+use crate::domain::{FirewallId, NsgId, VmId};
 use crate::http::{Clock, HttpClient, HttpError, HttpRequest, HttpResponse, Method};
 use crate::keys;
 use crate::store::KvStore;
 
+/// Reads and writes of a firewall before an edit gives up (each failed one met another
+/// writer's change).
+const FIREWALL_ATTEMPTS: u32 = 5;
+/// The priority portcullis's firewall rule collections start from (a free one is taken).
+const FIREWALL_PRIORITY: u32 = 200;
 /// Attempts per ARM call before it is left for the next sweep.
 const MAX_ATTEMPTS: u32 = 4;
 /// The longest single wait, whatever `Retry-After` says.
@@ -117,6 +123,84 @@ impl<'a> ArmClient<'a> {
 
     /// One ARM call, retried on throttling, server errors and transport failures.
     fn call(&self, method: Method, url: &str, body: Option<&serde_json::Value>) -> Result<HttpResponse, ArmError> {
+        self.call_with(method, url, body, None)
+    }
+
+    /// Reads, edits and writes back a whole Azure Firewall, with `If-Match` on the etag read;
+    /// starts again when another writer got there first (412), waits while an update runs.
+    /// `edit` answers whether it changed anything (nothing to write otherwise).
+    fn edit_firewall(
+        &self,
+        id: &FirewallId,
+        edit: &mut dyn FnMut(&mut serde_json::Value) -> Result<bool, ArmError>,
+    ) -> Result<ArmReceipt, ArmError> {
+        let url = self.resource_url(id.as_str(), NETWORK_API_VERSION);
+        for attempt in 0..FIREWALL_ATTEMPTS {
+            let response = self.call(Method::Get, &url, None)?;
+            let mut doc: serde_json::Value = serde_json::from_slice(&response.body)
+                .map_err(|e| ArmError::Transient(format!("unreadable firewall {id}: {e}")))?;
+            if let Some(why) = firewall::refusal(&doc) {
+                return Err(ArmError::Refused {
+                    status: 422,
+                    code: "FirewallPolicyManaged".into(),
+                    message: why,
+                    request_id: None,
+                });
+            }
+            // One writer per firewall: an update already running is waited out.
+            if doc["properties"]["provisioningState"] == "Updating" {
+                if !self.wait(retry_after(&response).unwrap_or(self.backoff(attempt)).max(DEFAULT_POLL)) {
+                    break;
+                }
+                continue;
+            }
+            let etag = doc["etag"].as_str().map(str::to_owned).or_else(|| response.header("etag").map(str::to_owned));
+            if !edit(&mut doc)? {
+                return Ok(receipt(&response));
+            }
+            let put = firewall::for_put(&doc);
+            let condition = etag.as_deref().map(|etag| ("if-match", etag));
+            match self.call_with(Method::Put, &url, Some(&put), condition) {
+                Err(ArmError::Refused { status: 412, .. }) => continue,
+                Err(error) => return Err(error),
+                Ok(response) => {
+                    if let Some(operation) = response.header("azure-asyncoperation") {
+                        self.poll_async_operation(operation, retry_after(&response).unwrap_or(DEFAULT_POLL))?;
+                    }
+                    return Ok(receipt(&response));
+                }
+            }
+        }
+        Err(ArmError::Transient(format!("firewall {id} kept changing while it was being edited")))
+    }
+
+    /// The address a firewall's DNAT rules listen on: a hub firewall's own list, else its
+    /// first configuration's public IP resource.
+    fn firewall_address(&self, doc: &serde_json::Value) -> Result<std::net::IpAddr, ArmError> {
+        let (resources, hub) = firewall::public_addresses(doc);
+        if let Some(address) = hub.first() {
+            return Ok(*address);
+        }
+        let name = doc["name"].as_str().unwrap_or_default().to_owned();
+        let missing = || ArmError::Refused {
+            status: 422,
+            code: "FirewallWithoutPublicIp".into(),
+            message: format!("Azure Firewall '{name}' has no public IP address for DNAT rules"),
+            request_id: None,
+        };
+        let id = resources.first().ok_or_else(missing)?;
+        let pip = self.get_json(&self.resource_url(id, NETWORK_API_VERSION))?;
+        pip["properties"]["ipAddress"].as_str().and_then(|ip| ip.parse().ok()).ok_or_else(missing)
+    }
+
+    /// One ARM call with an extra header (a condition), retried as [`ArmClient::call`] is.
+    fn call_with(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&serde_json::Value>,
+        extra: Option<(&str, &str)>,
+    ) -> Result<HttpResponse, ArmError> {
         let mut last = String::new();
         for attempt in 0..MAX_ATTEMPTS {
             if self.clock.monotonic() >= self.deadline {
@@ -134,6 +218,7 @@ impl<'a> ArmClient<'a> {
             if body.is_some() {
                 headers.push(("content-type".into(), "application/json".into()));
             }
+            headers.extend(extra.map(|(name, value)| (name.to_owned(), value.to_owned())));
             let request = HttpRequest {
                 method,
                 url: url.to_owned(),
@@ -296,6 +381,46 @@ impl Arm for ArmClient<'_> {
                 .map(str::to_owned);
         }
         Ok(rules)
+    }
+
+    fn put_firewall_rules(
+        &self,
+        id: &FirewallId,
+        wanted: &[FirewallWant],
+    ) -> Result<(ArmReceipt, Vec<FirewallGrant>), ArmError> {
+        let mut granted = Vec::new();
+        let receipt = self.edit_firewall(id, &mut |doc| {
+            let address = self.firewall_address(doc)?;
+            granted.clear();
+            for want in wanted {
+                let taken: Vec<u16> = granted.iter().map(|g: &FirewallGrant| g.mapped_port).collect();
+                let mapped_port = firewall::mapped_port_of(doc, &want.name)
+                    .or_else(|| firewall::free_mapped_port(doc, &taken))
+                    .ok_or_else(|| ArmError::Refused {
+                        status: 422,
+                        code: "NoFreeMappedPort".into(),
+                        message: format!("no free port left in {:?} on firewall {id}", firewall::MAPPED_PORTS),
+                        request_id: None,
+                    })?;
+                granted.push(FirewallGrant {
+                    name: want.name.clone(),
+                    protocol: want.protocol,
+                    source: want.source.clone(),
+                    public_ip: address,
+                    mapped_port,
+                    private_ip: want.private_ip,
+                    port: want.port,
+                });
+            }
+            let before = doc.clone();
+            firewall::add_rules(doc, &granted, FIREWALL_PRIORITY);
+            Ok(*doc != before)
+        })?;
+        Ok((receipt, granted))
+    }
+
+    fn delete_firewall_rules(&self, id: &FirewallId, names: &[String]) -> Result<ArmReceipt, ArmError> {
+        self.edit_firewall(id, &mut |doc| Ok(firewall::remove_rules(doc, names)))
     }
 
     fn list_vms(&self, selector: &VmSelector, page: Option<&str>) -> Result<VmPage, ArmError> {
@@ -553,6 +678,69 @@ mod tests {
         // A resume link from elsewhere is never called with the token.
         assert!(inventory::list(&client, &selector, Some("https://elsewhere/x"), 1).is_err());
         assert_eq!(http.urls().len(), 3);
+    }
+
+    #[test]
+    fn a_firewall_edit_writes_under_its_etag_and_starts_again_when_another_writer_won() {
+        let fw =
+            FirewallId::parse("/subscriptions/s1/resourceGroups/hub/providers/Microsoft.Network/azureFirewalls/fw")
+                .unwrap();
+        let doc = |etag: &str, mapped: Option<&str>| {
+            let mut rules = json!([]);
+            if let Some(port) = mapped {
+                rules = json!([{"name": "jit-r1-22", "destinationPorts": [port], "protocols": ["TCP"]}]);
+            }
+            json!({"name": "fw", "etag": etag, "properties": {"provisioningState": "Succeeded",
+                "ipConfigurations": [{"properties": {"publicIPAddress": {"id": "/pip"}}}],
+                "natRuleCollections": [{"name": firewall::NAT_COLLECTION, "properties": {"priority": 200, "rules": rules}}]}})
+            .to_string()
+        };
+        let pip = json!({"properties": {"ipAddress": "198.51.100.1"}}).to_string();
+        let http = ScriptedHttp::new(vec![
+            token_ok(),
+            answer(200, &[], &doc("W/\"1\"", None)),
+            answer(200, &[], &pip),
+            answer(412, &[], r#"{"error":{"code":"PreconditionFailed","message":"stale"}}"#),
+            // Another writer's edit in between: the rule is there already, with its port.
+            answer(200, &[], &doc("W/\"2\"", Some("50007"))),
+            answer(200, &[], &pip),
+            answer(200, &[("azure-asyncoperation", "https://arm/op/1"), ("retry-after", "0")], "{}"),
+            answer(200, &[], r#"{"status":"Succeeded"}"#),
+        ]);
+        let (kv, clock, settings) = (crate::store::MemStore::default(), FakeClock::default(), arm_settings());
+        let client = ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30));
+        let want = FirewallWant {
+            name: "jit-r1-22".into(),
+            protocol: crate::domain::ports::Protocol::Tcp,
+            source: "203.0.113.7".into(),
+            private_ip: "10.0.0.4".parse().unwrap(),
+            port: 22,
+        };
+        let (_, granted) = client.put_firewall_rules(&fw, &[want]).unwrap();
+        assert_eq!((granted[0].mapped_port, granted[0].public_ip.to_string()), (50007, "198.51.100.1".into()), "kept");
+        let puts: Vec<HttpRequest> = http.requests().into_iter().filter(|r| r.method == Method::Put).collect();
+        let condition = |r: &HttpRequest| r.headers.iter().find(|(n, _)| n == "if-match").map(|(_, v)| v.clone());
+        assert_eq!(puts.iter().map(condition).collect::<Vec<_>>(), [Some("W/\"1\"".into()), Some("W/\"2\"".into())]);
+        let written: serde_json::Value = serde_json::from_slice(&puts[1].body).unwrap();
+        assert!(written.get("etag").is_none() && firewall::has_rule(&written, "jit-r1-22"));
+        assert_eq!(
+            written["properties"]["networkRuleCollections"][0]["properties"]["rules"][0]["destinationPorts"][0],
+            "22"
+        );
+    }
+
+    #[test]
+    fn a_firewall_managed_by_a_policy_is_refused_before_anything_is_written() {
+        let fw =
+            FirewallId::parse("/subscriptions/s1/resourceGroups/hub/providers/Microsoft.Network/azureFirewalls/fw")
+                .unwrap();
+        let managed = json!({"name": "fw", "properties": {"firewallPolicy": {"id": "/p"}}}).to_string();
+        let http = ScriptedHttp::new(vec![token_ok(), answer(200, &[], &managed)]);
+        let (kv, clock, settings) = (crate::store::MemStore::default(), FakeClock::default(), arm_settings());
+        let client = ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30));
+        let error = client.delete_firewall_rules(&fw, &["jit-r1-22".into()]).unwrap_err();
+        assert!(matches!(&error, ArmError::Refused { code, .. } if code == "FirewallPolicyManaged"), "{error}");
+        assert_eq!(http.urls().len(), 2, "a token and one read");
     }
 
     #[test]

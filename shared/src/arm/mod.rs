@@ -2,6 +2,7 @@
 //! implementation ([`ArmClient`]).
 
 mod client;
+pub mod firewall;
 pub mod inventory;
 mod token;
 
@@ -169,6 +170,20 @@ pub trait Arm {
     fn list_rules(&self, nsg: &NsgId) -> Result<Vec<ExistingRule>, ArmError>;
     /// Resolves a VM to its NIC, private IP and NSG.
     fn resolve_vm(&self, vm: &VmId) -> Result<VmNetwork, ArmError>;
+    /// Puts the DNAT and network rules of `wanted` on an Azure Firewall (classic collections),
+    /// each with its firewall address and mapped port (kept when its rule is already there),
+    /// and answers them with the write's receipt.
+    fn put_firewall_rules(
+        &self,
+        firewall: &crate::domain::FirewallId,
+        wanted: &[firewall::FirewallWant],
+    ) -> Result<(ArmReceipt, Vec<firewall::FirewallGrant>), ArmError>;
+    /// Removes rules from an Azure Firewall by name; absent ones are success.
+    fn delete_firewall_rules(
+        &self,
+        firewall: &crate::domain::FirewallId,
+        names: &[String],
+    ) -> Result<ArmReceipt, ArmError>;
     /// One page of the VMs a selector names: the first, or the one at `page` (a `nextLink`
     /// an earlier page gave).
     fn list_vms(&self, selector: &inventory::VmSelector, page: Option<&str>) -> Result<inventory::VmPage, ArmError>;

@@ -100,6 +100,18 @@ arm_id!(
     "/subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.Network/networkSecurityGroups/<name>"
 );
 
+/// The Azure resource id of an Azure Firewall.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct FirewallId(String);
+
+arm_id!(
+    FirewallId,
+    "Microsoft.Network",
+    "azureFirewalls",
+    "/subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.Network/azureFirewalls/<name>"
+);
+
 /// One protected port of a policy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortRule {

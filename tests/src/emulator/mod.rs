@@ -78,6 +78,41 @@ impl Emulator {
         self.add_vm_in("demo-rg", name, private_ip, nsg, &[])
     }
 
+    /// Adds an Azure Firewall named `name` in `demo-rg` with classic rule collections (none
+    /// yet) and a public IP `public_ip`; `managed` puts its rules in a Firewall Policy
+    /// instead, as Firewall Manager does. Answers its id.
+    pub fn add_firewall(&self, name: &str, public_ip: &str, managed: bool) -> String {
+        let group = format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/demo-rg/providers/Microsoft.Network");
+        let id = format!("{group}/azureFirewalls/{name}");
+        let pip = format!("{group}/publicIPAddresses/{name}-pip");
+        let mut properties = serde_json::json!({
+            "sku": {"name": "AZFW_VNet", "tier": "Standard"},
+            "ipConfigurations": [{"name": "config", "properties": {"privateIPAddress": "10.0.100.4",
+                "publicIPAddress": {"id": pip}, "subnet": {"id": format!("{group}/virtualNetworks/hub/subnets/AzureFirewallSubnet")}}}],
+            "natRuleCollections": [], "networkRuleCollections": [], "applicationRuleCollections": [],
+        });
+        if managed {
+            properties["firewallPolicy"] = serde_json::json!({"id": format!("{group}/firewallPolicies/{name}-policy")});
+        }
+        let mut state = self.state.lock().unwrap();
+        state.add_resource(
+            &pip,
+            serde_json::json!({"id": pip, "name": format!("{name}-pip"), "type": "Microsoft.Network/publicIPAddresses",
+            "sku": {"name": "Standard"}, "properties": {"ipAddress": public_ip, "publicIPAllocationMethod": "Static"}}),
+        );
+        state.add_firewall(
+            &id,
+            serde_json::json!({"id": id, "name": name, "type": "Microsoft.Network/azureFirewalls",
+            "location": "westeurope", "properties": properties}),
+        );
+        id
+    }
+
+    /// A firewall's resource document as the emulator holds it.
+    pub fn firewall(&self, id: &str) -> Option<serde_json::Value> {
+        self.state.lock().unwrap().firewall(id)
+    }
+
     /// Entries per page of the VM lists (ARM's are larger; small pages exercise `nextLink`).
     pub fn set_page_size(&self, entries: usize) {
         self.state.lock().unwrap().page_size = entries;

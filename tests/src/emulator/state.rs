@@ -96,9 +96,19 @@ struct Nsg {
     rules: BTreeMap<String, Value>,
 }
 
+#[derive(PartialEq, Eq)]
 enum OperationKind {
     Put,
     Delete,
+    /// An update of a whole Azure Firewall (`nsg` holds the firewall's id).
+    Firewall,
+}
+
+/// An Azure Firewall: its document, its etag's number, and whether an update is running.
+struct Firewall {
+    doc: Value,
+    etag: u64,
+    updating: bool,
 }
 
 struct Operation {
@@ -128,6 +138,8 @@ pub struct EmulatorState {
     resources: HashMap<String, Value>,
     /// Entries a list answers per page (ARM's pages are larger; small ones exercise paging).
     pub page_size: usize,
+    /// Azure Firewalls by lower-cased id.
+    firewalls: HashMap<String, Firewall>,
     tokens: HashMap<String, ()>,
     /// Tokens issued, by endpoint (`client_credentials`, `imds`, `app_service`).
     pub tokens_issued: HashMap<&'static str, u32>,
@@ -149,6 +161,7 @@ impl EmulatorState {
             nsgs: HashMap::new(),
             resources: HashMap::new(),
             page_size: 100,
+            firewalls: HashMap::new(),
             tokens: HashMap::new(),
             tokens_issued: HashMap::new(),
             operations: HashMap::new(),
@@ -305,6 +318,13 @@ impl EmulatorState {
         {
             return answer;
         }
+        if self.firewalls.contains_key(&lower) {
+            return match *method {
+                Method::GET => self.get_firewall(&lower),
+                Method::PUT => self.put_firewall(&lower, headers, body),
+                _ => arm_error(405, "MethodNotAllowed", "The requested method is not supported on this resource."),
+            };
+        }
         if let Some(resource) = self.resources.get(&lower) {
             return if method == Method::GET {
                 (200, vec![], resource.to_string())
@@ -420,6 +440,90 @@ impl EmulatorState {
         Some((200, vec![], body.to_string()))
     }
 
+    /// Adds an Azure Firewall (`doc` is its whole resource document).
+    pub(super) fn add_firewall(&mut self, id: &str, mut doc: Value) {
+        doc["properties"]["provisioningState"] = json!("Succeeded");
+        self.firewalls.insert(id.to_lowercase(), Firewall { doc, etag: 1, updating: false });
+    }
+
+    /// A firewall's document as stored (for assertions).
+    pub(super) fn firewall(&self, id: &str) -> Option<Value> {
+        self.firewalls.get(&id.to_lowercase()).map(|f| f.doc.clone())
+    }
+
+    fn get_firewall(&self, id: &str) -> Answer {
+        let firewall = &self.firewalls[id];
+        let etag = format!("W/\"{}\"", firewall.etag);
+        let mut doc = firewall.doc.clone();
+        doc["etag"] = json!(etag);
+        (200, vec![("etag".into(), etag)], doc.to_string())
+    }
+
+    /// A PUT of the whole firewall: `If-Match` honoured (412 when stale), one update at a
+    /// time (409 `AnotherOperationInProgress`), classic rules checked as ARM checks them, and
+    /// `Updating` until its operation has been polled to the end.
+    fn put_firewall(&mut self, id: &str, headers: &HeaderMap, body: &[u8]) -> Answer {
+        let Ok(mut doc) = serde_json::from_slice::<Value>(body) else {
+            return arm_error(
+                400,
+                "InvalidRequestContent",
+                "The request content was invalid and could not be deserialized.",
+            );
+        };
+        let firewall = &self.firewalls[id];
+        let etag = format!("W/\"{}\"", firewall.etag);
+        if let Some(expected) = headers.get("if-match").and_then(|v| v.to_str().ok())
+            && expected != etag
+            && expected != "*"
+        {
+            return arm_error(
+                412,
+                "PreconditionFailed",
+                "The condition specified using HTTP conditional header(s) is not met.",
+            );
+        }
+        if firewall.updating {
+            return arm_error(
+                409,
+                "AnotherOperationInProgress",
+                "Another operation on this or dependent resource is in progress.",
+            );
+        }
+        if let Err(message) = check_classic_rules(&doc["properties"]) {
+            return arm_error(400, "AzureFirewallRuleInvalid", &message);
+        }
+        let stored = &firewall.doc;
+        for field in ["id", "name", "type", "location"] {
+            doc[field] = stored[field].clone();
+        }
+        if let Some(fields) = doc.as_object_mut() {
+            fields.remove("etag");
+        }
+        doc["properties"]["provisioningState"] = json!("Updating");
+        let subscription = id.split('/').nth(2).unwrap_or_default().to_owned();
+        let location = stored["location"].as_str().unwrap_or("westeurope").to_owned();
+        let firewall = self.firewalls.get_mut(id).expect("checked above");
+        firewall.doc = doc.clone();
+        firewall.etag += 1;
+        firewall.updating = true;
+        let operation = uuid::Uuid::new_v4().to_string();
+        self.operations.insert(
+            operation.clone(),
+            Operation {
+                nsg: id.to_owned(),
+                rule: String::new(),
+                kind: OperationKind::Firewall,
+                polls_left: self.polls,
+            },
+        );
+        let url = format!(
+            "{}/subscriptions/{subscription}/providers/Microsoft.Network/locations/{location}/operations/{operation}?api-version=2024-05-01",
+            self.base_url
+        );
+        let headers = vec![("azure-asyncoperation".into(), url), ("retry-after".into(), self.retry_after.to_string())];
+        (200, headers, doc.to_string())
+    }
+
     fn token(&mut self, path: &str, body: &[u8]) -> Answer {
         let tenant = path.trim_start_matches('/').split('/').next().unwrap_or_default();
         let form: HashMap<String, String> = url::form_urlencoded::parse(body).into_owned().collect();
@@ -496,7 +600,7 @@ impl EmulatorState {
         let base =
             format!("{}/subscriptions/{subscription}/providers/Microsoft.Network/locations/{location}", self.base_url);
         let headers = match kind {
-            OperationKind::Put => {
+            OperationKind::Put | OperationKind::Firewall => {
                 vec![("azure-asyncoperation".to_owned(), format!("{base}/operations/{id}?api-version=2024-05-01"))]
             }
             OperationKind::Delete => vec![
@@ -556,6 +660,13 @@ impl EmulatorState {
             return Some(false);
         }
         let operation = self.operations.remove(id)?;
+        if operation.kind == OperationKind::Firewall {
+            if let Some(firewall) = self.firewalls.get_mut(&operation.nsg) {
+                firewall.doc["properties"]["provisioningState"] = json!("Succeeded");
+                firewall.updating = false;
+            }
+            return Some(true);
+        }
         if let Some(nsg) = self.nsgs.get_mut(&operation.nsg) {
             match operation.kind {
                 OperationKind::Put => {
@@ -566,6 +677,7 @@ impl EmulatorState {
                 OperationKind::Delete => {
                     nsg.rules.remove(&operation.rule);
                 }
+                OperationKind::Firewall => {}
             }
         }
         Some(true)
@@ -642,4 +754,43 @@ fn parse_tag_filter(filter: &str) -> Option<(String, String)> {
     let (name, rest) = rest.split_once("' and tagValue eq '")?;
     let value = rest.strip_suffix('\'')?;
     Some((name.replace("''", "'"), value.replace("''", "'")))
+}
+
+/// What ARM checks of a firewall's classic rule collections: names of at most 80 characters,
+/// priorities 100..=65000 unique per kind, known protocols, and NAT ports below 64000.
+fn check_classic_rules(properties: &Value) -> Result<(), String> {
+    for kind in ["natRuleCollections", "networkRuleCollections", "applicationRuleCollections"] {
+        let mut priorities = Vec::new();
+        for collection in properties[kind].as_array().into_iter().flatten() {
+            let name = collection["name"].as_str().unwrap_or_default();
+            if name.is_empty() || name.len() > 80 {
+                return Err(format!("collection name '{name}' must be 1 to 80 characters"));
+            }
+            let priority = collection["properties"]["priority"].as_u64().unwrap_or(0);
+            if !(100..=65000).contains(&priority) || priorities.contains(&priority) {
+                return Err(format!("collection '{name}': priority {priority} is outside 100..65000 or taken"));
+            }
+            priorities.push(priority);
+            for rule in collection["properties"]["rules"].as_array().into_iter().flatten() {
+                let protocols_ok = rule["protocols"].as_array().is_some_and(|protocols| {
+                    !protocols.is_empty()
+                        && protocols.iter().all(|p| matches!(p.as_str(), Some("TCP" | "UDP" | "Any" | "ICMP")))
+                });
+                if kind != "applicationRuleCollections" && !protocols_ok {
+                    return Err(format!("collection '{name}': a rule has no valid protocols"));
+                }
+                if kind == "natRuleCollections" {
+                    let ports =
+                        rule["destinationPorts"].as_array().into_iter().flatten().chain([&rule["translatedPort"]]);
+                    for port in ports {
+                        let number = port.as_str().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
+                        if !(1..64000).contains(&number) {
+                            return Err(format!("collection '{name}': NAT ports must be 1 to 63999, not {port}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }

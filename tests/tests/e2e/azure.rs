@@ -351,3 +351,92 @@ async fn vms_are_listed_by_resource_group_and_by_tag_page_by_page() {
     let refused = client.get(url).header("authorization", &bearer).send().await.unwrap();
     assert_eq!(refused.status(), 400);
 }
+
+/// Azure Firewall in the emulator (issue 15's ARM layer): the whole resource is read and
+/// written back under its etag (a stale one answers 412), one update at a time (409 while
+/// one runs, until its operation is polled to the end), and ARM's checks of classic rules
+/// (NAT ports below 64000) hold.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_firewall_is_edited_whole_under_its_etag_one_update_at_a_time() {
+    use shared::arm::firewall::{FirewallGrant, add_rules, for_put, has_rule};
+    use shared::domain::ports::Protocol;
+
+    let world = World::start().await;
+    let emulator = &world.local.emulator;
+    let id = emulator.add_firewall("hub-fw", "198.51.100.1", false);
+    let base = emulator.url();
+    let client = reqwest::Client::new();
+    let token: Value = client
+        .post(format!("{base}/{}/oauth2/v2.0/token", portcullis_host::emulator::TENANT))
+        .form(&[
+            ("client_id", portcullis_host::emulator::CLIENT_ID),
+            ("client_secret", portcullis_host::emulator::CLIENT_SECRET),
+            ("grant_type", "client_credentials"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {}", token["access_token"].as_str().unwrap());
+    let url = format!("{base}{id}?api-version=2024-05-01");
+    let get = || async {
+        let answer = client.get(&url).header("authorization", &bearer).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+        answer.json::<Value>().await.unwrap()
+    };
+    let put = |doc: Value, etag: String| {
+        let (client, url, bearer) = (client.clone(), url.clone(), bearer.clone());
+        async move {
+            let answer = client
+                .put(&url)
+                .header("authorization", &bearer)
+                .header("if-match", etag)
+                .json(&doc)
+                .send()
+                .await
+                .unwrap();
+            (
+                answer.status().as_u16(),
+                answer.headers().get("azure-asyncoperation").map(|v| v.to_str().unwrap().to_owned()),
+            )
+        }
+    };
+    let mut doc = get().await;
+    let etag = doc["etag"].as_str().unwrap().to_owned();
+    let grant = |port: u16| FirewallGrant {
+        name: "jit-r1-22".into(),
+        protocol: Protocol::Tcp,
+        source: "203.0.113.7".into(),
+        public_ip: "198.51.100.1".parse().unwrap(),
+        mapped_port: port,
+        private_ip: "10.0.0.4".parse().unwrap(),
+        port: 22,
+    };
+    add_rules(&mut doc, &[grant(64000)], 200);
+    assert_eq!(put(for_put(&doc), etag.clone()).await.0, 400, "NAT ports stop at 63999");
+    let mut doc = get().await;
+    add_rules(&mut doc, &[grant(50000)], 200);
+    let (status, operation) = put(for_put(&doc), etag.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(put(for_put(&doc), etag.clone()).await.0, 412, "the etag moved on");
+    let fresh = get().await;
+    assert_eq!(fresh["properties"]["provisioningState"], "Updating");
+    let fresh_etag = fresh["etag"].as_str().unwrap().to_owned();
+    assert_eq!(put(for_put(&fresh), fresh_etag.clone()).await.0, 409, "one update at a time");
+    let operation = operation.expect("a long-running update");
+    loop {
+        let status: Value =
+            client.get(&operation).header("authorization", &bearer).send().await.unwrap().json().await.unwrap();
+        if status["status"] == "Succeeded" {
+            break;
+        }
+    }
+    let stored = emulator.firewall(&id).unwrap();
+    assert_eq!(stored["properties"]["provisioningState"], "Succeeded");
+    assert!(has_rule(&stored, "jit-r1-22"));
+    // A firewall run by Firewall Manager says so in its document.
+    let managed = emulator.add_firewall("managed-fw", "198.51.100.2", true);
+    assert!(shared::arm::firewall::refusal(&emulator.firewall(&managed).unwrap()).is_some());
+}
