@@ -30,8 +30,9 @@ const MAX_CATCH_UP: TimeDelta = TimeDelta::days(8);
 const SETTLE: TimeDelta = TimeDelta::minutes(2);
 /// A slot handed out but still empty after this long belongs to a writer that died.
 const EMPTY_SLOT_GRACE: TimeDelta = TimeDelta::minutes(5);
-/// Compare-and-swaps one sweep spends before it stops taking new work (a close costs about
-/// ten: the request twice, its audit events, the indexes).
+/// Compare-and-swaps one sweep spends before it stops taking new work (grants due together
+/// close as one batch at two or three each; a close on its own costs about ten: the request
+/// twice, its audit events, the indexes).
 pub const SWAP_BUDGET: u32 = 200;
 /// Swaps kept for the reconciler: retries that fail every tick cannot crowd it out.
 const RECONCILE_RESERVE: u32 = 50;
