@@ -155,12 +155,18 @@ impl<'a> ArmClient<'a> {
                 continue;
             }
             let etag = doc["etag"].as_str().map(str::to_owned).or_else(|| response.header("etag").map(str::to_owned));
-            if !edit(&mut doc)? {
+            // Without an etag the write could undo another writer's: not made.
+            let Some(etag) = etag else {
+                return Err(ArmError::Transient(format!("firewall {id} came without an etag; not written")));
+            };
+            // A firewall whose last update failed may not hold what its document lists: the
+            // document is written again even when the edit finds nothing to change.
+            let failed = doc["properties"]["provisioningState"] == "Failed";
+            if !edit(&mut doc)? && !failed {
                 return Ok(receipt(&response));
             }
             let put = firewall::for_put(&doc);
-            let condition = etag.as_deref().map(|etag| ("if-match", etag));
-            match self.call_with(Method::Put, &url, Some(&put), condition) {
+            match self.call_with(Method::Put, &url, Some(&put), Some(("if-match", etag.as_str()))) {
                 Err(ArmError::Refused { status: 412, .. }) => continue,
                 Err(error) => return Err(error),
                 Ok(response) => {
@@ -270,8 +276,35 @@ impl<'a> ArmClient<'a> {
         Err(ArmError::Transient(last))
     }
 
-    /// Follows an `Azure-AsyncOperation` URL to its end.
+    /// Follows an `Azure-AsyncOperation` URL to its end. Called only once ARM has accepted a
+    /// write: an operation not seen to its end may still take effect (an uncertain write).
     fn poll_async_operation(&self, url: &str, first_wait: Duration) -> Result<(), ArmError> {
+        let outcome = self.poll_async_operation_unmarked(url, first_wait);
+        self.mark_unfinished(&outcome);
+        outcome
+    }
+
+    /// Notes a write ARM accepted but that was not seen to its end.
+    fn mark_unfinished(&self, outcome: &Result<(), ArmError>) {
+        if matches!(outcome, Err(ArmError::Transient(_))) {
+            self.uncertain.set(true);
+        }
+    }
+
+    /// An operation URL is followed, with the token, only into ARM.
+    fn operation_url<'u>(&self, url: &'u str) -> Result<&'u str, ArmError> {
+        if within_arm(&self.settings.arm_base_url, url) {
+            Ok(url)
+        } else {
+            Err(ArmError::Transient(format!(
+                "ARM's operation URL points outside ARM ({}); not followed",
+                url.chars().take(100).collect::<String>()
+            )))
+        }
+    }
+
+    fn poll_async_operation_unmarked(&self, url: &str, first_wait: Duration) -> Result<(), ArmError> {
+        let url = self.operation_url(url)?;
         let mut wait = first_wait;
         loop {
             if !self.wait(wait) {
@@ -296,8 +329,16 @@ impl<'a> ArmClient<'a> {
         }
     }
 
-    /// Follows a `Location` URL: 202 while running, 200 or 204 when done.
+    /// Follows a `Location` URL: 202 while running, 200 or 204 when done (an uncertain write
+    /// when not seen to its end, as above).
     fn poll_location(&self, url: &str, first_wait: Duration) -> Result<(), ArmError> {
+        let outcome = self.poll_location_unmarked(url, first_wait);
+        self.mark_unfinished(&outcome);
+        outcome
+    }
+
+    fn poll_location_unmarked(&self, url: &str, first_wait: Duration) -> Result<(), ArmError> {
+        let url = self.operation_url(url)?;
         let mut wait = first_wait;
         loop {
             if !self.wait(wait) {
@@ -374,11 +415,15 @@ impl Arm for ArmClient<'_> {
                     ports: many("destinationPortRange", "destinationPortRanges"),
                 });
             }
-            // The token goes wherever the link says: into ARM only.
-            url = page["nextLink"]
-                .as_str()
-                .filter(|link| within_arm(&self.settings.arm_base_url, link))
-                .map(str::to_owned);
+            // The token goes wherever the link says: into ARM only (a listing cut short there
+            // would look complete).
+            url = match page["nextLink"].as_str().filter(|link| !link.is_empty()) {
+                None => None,
+                Some(link) if within_arm(&self.settings.arm_base_url, link) => Some(link.to_owned()),
+                Some(_) => {
+                    return Err(ArmError::Transient("a rule listing's next page is not in ARM; not followed".into()));
+                }
+            };
         }
         Ok(rules)
     }
@@ -727,6 +772,19 @@ mod tests {
             written["properties"]["networkRuleCollections"][0]["properties"]["rules"][0]["destinationPorts"][0],
             "22"
         );
+    }
+
+    #[test]
+    fn an_operation_url_outside_arm_is_not_followed_and_the_write_counts_as_uncertain() {
+        let http = ScriptedHttp::new(vec![
+            token_ok(),
+            answer(201, &[("azure-asyncoperation", "https://arm.evil.example/op/1")], "{}"),
+        ]);
+        let (kv, clock, settings) = (crate::store::MemStore::default(), FakeClock::default(), arm_settings());
+        let client = ArmClient::new(&http, &kv, &clock, &settings, Duration::from_secs(30));
+        assert!(matches!(client.put_rule(&nsg(), &rule()), Err(ArmError::Transient(_))));
+        assert_eq!(http.urls().len(), 2, "the token never went to the other host");
+        assert!(client.had_uncertain_writes(), "ARM accepted the PUT: it may land");
     }
 
     #[test]

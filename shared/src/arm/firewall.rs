@@ -101,12 +101,22 @@ pub fn public_addresses(firewall: &Value) -> (Vec<String>, Vec<IpAddr>) {
 /// The first port in [`MAPPED_PORTS`] that no DNAT rule on the firewall listens on, avoiding
 /// `also_taken` (ports chosen for this edit already).
 pub fn free_mapped_port(firewall: &Value, also_taken: &[u16]) -> Option<u16> {
-    let used: Vec<u16> = collections(firewall, "natRuleCollections")
+    // Ports are strings: one number, or a range (`"50000-50100"`); `*` takes them all.
+    let used: Vec<(u16, u16)> = collections(firewall, "natRuleCollections")
         .flat_map(|c| c["properties"]["rules"].as_array().cloned().unwrap_or_default())
         .flat_map(|rule| rule["destinationPorts"].as_array().cloned().unwrap_or_default())
-        .filter_map(|port| port.as_str().and_then(|p| p.parse().ok()))
+        .filter_map(|port| {
+            let text = port.as_str()?.trim();
+            if text == "*" {
+                return Some((0, u16::MAX));
+            }
+            let (low, high) = text.split_once('-').unwrap_or((text, text));
+            Some((low.trim().parse().ok()?, high.trim().parse().ok()?))
+        })
         .collect();
-    MAPPED_PORTS.into_iter().find(|p| !used.contains(p) && !also_taken.contains(p))
+    MAPPED_PORTS
+        .into_iter()
+        .find(|p| !used.iter().any(|(low, high)| (low..=high).contains(&p)) && !also_taken.contains(p))
 }
 
 fn collections<'a>(firewall: &'a Value, kind: &str) -> impl Iterator<Item = &'a Value> {
@@ -146,7 +156,8 @@ fn put_rule(firewall: &mut Value, kind: &str, name: &str, action: &str, priority
         Some(at) => at,
         None => {
             let taken: Vec<u64> = list.iter().filter_map(|c| c["properties"]["priority"].as_u64()).collect();
-            let priority = (u64::from(priority)..=65000).find(|p| !taken.contains(p)).unwrap_or(65000);
+            let free = |p: &u64| !taken.contains(p);
+            let priority = (u64::from(priority)..=65000).chain(100..u64::from(priority)).find(free).unwrap_or(65000);
             list.push(
                 json!({"name": name, "properties": {"priority": priority, "action": {"type": action}, "rules": []}}),
             );
@@ -236,6 +247,10 @@ mod tests {
         let mut fw = firewall();
         let port = free_mapped_port(&fw, &[]).unwrap();
         assert_eq!(port, 50001, "50000 is the admin's");
+        let mut ranged = firewall();
+        ranged["properties"]["natRuleCollections"][0]["properties"]["rules"][0]["destinationPorts"] =
+            json!(["50000-50010"]);
+        assert_eq!(free_mapped_port(&ranged, &[50011]), Some(50012), "a range and this edit's own ports are taken");
         add_rules(&mut fw, &[grant("jit-r1-22", port)], 100);
         let nat = &fw["properties"]["natRuleCollections"];
         assert_eq!(nat[0]["properties"]["rules"].as_array().unwrap().len(), 1, "the admin's collection is as it was");

@@ -56,7 +56,10 @@ impl VmSelector {
     pub fn new(scope: &str, tag: Option<TagMatch>) -> Result<Self, String> {
         let parts: Vec<&str> = scope.trim_end_matches('/').split('/').collect();
         let segment = |s: &str| {
-            !s.is_empty() && s.len() <= 90 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.()".contains(c))
+            !s.is_empty()
+                && s.len() <= 90
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.()".contains(c))
+                && s.chars().any(|c| c != '.')
         };
         let shaped = match parts.as_slice() {
             ["", subscriptions, id] => subscriptions.eq_ignore_ascii_case("subscriptions") && segment(id),
@@ -165,7 +168,8 @@ pub fn list(
     for read in 0..max_pages.max(1) {
         let page = arm.list_vms(selector, next.as_deref())?;
         for vm in page.vms {
-            if !listing.vms.contains(&vm) {
+            // ARM's ids compare without case.
+            if !listing.vms.iter().any(|known| known.as_str().eq_ignore_ascii_case(vm.as_str())) {
                 listing.vms.push(vm);
             }
         }
@@ -198,7 +202,15 @@ mod tests {
     fn scopes_are_a_subscription_or_a_resource_group_and_tags_cannot_leave_their_quotes() {
         assert!(VmSelector::new(GROUP, None).is_ok());
         assert!(VmSelector::new("/subscriptions/0000", tag("jit", "ssh")).is_ok());
-        for bad in ["", "/subscriptions", "/subscriptions/a/resourceGroups", "/subscriptions/a b", "subscriptions/a"] {
+        for bad in [
+            "",
+            "/subscriptions",
+            "/subscriptions/a/resourceGroups",
+            "/subscriptions/a b",
+            "subscriptions/a",
+            "/subscriptions/..",
+            "/subscriptions/s/resourceGroups/.",
+        ] {
             assert!(VmSelector::new(bad, None).is_err(), "{bad}");
         }
         let vm = format!("{GROUP}/providers/Microsoft.Compute/virtualMachines/vm1");

@@ -253,8 +253,16 @@ impl EmulatorState {
     fn land(&mut self, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) {
         self.answer(method, uri, headers, body);
         let rule = uri.path().rsplit('/').next().unwrap_or_default().to_lowercase();
-        let pending: Vec<String> =
-            self.operations.iter().filter(|(_, op)| op.rule == rule).map(|(id, _)| id.clone()).collect();
+        let firewall = uri.path().to_lowercase();
+        let pending: Vec<String> = self
+            .operations
+            .iter()
+            .filter(|(_, op)| match op.kind {
+                OperationKind::Firewall => op.nsg == firewall,
+                OperationKind::Put | OperationKind::Delete => op.rule == rule,
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in pending {
             while self.advance(&id) == Some(false) {}
         }
@@ -405,9 +413,12 @@ impl EmulatorState {
                     .is_some_and(|t| t.eq_ignore_ascii_case("Microsoft.Compute/virtualMachines"));
                 // The Resources list holds top-level resources (a subnet is a VNet's child).
                 (vm || resources_api && resource["type"].is_string())
-                    && filter
-                        .as_ref()
-                        .is_none_or(|(name, value)| resource["tags"][name.as_str()].as_str() == Some(value))
+                    // Tag names compare without case, values with.
+                    && filter.as_ref().is_none_or(|(name, value)| {
+                        resource["tags"].as_object().is_some_and(|tags| {
+                            tags.iter().any(|(k, v)| k.eq_ignore_ascii_case(name) && v.as_str() == Some(value))
+                        })
+                    })
             })
             .collect();
         found.sort_by_key(|resource| resource["id"].as_str().map(str::to_lowercase));
