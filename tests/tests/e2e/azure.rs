@@ -307,21 +307,7 @@ async fn vms_are_listed_by_resource_group_and_by_tag_page_by_page() {
     emulator.add_vm_in("other-rg", "vm9", "10.9.1.9", NsgPlacement::Nic(nsg), &[("jit", "ssh")]);
     let base = emulator.url();
     let client = reqwest::Client::new();
-    let token: Value = client
-        .post(format!("{base}/{}/oauth2/v2.0/token", portcullis_host::emulator::TENANT))
-        .form(&[
-            ("client_id", portcullis_host::emulator::CLIENT_ID),
-            ("client_secret", portcullis_host::emulator::CLIENT_SECRET),
-            ("grant_type", "client_credentials"),
-            ("scope", "https://management.azure.com/.default"),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let bearer = format!("Bearer {}", token["access_token"].as_str().unwrap());
+    let bearer = arm_bearer(&client, &base).await;
     let list = |selector: VmSelector| {
         let (client, bearer, base) = (client.clone(), bearer.clone(), base.clone());
         async move {
@@ -366,20 +352,7 @@ async fn a_firewall_is_edited_whole_under_its_etag_one_update_at_a_time() {
     let id = emulator.add_firewall("hub-fw", "198.51.100.1", false);
     let base = emulator.url();
     let client = reqwest::Client::new();
-    let token: Value = client
-        .post(format!("{base}/{}/oauth2/v2.0/token", portcullis_host::emulator::TENANT))
-        .form(&[
-            ("client_id", portcullis_host::emulator::CLIENT_ID),
-            ("client_secret", portcullis_host::emulator::CLIENT_SECRET),
-            ("grant_type", "client_credentials"),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let bearer = format!("Bearer {}", token["access_token"].as_str().unwrap());
+    let bearer = arm_bearer(&client, &base).await;
     let url = format!("{base}{id}?api-version=2024-05-01");
     let get = || async {
         let answer = client.get(&url).header("authorization", &bearer).send().await.unwrap();
@@ -439,4 +412,23 @@ async fn a_firewall_is_edited_whole_under_its_etag_one_update_at_a_time() {
     // A firewall run by Firewall Manager says so in its document.
     let managed = emulator.add_firewall("managed-fw", "198.51.100.2", true);
     assert!(shared::arm::firewall::refusal(&emulator.firewall(&managed).unwrap()).is_some());
+}
+
+/// An `Authorization` value for the emulator's ARM, from its token endpoint.
+async fn arm_bearer(client: &reqwest::Client, base: &str) -> String {
+    let token: Value = client
+        .post(format!("{base}/{}/oauth2/v2.0/token", portcullis_host::emulator::TENANT))
+        .form(&[
+            ("client_id", portcullis_host::emulator::CLIENT_ID),
+            ("client_secret", portcullis_host::emulator::CLIENT_SECRET),
+            ("grant_type", "client_credentials"),
+            ("scope", "https://management.azure.com/.default"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    format!("Bearer {}", token["access_token"].as_str().unwrap())
 }
