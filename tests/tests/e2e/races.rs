@@ -154,6 +154,38 @@ async fn two_sweeps_at_once_close_every_grant_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_revoke_racing_a_batch_of_expiring_grants_ends_each_once_and_leaves_no_rule() {
+    // Three grants fall due together: the sweep closes them as one batch, its DELETEs slowed,
+    // while carol revokes hers. Whichever wins on carol's, every grant ends exactly once and
+    // no rule is left.
+    let world = World::start().await;
+    world.auto_policy().await;
+    let mut ids = Vec::new();
+    for key in [ALICE, CAROL, ERIN] {
+        let body = json!({"policy": "demo-vm", "ports": [22], "duration": "PT10M", "justification": "INC-1"});
+        let (status, grant) = world.request(key, &body).await;
+        assert_eq!(status, 201, "{grant}");
+        ids.push(id(&grant));
+    }
+    world.advance_minutes(11);
+    slow(&world, "DELETE", 1, 3);
+    let revoke = world.decide(&ids[1], "revoke", CAROL);
+    let (revoked, ()) = tokio::join!(revoke, world.tick());
+    assert!(revoked.0 == 200 || revoked.0 == 409, "revoke answered {}: {}", revoked.0, revoked.1);
+    world.advance_minutes(2);
+    world.tick().await;
+    assert!(world.jit_rules().is_empty(), "{:?}", world.jit_rules());
+    for (n, id) in ids.iter().enumerate() {
+        let state = world.get_request(id).await["state"].as_str().unwrap().to_owned();
+        let trail = actions(&world, id).await;
+        let ends = net(&trail, "request.expired") + net(&trail, "request.revoked");
+        assert_eq!(ends, 1, "{id} ended {ends} times: {trail:?}");
+        let expected: &[&str] = if n == 1 { &["expired", "revoked"] } else { &["expired"] };
+        assert!(expected.contains(&state.as_str()), "{id} is {state}: {trail:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_revoke_racing_the_narrowing_of_an_older_grant_still_removes_its_rule() {
     let world = World::start().await;
     world.auto_policy().await;
