@@ -36,6 +36,18 @@ fn net(trail: &[String], action: &str) -> isize {
     count("ok") - count("failed")
 }
 
+/// Grants of alice, carol and erin on port 22 for ten minutes, all ending in the same minute.
+async fn three_grants_of_ten_minutes(world: &World) -> Vec<String> {
+    let mut ids = Vec::new();
+    for key in [ALICE, CAROL, ERIN] {
+        let body = json!({"policy": "demo-vm", "ports": [22], "duration": "PT10M", "justification": "INC-1"});
+        let (status, grant) = world.request(key, &body).await;
+        assert_eq!(status, 201, "{grant}");
+        ids.push(id(&grant));
+    }
+    ids
+}
+
 async fn actions(world: &World, id: &str) -> Vec<String> {
     world
         .audit(&format!("request={id}"))
@@ -131,15 +143,7 @@ async fn expiry_racing_an_extension_ends_consistent_either_way() {
 async fn two_sweeps_at_once_close_every_grant_exactly_once() {
     let world = World::start().await;
     world.auto_policy().await;
-    let mut ids = Vec::new();
-    for key in [ALICE, CAROL, ERIN] {
-        let body = json!({"policy": "demo-vm", "ports": [22], "duration": "PT10M", "justification": "INC-1"});
-        let (status, grant) = world.request(key, &body).await;
-        if status == 201 {
-            ids.push(id(&grant));
-        }
-    }
-    assert!(!ids.is_empty());
+    let ids = three_grants_of_ten_minutes(&world).await;
     world.advance_minutes(11);
     slow(&world, "DELETE", 1, 2);
     tokio::join!(world.tick(), world.tick());
@@ -160,13 +164,7 @@ async fn a_revoke_racing_a_batch_of_expiring_grants_ends_each_once_and_leaves_no
     // no rule is left.
     let world = World::start().await;
     world.auto_policy().await;
-    let mut ids = Vec::new();
-    for key in [ALICE, CAROL, ERIN] {
-        let body = json!({"policy": "demo-vm", "ports": [22], "duration": "PT10M", "justification": "INC-1"});
-        let (status, grant) = world.request(key, &body).await;
-        assert_eq!(status, 201, "{grant}");
-        ids.push(id(&grant));
-    }
+    let ids = three_grants_of_ten_minutes(&world).await;
     world.advance_minutes(11);
     slow(&world, "DELETE", 1, 3);
     let revoke = world.decide(&ids[1], "revoke", CAROL);
