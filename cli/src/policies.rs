@@ -11,7 +11,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 use serde_json::{Value, json};
-use shared::domain::policy::{NsgId, Placement, Policy, PolicyLimits, RawPolicy, Resolution};
+use shared::domain::policy::{Fleet, NsgId, Policy, PolicyLimits, ProtectedVm, RawPolicy, Wanted};
 use shared::domain::{AccessDuration, PolicyName};
 
 use crate::api::{Api, Failure, encode};
@@ -31,40 +31,75 @@ pub fn read(path: &Path) -> Result<BTreeMap<String, Value>, Failure> {
     Ok(file.policies)
 }
 
-/// A stored policy as a file holds it: without what the server derives (its name, the baseline
-/// rule, and a placement it resolved from the VM).
+/// A stored policy as a file holds it: without what the server derives (its name, the
+/// baseline rules, placements it resolved through ARM, the VMs a selector found). One VM is
+/// written as `vm`, several as a `vms` list, a selector as `vms: {scope, tag, value}`.
 pub fn file_form(stored: &Value) -> Value {
     let mut doc = stored.clone();
-    if let Some(fields) = doc.as_object_mut() {
-        for derived in ["name", "baseline", "revoked", "revoke_remaining", "cancelled"] {
-            fields.remove(derived);
+    let Some(fields) = doc.as_object_mut() else { return doc };
+    for derived in ["name", "baselines", "unprotected", "resolved_at", "revoked", "revoke_remaining", "cancelled"] {
+        fields.remove(derived);
+    }
+    if let Some(selector) = fields.remove("selector") {
+        fields.remove("vms");
+        let mut written = json!({"scope": selector["scope"]});
+        if let Some(tag) = selector.get("tag").filter(|t| t.is_object()) {
+            written["tag"] = tag["name"].clone();
+            written["value"] = tag["value"].clone();
         }
-        if fields.remove("resolved").is_some() {
-            fields.remove("nsg");
-            fields.remove("private_ip");
+        fields.insert("vms".into(), written);
+        return doc;
+    }
+    let Some(Value::Array(vms)) = fields.remove("vms") else { return doc };
+    // A placement ARM resolved (it has a NIC) is not the admin's: only the id is.
+    let entries: Vec<Value> = vms
+        .into_iter()
+        .map(|vm| match vm.get("nic") {
+            Some(_) => json!({"vm": vm["vm"]}),
+            None => json!({"vm": vm["vm"], "nsg": vm["nsg"], "private_ip": vm["private_ip"]}),
+        })
+        .collect();
+    match entries.as_slice() {
+        [one] => {
+            for (key, value) in one.as_object().expect("an object") {
+                fields.insert(key.clone(), value.clone());
+            }
+        }
+        _ => {
+            let listed =
+                entries.iter().map(|e| if e.get("nsg").is_some() { e.clone() } else { e["vm"].clone() }).collect();
+            fields.insert("vms".into(), Value::Array(listed));
         }
     }
     doc
 }
 
 /// A file's document as the server would store it, checked by the server's own rules.
-fn normalize(name: &str, doc: &Value, on_server: Option<&Value>) -> Result<Value, String> {
+fn normalize(name: &str, doc: &Value) -> Result<Value, String> {
     let policy_name = PolicyName::parse(name).map_err(|e| e.to_string())?;
     let raw: RawPolicy = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
     // The server applies its own limit (its `max_duration` variable, 24 hours by default, at
     // most 7 days): here only the absolute one, and the server's answer says the rest.
     let limits = PolicyLimits { max_duration: AccessDuration::parse("P7D").expect("a duration") };
-    let policy = Policy::from_raw(policy_name, raw, limits, |_vm| {
-        // A placement the server resolves from the VM is not part of the file: any stands in.
-        let server = on_server.filter(|s| s["resolved"].is_object());
-        let nsg = server.and_then(|s| s["nsg"].as_str()).unwrap_or(
+    let policy = Policy::from_raw(policy_name, raw, limits, |wanted| {
+        // What the server resolves through ARM is not part of the file: any placement stands
+        // in for a listed VM, and a selector's VMs are left out.
+        let unresolved = NsgId::parse(
             "/subscriptions/0/resourceGroups/unresolved/providers/Microsoft.Network/networkSecurityGroups/unresolved",
-        );
-        Ok::<_, shared::domain::policy::PolicyError>(Placement {
-            nsg: NsgId::parse(nsg)?,
-            private_ip: [0, 0, 0, 0].into(),
-            resolved: Some(Resolution { nic: String::new(), at: chrono::Utc::now() }),
-        })
+        )?;
+        let vms = match wanted {
+            Wanted::Vms(vms) => vms
+                .into_iter()
+                .map(|vm| ProtectedVm {
+                    vm,
+                    nsg: unresolved.clone(),
+                    private_ip: [0, 0, 0, 0].into(),
+                    nic: Some(String::new()),
+                })
+                .collect(),
+            Wanted::Selected(_) => Vec::new(),
+        };
+        Ok::<_, shared::domain::policy::PolicyError>(Fleet { vms, ..Fleet::default() })
     })
     .map_err(|e| e.to_string())?;
     Ok(file_form(&serde_json::to_value(policy).expect("a policy serialises")))
@@ -155,8 +190,8 @@ pub fn apply(api: &Api, format: Format, path: &Path, dry_run: bool, prune: bool,
     let mut plans = Vec::new();
     for (name, doc) in &wanted {
         let current = on_server.get(name);
-        let normalized = normalize(name, doc, current)
-            .map_err(|e| Failure::Usage(format!("{}: policy {name}: {e}", path.display())))?;
+        let normalized =
+            normalize(name, doc).map_err(|e| Failure::Usage(format!("{}: policy {name}: {e}", path.display())))?;
         plans.push(match current {
             None => Plan {
                 name: name.clone(),
@@ -289,7 +324,16 @@ pub fn list(api: &Api, format: Format) -> Result<(), Failure> {
             };
             vec![
                 p["name"].as_str().unwrap_or_default().to_owned(),
-                p["vm"].as_str().unwrap_or_default().rsplit('/').next().unwrap_or_default().to_owned(),
+                match p["vms"].as_array().map(Vec::as_slice) {
+                    _ if p["selector"].is_object() => {
+                        format!("{} VMs by selector", p["vms"].as_array().map_or(0, Vec::len))
+                    }
+                    Some([one]) => {
+                        one["vm"].as_str().unwrap_or_default().rsplit('/').next().unwrap_or_default().to_owned()
+                    }
+                    Some(many) => format!("{} VMs", many.len()),
+                    None => String::new(),
+                },
                 ports.join(","),
                 approval,
                 if p["enabled"] == json!(false) { "disabled".into() } else { "enabled".into() },
@@ -322,9 +366,16 @@ mod tests {
 
     #[test]
     fn a_stored_policy_in_file_form_keeps_only_what_an_admin_writes() {
-        let stored = json!({"name": "x", "vm": "v", "nsg": "n", "private_ip": "10.0.0.4", "resolved": {"nic": "i"}, "baseline": {}, "enabled": true});
+        let stored = json!({"name": "x", "vms": [{"vm": "v", "nsg": "n", "private_ip": "10.0.0.4", "nic": "i"}],
+            "resolved_at": "2026-01-01T00:00:00Z", "baselines": [{}], "enabled": true});
         assert_eq!(file_form(&stored), json!({"vm": "v", "enabled": true}));
-        let given = json!({"name": "x", "vm": "v", "nsg": "n", "private_ip": "10.0.0.4"});
+        let given = json!({"name": "x", "vms": [{"vm": "v", "nsg": "n", "private_ip": "10.0.0.4"}]});
         assert_eq!(file_form(&given), json!({"vm": "v", "nsg": "n", "private_ip": "10.0.0.4"}));
+        let fleet = json!({"vms": [{"vm": "a", "nsg": "n", "private_ip": "10.0.0.4", "nic": "i"},
+            {"vm": "b", "nsg": "n", "private_ip": "10.0.0.5"}]});
+        assert_eq!(file_form(&fleet), json!({"vms": ["a", {"vm": "b", "nsg": "n", "private_ip": "10.0.0.5"}]}));
+        let tagged = json!({"vms": [{"vm": "a", "nsg": "n", "private_ip": "10.0.0.4", "nic": "i"}],
+            "selector": {"scope": "/subscriptions/s", "tag": {"name": "jit", "value": "ssh"}}, "unprotected": [{}]});
+        assert_eq!(file_form(&tagged), json!({"vms": {"scope": "/subscriptions/s", "tag": "jit", "value": "ssh"}}));
     }
 }

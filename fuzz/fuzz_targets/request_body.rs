@@ -33,6 +33,10 @@ fuzz_target!(|body: &[u8]| {
     let caller = Some("203.0.113.7".parse().unwrap());
     let id = RequestId::parse("r1").unwrap();
     if let Ok(request) = AccessRequest::from_raw(raw, &POLICY, &principal, &groups, caller, id, now) {
+        assert!(!request.vms.is_empty(), "{request:?}");
+        for vm in &request.vms {
+            assert!(POLICY.vm(vm.as_str()).is_some(), "an accepted VM is in the policy: {request:?}");
+        }
         for port in request.ports.iter() {
             let rule = POLICY.port(port).expect("an accepted port is in the policy");
             assert!(request.duration <= rule.max_duration, "{request:?}");

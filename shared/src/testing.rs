@@ -73,7 +73,7 @@ pub fn rule() -> SecurityRule {
         access: Access::Allow,
         protocol: Protocol::Tcp,
         source: Some(SourcePrefix::parse("203.0.113.7").unwrap()),
-        destination: "10.0.0.4".parse().unwrap(),
+        destinations: vec!["10.0.0.4".parse().unwrap()],
         ports: PortSet::new([Port::new(22).unwrap()]).unwrap(),
     }
 }
@@ -217,7 +217,7 @@ impl Arm for FakeArm {
                 description: r.description.clone(),
                 protocol: r.protocol.arm_name().to_owned(),
                 sources: vec![r.source.map_or_else(|| "*".to_owned(), |s| s.to_string())],
-                destinations: vec![r.destination.to_string()],
+                destinations: r.destinations.iter().map(|d| d.to_string()).collect(),
                 ports: r.ports.iter().map(|p| p.to_string()).collect(),
             })
             .collect())

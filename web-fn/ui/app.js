@@ -234,8 +234,18 @@
     const p = currentPolicy();
     const list = $('port-list');
     if (!p) { list.replaceChildren(); return; }
-    $('policy-vm').textContent = p.vm.split('/').pop() + ' · ' + p.private_ip +
+    const vms = p.vms || [];
+    const name = (vm) => vm.vm.split('/').pop();
+    $('policy-vm').textContent = (vms.length === 1 ? name(vms[0]) + ' · ' + vms[0].private_ip : vms.length + ' VMs') +
       (p.approval && p.approval.mode === 'auto' ? ' · approved automatically' : ' · needs approval');
+    // A policy over several VMs: the requester picks which.
+    show('vms', vms.length > 1);
+    $('vm-list').replaceChildren(...(vms.length > 1 ? vms : []).map((vm, i) => {
+      const id = 'vm-' + i;
+      return h('div', { class: 'check' },
+        h('input', { type: 'checkbox', id, name: 'vm', value: vm.vm }),
+        h('label', { for: id, text: name(vm) + ' (' + vm.private_ip + ')' }));
+    }));
     list.replaceChildren(...p.ports.map((r, i) => {
       const id = 'port-' + i;
       return h('div', { class: 'check' },
@@ -271,7 +281,10 @@
     const justification = $('justification').value.trim();
     if (!ports.length) { notify('Choose at least one port.', 'error'); $('port-list').querySelector('input').focus(); return; }
     if (!justification) { notify('Say why you need access (justification).', 'error'); $('justification').focus(); return; }
+    const vms = [...$('vm-list').querySelectorAll('input:checked')].map((c) => c.value);
+    if (!$('vms').hidden && !vms.length) { notify('Choose at least one VM.', 'error'); $('vm-list').querySelector('input').focus(); return; }
     const body = { policy: $('policy').value, ports, duration: toIso(Number($('duration').value)), justification };
+    if (vms.length) body.vms = vms;
     const source = $('source').value.trim();
     if (source) body.source = source;
     const btn = $('request-submit');

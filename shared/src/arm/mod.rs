@@ -42,8 +42,8 @@ pub struct SecurityRule {
     pub protocol: Protocol,
     /// Who may connect; `None` is any source (deny rules).
     pub source: Option<SourcePrefix>,
-    /// The VM's private IP.
-    pub destination: IpAddr,
+    /// The private IPs of the VMs it covers on this NSG (never empty).
+    pub destinations: Vec<IpAddr>,
     /// Destination ports.
     pub ports: PortSet,
 }
@@ -53,17 +53,23 @@ impl SecurityRule {
     pub fn to_arm_body(&self) -> serde_json::Value {
         let ports: Vec<String> = self.ports.iter().map(|p| p.to_string()).collect();
         let description: String = self.description.chars().take(140).collect();
-        json!({"properties": {
+        let mut body = json!({"properties": {
             "description": description,
             "protocol": self.protocol.arm_name(),
             "sourcePortRange": "*",
             "destinationPortRanges": ports,
             "sourceAddressPrefix": self.source.map_or_else(|| "*".to_owned(), |s| s.to_string()),
-            "destinationAddressPrefix": self.destination.to_string(),
             "access": match self.access { Access::Allow => "Allow", Access::Deny => "Deny" },
             "priority": self.priority,
             "direction": "Inbound",
-        }})
+        }});
+        // ARM takes one address in the singular field, several in the plural one, never both.
+        let destinations: Vec<String> = self.destinations.iter().map(IpAddr::to_string).collect();
+        match destinations.as_slice() {
+            [one] => body["properties"]["destinationAddressPrefix"] = json!(one),
+            _ => body["properties"]["destinationAddressPrefixes"] = json!(destinations),
+        }
+        body
     }
 }
 

@@ -12,7 +12,7 @@ pub mod state;
 pub use duration::AccessDuration;
 pub use ids::{GroupName, Member, PolicyName, Principal, RequestId, WebhookName};
 pub use net::{AllowedSource, SourcePrefix};
-pub use policy::{Approval, FirewallId, NsgId, Placement, Policy, PortRule, RawPolicy, VmId};
+pub use policy::{Approval, FirewallId, NsgId, Policy, PortRule, ProtectedVm, RawPolicy, VmId};
 pub use ports::{Port, PortSet, Protocol};
 pub use request::{AccessRequest, RawRequest, RequestError};
 pub use state::{CloseReason, Event, State, TransitionError};

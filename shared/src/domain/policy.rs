@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::decide::AutoRule;
 use super::request::RuleRef;
 use super::{AccessDuration, AllowedSource, Member, PolicyName, Port, Protocol};
+use crate::arm::inventory::{TagMatch, VmSelector};
 
 /// Why a policy document was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -195,43 +196,81 @@ impl Default for Quotas {
     }
 }
 
-/// Where a VM's rules go: its NSG and private IP, given by the admin or resolved through ARM.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Placement {
-    /// The NSG the rules go on.
+/// One VM a policy protects, and where its rules go: its NSG and private IP, given by the
+/// admin or resolved through ARM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectedVm {
+    /// The VM.
+    pub vm: VmId,
+    /// The NSG that filters its traffic (its NIC's, else its subnet's): its rules go there.
     pub nsg: NsgId,
-    /// The VM's private IP, the destination of every rule.
+    /// Its private IP, a destination of every rule.
     pub private_ip: IpAddr,
-    /// How it was found, when ARM resolved it.
-    pub resolved: Option<Resolution>,
+    /// Its primary NIC, when ARM resolved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic: Option<String>,
 }
 
-/// What ARM said about the VM, and when.
+/// A VM a policy's selector found but cannot protect, and why (no NSG, no private IP...).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Resolution {
-    /// The primary NIC.
-    pub nic: String,
-    /// When it was resolved.
-    pub at: DateTime<Utc>,
+pub struct Unprotected {
+    /// The VM's id, as ARM listed it.
+    pub vm: String,
+    /// Why.
+    pub reason: String,
 }
 
-/// A validated policy, as stored.
+/// What resolving a policy's VMs found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fleet {
+    /// The VMs it can protect.
+    pub vms: Vec<ProtectedVm>,
+    /// The ones it cannot (only a selector's: a listed VM that cannot be protected refuses the
+    /// policy).
+    pub unprotected: Vec<Unprotected>,
+    /// When ARM answered.
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+/// The VMs a policy leaves to ARM to resolve: listed ids without placement, or a selector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wanted {
+    /// These VMs, each of which must be protectable.
+    Vms(Vec<VmId>),
+    /// Every VM a resource group or a tag holds.
+    Selected(VmSelector),
+}
+
+/// The most VMs one policy protects: each costs ARM reads to resolve, and they share rules
+/// that ARM caps (4,000 addresses per rule).
+pub const MAX_POLICY_VMS: usize = 500;
+
+/// Compares ARM ids, which ARM treats without case.
+pub fn same_id(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// A validated policy, as stored. Records from before fleets (one `vm` with its `nsg`,
+/// `private_ip`, `resolved` and `baseline`) read as a fleet of that one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct Policy {
     /// Its name.
     pub name: PolicyName,
-    /// The protected VM.
-    pub vm: VmId,
-    /// The NSG the rules go on.
-    pub nsg: NsgId,
-    /// The VM's private IP, the destination of every rule.
-    pub private_ip: IpAddr,
-    /// How `nsg` and `private_ip` were resolved through ARM (absent when the admin gave them).
+    /// The protected VMs, each with its NSG and address.
+    pub vms: Vec<ProtectedVm>,
+    /// The resource group or tag the VMs were found by, when the admin did not list them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resolved: Option<Resolution>,
-    /// The baseline deny rule, while the policy is enabled.
+    pub selector: Option<VmSelector>,
+    /// VMs the selector found that cannot be protected, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unprotected: Vec<Unprotected>,
+    /// When ARM last resolved the VMs (absent when the admin gave every placement).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub baseline: Option<RuleRef>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    /// The baseline deny rules, one per NSG of the VMs, while the policy is enabled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub baselines: Vec<RuleRef>,
     /// Protected ports; port numbers are distinct.
     pub ports: Vec<PortRule>,
     /// How requests are approved.
@@ -257,13 +296,45 @@ pub struct Policy {
     pub chat_decisions: ChatDecisions,
 }
 
+impl Serialize for Policy {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        Policy::serialize(self, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Policy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut document = serde_json::Value::deserialize(deserializer)?;
+        if let Some(fields) = document.as_object_mut().filter(|f| f.contains_key("vm") && !f.contains_key("vms")) {
+            let (vm, nsg, ip) = (fields.remove("vm"), fields.remove("nsg"), fields.remove("private_ip"));
+            let resolved = fields.remove("resolved");
+            let nic = resolved.as_ref().map(|r| r["nic"].clone());
+            fields.insert("vms".into(), serde_json::json!([{"vm": vm, "nsg": nsg, "private_ip": ip, "nic": nic}]));
+            if let Some(at) = resolved.map(|r| r["at"].clone()) {
+                fields.insert("resolved_at".into(), at);
+            }
+            if let Some(baseline) = fields.remove("baseline") {
+                fields.insert("baselines".into(), serde_json::json!([baseline]));
+            }
+        }
+        Policy::deserialize(document).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A policy as an admin sends it: plain data, checked by [`Policy::from_raw`].
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPolicy {
-    vm: String,
+    #[serde(default)]
+    vm: Option<String>,
+    #[serde(default)]
     nsg: Option<String>,
+    #[serde(default)]
     private_ip: Option<String>,
+    #[serde(default)]
+    vms: Option<RawVms>,
+    #[serde(default)]
+    resource_group: Option<String>,
     #[serde(default)]
     ports: Option<Vec<RawPortRule>>,
     approval: RawApproval,
@@ -281,6 +352,37 @@ pub struct RawPolicy {
     extensions: Extensions,
     #[serde(default)]
     chat_decisions: Option<String>,
+}
+
+/// `vms`: a list of VM ids (each alone, or with its `nsg` and `private_ip`), or a selector.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawVms {
+    Listed(Vec<RawListedVm>),
+    Selected(RawSelector),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawListedVm {
+    Id(String),
+    Placed(RawPlacedVm),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlacedVm {
+    vm: String,
+    nsg: Option<String>,
+    private_ip: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSelector {
+    scope: String,
+    tag: Option<String>,
+    value: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -351,30 +453,18 @@ const DEFAULT_BREAK_GLASS_MINUTES: u32 = 60;
 const DEFAULT_PENDING_TIMEOUT_MINUTES: u32 = 60;
 
 impl Policy {
-    /// Checks an admin's document and settles its defaults. The VM's placement comes from
-    /// the document when it names both `nsg` and `private_ip`; otherwise `resolve` finds it
-    /// (through ARM), and only once everything else has been checked.
+    /// Checks an admin's document and settles its defaults. The VMs come from `vm`, `vms` (a
+    /// list or a selector) or `resource_group`; a VM listed with both `nsg` and `private_ip`
+    /// is placed as given, and `resolve` (ARM) finds the others, only once everything else
+    /// has been checked.
     pub fn from_raw<E: From<PolicyError>>(
         name: PolicyName,
         raw: RawPolicy,
         limits: PolicyLimits,
-        resolve: impl FnOnce(&VmId) -> Result<Placement, E>,
+        resolve: impl FnOnce(Wanted) -> Result<Fleet, E>,
     ) -> Result<Self, E> {
         let err = |m: String| PolicyError(m);
-        let vm = VmId::parse(&raw.vm)?;
-        let explicit = match (raw.nsg.as_deref(), raw.private_ip.as_deref()) {
-            (None, None) => None,
-            (Some(nsg), Some(ip)) => Some(Placement {
-                nsg: NsgId::parse(nsg)?,
-                private_ip: ip.parse().map_err(|_| err(format!("'private_ip' {ip:?} is not an IP address")))?,
-                resolved: None,
-            }),
-            _ => {
-                return Err(
-                    err("give both 'nsg' and 'private_ip', or neither to resolve them from the VM".into()).into()
-                );
-            }
-        };
+        let (placed, wanted) = read_vms(raw.vm, raw.nsg, raw.private_ip, raw.vms, raw.resource_group)?;
         let raw_ports = raw.ports.unwrap_or_else(|| {
             DEFAULT_PORTS
                 .iter()
@@ -465,10 +555,27 @@ impl Policy {
         if quotas.per_requester == 0 || quotas.per_vm == 0 {
             return Err(err("quotas must be at least 1 (disable the policy to refuse everyone)".into()).into());
         }
-        let placement = match explicit {
-            Some(placement) => placement,
-            None => resolve(&vm)?,
+        let selector = match &wanted {
+            Some(Wanted::Selected(selector)) => Some(selector.clone()),
+            _ => None,
         };
+        let fleet = match wanted {
+            Some(wanted) => resolve(wanted)?,
+            None => Fleet::default(),
+        };
+        let mut vms = placed;
+        for vm in fleet.vms {
+            if !vms.iter().any(|known| same_id(known.vm.as_str(), vm.vm.as_str())) {
+                vms.push(vm);
+            }
+        }
+        if vms.len() > MAX_POLICY_VMS {
+            return Err(err(format!(
+                "the policy names {} VMs; one policy protects at most {MAX_POLICY_VMS}: split it",
+                vms.len()
+            ))
+            .into());
+        }
         let chat_decisions = match raw.chat_decisions.as_deref() {
             None | Some("confirm") => ChatDecisions::Confirm,
             Some("none") => ChatDecisions::None,
@@ -484,11 +591,11 @@ impl Policy {
         Ok(Self {
             chat_decisions,
             name,
-            vm,
-            nsg: placement.nsg,
-            private_ip: placement.private_ip,
-            resolved: placement.resolved,
-            baseline: None,
+            vms,
+            selector,
+            unprotected: fleet.unprotected,
+            resolved_at: fleet.resolved_at,
+            baselines: Vec::new(),
             ports,
             approval,
             requesters,
@@ -506,10 +613,124 @@ impl Policy {
         if self.ports.iter().all(|p| p.protocol == first) { first } else { Protocol::Any }
     }
 
+    /// The NSGs of its VMs, each once, in the order the VMs come.
+    pub fn nsgs(&self) -> Vec<&NsgId> {
+        let mut nsgs: Vec<&NsgId> = Vec::new();
+        for vm in &self.vms {
+            if !nsgs.iter().any(|known| same_id(known.as_str(), vm.nsg.as_str())) {
+                nsgs.push(&vm.nsg);
+            }
+        }
+        nsgs
+    }
+
+    /// The addresses of its VMs behind `nsg`.
+    pub fn destinations_on(&self, nsg: &NsgId) -> Vec<IpAddr> {
+        let mut addresses: Vec<IpAddr> =
+            self.vms.iter().filter(|vm| same_id(vm.nsg.as_str(), nsg.as_str())).map(|vm| vm.private_ip).collect();
+        addresses.sort();
+        addresses.dedup();
+        addresses
+    }
+
+    /// Whether one of its VMs is behind `nsg`.
+    pub fn policy_covers(&self, nsg: &NsgId) -> bool {
+        self.vms.iter().any(|vm| same_id(vm.nsg.as_str(), nsg.as_str()))
+    }
+
+    /// The baseline deny rule on `nsg`, if it has one.
+    pub fn baseline_on(&self, nsg: &NsgId) -> Option<&RuleRef> {
+        self.baselines.iter().find(|b| same_id(b.nsg.as_str(), nsg.as_str()))
+    }
+
+    /// One of its VMs.
+    pub fn vm(&self, id: &str) -> Option<&ProtectedVm> {
+        self.vms.iter().find(|vm| same_id(vm.vm.as_str(), id))
+    }
+
     /// The rule for one port, if the policy protects it.
     pub fn port(&self, port: Port) -> Option<&PortRule> {
         self.ports.iter().find(|p| p.port == port)
     }
+}
+
+/// Reads the ways a document can name its VMs (exactly one of `vm`, `vms`, `resource_group`):
+/// the VMs placed as given, and what is left for ARM to resolve.
+fn read_vms(
+    vm: Option<String>,
+    nsg: Option<String>,
+    private_ip: Option<String>,
+    vms: Option<RawVms>,
+    resource_group: Option<String>,
+) -> Result<(Vec<ProtectedVm>, Option<Wanted>), PolicyError> {
+    let err = |m: String| PolicyError(m);
+    let entries = match (vm, vms, resource_group) {
+        (Some(vm), None, None) => vec![RawPlacedVm { vm, nsg, private_ip }],
+        (None, Some(RawVms::Listed(list)), None) if nsg.is_none() && private_ip.is_none() => list
+            .into_iter()
+            .map(|entry| match entry {
+                RawListedVm::Id(vm) => RawPlacedVm { vm, nsg: None, private_ip: None },
+                RawListedVm::Placed(placed) => placed,
+            })
+            .collect(),
+        (None, Some(RawVms::Selected(selector)), None) if nsg.is_none() && private_ip.is_none() => {
+            let tag = match (selector.tag, selector.value) {
+                (None, None) => None,
+                (Some(name), Some(value)) => Some(TagMatch { name, value }),
+                _ => return Err(err("a tag selector needs both 'tag' and 'value'".into())),
+            };
+            let selector = VmSelector::new(&selector.scope, tag).map_err(|e| err(format!("'vms.scope': {e}")))?;
+            return Ok((Vec::new(), Some(Wanted::Selected(selector))));
+        }
+        (None, None, Some(group)) if nsg.is_none() && private_ip.is_none() => {
+            let selector = VmSelector::new(&group, None).map_err(|e| err(format!("'resource_group': {e}")))?;
+            if !selector.scope.to_ascii_lowercase().contains("/resourcegroups/") {
+                return Err(err("'resource_group' must be /subscriptions/<id>/resourceGroups/<name>".into()));
+            }
+            return Ok((Vec::new(), Some(Wanted::Selected(selector))));
+        }
+        (None, None, None) => {
+            return Err(err(
+                "name the VMs: 'vm' (one id), 'vms' (a list of ids, or {\"scope\", \"tag\", \"value\"}) or 'resource_group'"
+                    .into(),
+            ));
+        }
+        (Some(_), _, _) | (_, Some(_), Some(_)) => {
+            return Err(err("give only one of 'vm', 'vms' and 'resource_group'".into()));
+        }
+        _ => return Err(err("'nsg' and 'private_ip' go with 'vm', or on each entry of 'vms'".into())),
+    };
+    if entries.is_empty() {
+        return Err(err("'vms' must list at least one VM".into()));
+    }
+    if entries.len() > MAX_POLICY_VMS {
+        return Err(err(format!("'vms' lists {} VMs; one policy protects at most {MAX_POLICY_VMS}", entries.len())));
+    }
+    let mut placed = Vec::new();
+    let mut unplaced: Vec<VmId> = Vec::new();
+    for entry in entries {
+        let vm = VmId::parse(&entry.vm)?;
+        let seen = placed.iter().any(|p: &ProtectedVm| same_id(p.vm.as_str(), vm.as_str()))
+            || unplaced.iter().any(|u| same_id(u.as_str(), vm.as_str()));
+        if seen {
+            return Err(err(format!("VM {vm} is listed twice")));
+        }
+        match (entry.nsg.as_deref(), entry.private_ip.as_deref()) {
+            (None, None) => unplaced.push(vm),
+            (Some(nsg), Some(ip)) => placed.push(ProtectedVm {
+                nsg: NsgId::parse(nsg)?,
+                private_ip: ip.parse().map_err(|_| err(format!("'private_ip' {ip:?} is not an IP address")))?,
+                vm,
+                nic: None,
+            }),
+            _ => {
+                return Err(err(format!(
+                    "VM {vm}: give both 'nsg' and 'private_ip', or neither to resolve them from the VM"
+                )));
+            }
+        }
+    }
+    Ok((placed, (!unplaced.is_empty()).then_some(Wanted::Vms(unplaced))))
 }
 
 fn parse_members(field: &str, entries: Vec<String>) -> Result<Vec<Member>, PolicyError> {
@@ -600,11 +821,21 @@ mod tests {
             json.as_object_mut().unwrap().remove(field);
         }
         let raw: RawPolicy = serde_json::from_value(json).unwrap();
-        let placement =
-            Placement { nsg: crate::testing::nsg(), private_ip: "10.9.9.9".parse().unwrap(), resolved: None };
-        let policy =
-            Policy::from_raw::<PolicyError>(PolicyName::parse("p").unwrap(), raw, limits(), |_| Ok(placement)).unwrap();
-        assert_eq!(policy.private_ip.to_string(), "10.9.9.9");
+        let fleet = |wanted: Wanted| {
+            let Wanted::Vms(vms) = wanted else { panic!("a listed VM resolved as a selector") };
+            let vms = vms
+                .into_iter()
+                .map(|vm| ProtectedVm {
+                    vm,
+                    nsg: crate::testing::nsg(),
+                    private_ip: "10.9.9.9".parse().unwrap(),
+                    nic: None,
+                })
+                .collect();
+            Ok(Fleet { vms, ..Fleet::default() })
+        };
+        let policy = Policy::from_raw::<PolicyError>(PolicyName::parse("p").unwrap(), raw, limits(), fleet).unwrap();
+        assert_eq!(policy.vms[0].private_ip.to_string(), "10.9.9.9");
         let ports: Vec<u16> = policy.ports.iter().map(|p| p.port.get()).collect();
         assert_eq!(ports, [22, 3389, 5985, 5986]);
         assert!(policy.ports.iter().all(|p| p.allowed_sources.is_empty() && p.max_duration.to_string() == "PT3H"));
@@ -618,6 +849,131 @@ mod tests {
             panic!("resolved an invalid policy")
         });
         assert!(result.is_err());
+    }
+
+    fn vm(name: &str) -> String {
+        format!("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{name}")
+    }
+
+    fn nsg_id(name: &str) -> String {
+        format!("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/networkSecurityGroups/{name}")
+    }
+
+    #[test]
+    fn a_fleet_is_named_by_a_list_a_resource_group_or_a_tag_and_only_one_way() {
+        let mut json = policy_json();
+        for field in ["vm", "nsg", "private_ip"] {
+            json.as_object_mut().unwrap().remove(field);
+        }
+        json["vms"] = serde_json::json!([
+            {"vm": vm("a"), "nsg": nsg_id("web"), "private_ip": "10.0.0.4"},
+            {"vm": vm("b"), "nsg": nsg_id("web"), "private_ip": "10.0.0.5"},
+            {"vm": vm("c"), "nsg": nsg_id("db"), "private_ip": "10.0.1.4"},
+        ]);
+        let policy = parse(json.clone()).unwrap();
+        assert_eq!(policy.vms.len(), 3);
+        let nsgs: Vec<&str> = policy.nsgs().iter().map(|n| n.as_str()).collect();
+        assert_eq!(nsgs, [nsg_id("web"), nsg_id("db")]);
+        let web = NsgId::parse(&nsg_id("WEB")).unwrap();
+        assert_eq!(policy.destinations_on(&web).len(), 2, "ARM ids compare without case");
+        assert!(policy.vm(&vm("B")).is_some());
+
+        // Ids to resolve, and selectors, go to ARM; mixed placement is refused.
+        let mut listed = json.clone();
+        listed["vms"] = serde_json::json!([vm("a"), {"vm": vm("b"), "nsg": nsg_id("web"), "private_ip": "10.0.0.5"}]);
+        let mut asked = None;
+        let raw: RawPolicy = serde_json::from_value(listed).unwrap();
+        let policy = Policy::from_raw::<PolicyError>(PolicyName::parse("p").unwrap(), raw, limits(), |wanted| {
+            asked = Some(wanted);
+            Ok(Fleet::default())
+        })
+        .unwrap();
+        assert_eq!(asked, Some(Wanted::Vms(vec![VmId::parse(&vm("a")).unwrap()])));
+        assert_eq!(policy.vms.len(), 1, "what ARM did not resolve is not protected");
+        for (selector, expected_tag) in [
+            (serde_json::json!({"vms": {"scope": "/subscriptions/s", "tag": "jit", "value": "ssh"}}), true),
+            (serde_json::json!({"resource_group": "/subscriptions/s/resourceGroups/rg"}), false),
+        ] {
+            let mut json = json.clone();
+            json.as_object_mut().unwrap().remove("vms");
+            json.as_object_mut().unwrap().extend(selector.as_object().unwrap().clone());
+            let raw: RawPolicy = serde_json::from_value(json).unwrap();
+            let mut asked = None;
+            let policy = Policy::from_raw::<PolicyError>(PolicyName::parse("p").unwrap(), raw, limits(), |wanted| {
+                asked = Some(wanted);
+                Ok(Fleet::default())
+            })
+            .unwrap();
+            let Some(Wanted::Selected(selector)) = asked else { panic!("not a selector") };
+            assert_eq!(selector.tag.is_some(), expected_tag);
+            assert_eq!(policy.selector, Some(selector));
+        }
+
+        type Mutation = fn(&mut serde_json::Value);
+        let cases: Vec<(&str, Mutation, &str)> = vec![
+            ("two ways", |j| j["vm"] = vm("a").into(), "only one of"),
+            ("listed twice", |j| j["vms"][1]["vm"] = vm("A").into(), "listed twice"),
+            ("empty list", |j| j["vms"] = serde_json::json!([]), "at least one VM"),
+            ("half placed", |j| j["vms"][0]["nsg"] = serde_json::Value::Null, "give both"),
+            (
+                "tag without value",
+                |j| j["vms"] = serde_json::json!({"scope": "/subscriptions/s", "tag": "jit"}),
+                "both 'tag' and 'value'",
+            ),
+            (
+                "quote in a tag",
+                |j| j["vms"] = serde_json::json!({"scope": "/subscriptions/s", "tag": "j'it", "value": "x"}),
+                "tag name",
+            ),
+            (
+                "subscription as a resource group",
+                |j| {
+                    j.as_object_mut().unwrap().remove("vms");
+                    j["resource_group"] = "/subscriptions/s".into();
+                },
+                "resourceGroups",
+            ),
+            (
+                "nothing named",
+                |j| {
+                    j.as_object_mut().unwrap().remove("vms");
+                },
+                "name the VMs",
+            ),
+        ];
+        for (case, mutate, expected) in cases {
+            let mut json = json.clone();
+            mutate(&mut json);
+            let err = parse(json).expect_err(case);
+            assert!(err.contains(expected), "{case}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_policy_stored_before_fleets_reads_as_a_fleet_of_its_one_vm() {
+        let current = parse(policy_json()).unwrap();
+        let mut legacy = serde_json::to_value(&current).unwrap();
+        let fields = legacy.as_object_mut().unwrap();
+        fields.remove("vms");
+        fields.insert("vm".into(), crate::testing::VM.into());
+        fields.insert("nsg".into(), crate::testing::NSG.into());
+        fields.insert("private_ip".into(), "10.0.0.4".into());
+        fields.insert("resolved".into(), serde_json::json!({"nic": "nic-1", "at": "2026-01-01T00:00:00Z"}));
+        fields.insert(
+            "baseline".into(),
+            serde_json::json!({"nsg": crate::testing::NSG, "name": "jit-deny-p", "priority": 4000}),
+        );
+        let read: Policy = serde_json::from_value(legacy).unwrap();
+        assert_eq!(read.vms.len(), 1);
+        assert_eq!(
+            (read.vms[0].vm.as_str(), read.vms[0].private_ip.to_string()),
+            (crate::testing::VM, "10.0.0.4".into())
+        );
+        assert_eq!(read.vms[0].nic.as_deref(), Some("nic-1"));
+        assert!(read.resolved_at.is_some());
+        assert_eq!(read.baselines.len(), 1);
+        assert_eq!(read.baselines[0].priority, 4000);
+        assert_eq!(read.ports, current.ports);
     }
 
     #[test]

@@ -5,9 +5,10 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::policy::same_id;
 use super::{
     AccessDuration, Approval, Member, NsgId, Policy, PolicyName, Port, PortSet, Principal, Protocol, RequestId,
-    SourcePrefix, State,
+    SourcePrefix, State, VmId,
 };
 use crate::domain::GroupName;
 
@@ -15,8 +16,14 @@ use crate::domain::GroupName;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRequest {
-    /// The policy (VM) asked for.
+    /// The policy asked under.
     pub policy: String,
+    /// The VM, when the policy protects several (`vm` or `vms`, not both).
+    #[serde(default)]
+    vm: Option<String>,
+    /// The VMs, each an id or `{"vm", "ports"}` (ports as the request's, if given).
+    #[serde(default)]
+    vms: Option<Vec<RawRequestVm>>,
     ports: Vec<u32>,
     duration: String,
     #[serde(default)]
@@ -27,6 +34,25 @@ pub struct RawRequest {
     #[serde(default)]
     break_glass: bool,
 }
+
+/// One entry of a request's `vms`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawRequestVm {
+    Id(String),
+    Entry(RawRequestVmEntry),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequestVmEntry {
+    vm: String,
+    #[serde(default)]
+    ports: Option<Vec<u32>>,
+}
+
+/// The most VMs one request names.
+pub const MAX_REQUEST_VMS: usize = 200;
 
 /// Why a request was refused, split by the HTTP status it deserves.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -92,7 +118,7 @@ pub struct Extension {
     pub by_duration: AccessDuration,
 }
 
-/// The NSG rule that carries a grant.
+/// An NSG rule that carries a grant (or a policy's baseline) on one NSG.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleRef {
     /// The NSG the rule is on (kept here so a rule can be closed even if its policy is gone).
@@ -101,6 +127,25 @@ pub struct RuleRef {
     pub name: String,
     /// Its priority in the JIT band.
     pub priority: u16,
+    /// The addresses it lets in to: the request's VMs behind this NSG, fixed at approval
+    /// (empty in records from before fleets: the policy's VMs on the NSG).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<IpAddr>,
+}
+
+/// Reads `rules`, or the single `rule` of records from before fleets.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<RuleRef>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(RuleRef),
+        Many(Vec<RuleRef>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(deserializer)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(rule)) => vec![rule],
+        Some(OneOrMany::Many(rules)) => rules,
+    })
 }
 
 /// A request for access, from creation to its final state.
@@ -167,10 +212,13 @@ pub struct AccessRequest {
     /// When access actually closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closed_at: Option<DateTime<Utc>>,
-    /// The NSG rule: set when the request is approved, before any call to ARM, so every
-    /// close knows what to delete whatever became of the PUT.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<RuleRef>,
+    /// The VMs asked for (empty in records from before fleets: the policy's one VM).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<VmId>,
+    /// The NSG rules, one per NSG of its VMs: set when the request is approved, before any
+    /// call to ARM, so every close knows what to delete whatever became of the PUTs.
+    #[serde(default, alias = "rule", deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleRef>,
     /// PUT leases, one per opener: until each runs out, a PUT of the rule may be in flight.
     /// A close deletes the rule at once but is not final while one is held, so a rule that
     /// lands after a racing close is deleted too. Each holder releases only its own, and only
@@ -186,6 +234,80 @@ pub struct AccessRequest {
     /// Notices already sent (`reminder`, `timing_out`, `expiring:<ends_at>`), each once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notices: Vec<String>,
+}
+
+/// The VMs a request names, checked against its policy: `vm`, `vms`, or neither when the
+/// policy protects exactly one. Every VM gets the request's ports (a rule covers all the
+/// VMs behind one NSG, so they cannot differ).
+fn choose_vms(
+    vm: Option<String>,
+    vms: Option<Vec<RawRequestVm>>,
+    ports: &PortSet,
+    policy: &Policy,
+) -> Result<Vec<VmId>, RequestError> {
+    let named: Vec<String> = match (vm, vms) {
+        (Some(_), Some(_)) => return Err(malformed("invalid_vms", "give 'vm' or 'vms', not both")),
+        (Some(vm), None) => vec![vm],
+        (None, Some(entries)) => {
+            if entries.is_empty() || entries.len() > MAX_REQUEST_VMS {
+                return Err(malformed("invalid_vms", format!("'vms' must name 1 to {MAX_REQUEST_VMS} VMs")));
+            }
+            let mut named = Vec::with_capacity(entries.len());
+            for entry in entries {
+                match entry {
+                    RawRequestVm::Id(vm) => named.push(vm),
+                    RawRequestVm::Entry(entry) => {
+                        let same = entry.ports.as_ref().is_none_or(|given| {
+                            given.len() == ports.iter().count()
+                                && given.iter().all(|p| ports.iter().any(|q| u32::from(q.get()) == *p))
+                        });
+                        if !same {
+                            return Err(malformed(
+                                "mixed_ports",
+                                "every VM of a request gets the same ports: ask for different ports in separate requests",
+                            ));
+                        }
+                        named.push(entry.vm);
+                    }
+                }
+            }
+            named
+        }
+        (None, None) => match policy.vms.as_slice() {
+            [only] => return Ok(vec![only.vm.clone()]),
+            [] => {
+                return Err(refused(
+                    "no_vms",
+                    format!("policy '{}' protects no VM yet (see its 'unprotected')", policy.name),
+                ));
+            }
+            _ => {
+                return Err(malformed(
+                    "vm_required",
+                    format!("policy '{}' protects {} VMs: name them in 'vm' or 'vms'", policy.name, policy.vms.len()),
+                ));
+            }
+        },
+    };
+    let mut chosen: Vec<VmId> = Vec::with_capacity(named.len());
+    for name in named {
+        let id = VmId::parse(&name).map_err(|e| malformed("invalid_vm", e.to_string()))?;
+        let Some(vm) = policy.vm(id.as_str()) else {
+            let why = policy.unprotected.iter().find(|u| same_id(&u.vm, id.as_str()));
+            return Err(refused(
+                "vm_not_in_policy",
+                match why {
+                    Some(u) => format!("VM {id} cannot be protected by policy '{}': {}", policy.name, u.reason),
+                    None => format!("VM {id} is not protected by policy '{}'", policy.name),
+                },
+            ));
+        };
+        if chosen.iter().any(|c| same_id(c.as_str(), vm.vm.as_str())) {
+            return Err(malformed("invalid_vms", format!("VM {id} is named twice")));
+        }
+        chosen.push(vm.vm.clone());
+    }
+    Ok(chosen)
 }
 
 /// Longest accepted justification, in characters.
@@ -211,6 +333,7 @@ impl AccessRequest {
             .map(|p| Port::new(*p).map_err(|e| malformed("invalid_port", e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         let ports = PortSet::new(ports).map_err(|e| malformed("invalid_ports", e.to_string()))?;
+        let vms = choose_vms(raw.vm, raw.vms, &ports, policy)?;
         let duration =
             AccessDuration::parse(&raw.duration).map_err(|e| malformed("invalid_duration", e.to_string()))?;
         let source = match raw.source.as_deref() {
@@ -348,11 +471,25 @@ impl AccessRequest {
             activated_at: None,
             ends_at: None,
             closed_at: None,
-            rule: None,
+            vms,
+            rules: Vec::new(),
             put_leases: Vec::new(),
             arm_attempts: 0,
             last_error: None,
         })
+    }
+
+    /// Whether this request and `other` name a VM in common (records from before fleets name
+    /// none: their policy's one VM).
+    pub fn shares_vm_with(&self, other: &AccessRequest) -> bool {
+        self.vms.is_empty()
+            || other.vms.is_empty()
+            || self.vms.iter().any(|a| other.vms.iter().any(|b| same_id(a.as_str(), b.as_str())))
+    }
+
+    /// Whether every VM of this request is among `others`'.
+    pub fn vms_within(&self, other: &AccessRequest) -> bool {
+        other.vms.is_empty() || self.vms.iter().all(|a| other.vms.iter().any(|b| same_id(a.as_str(), b.as_str())))
     }
 
     /// The NSG rule name for this request: `jit-<id>`, within ARM's 80 characters.
@@ -447,6 +584,21 @@ mod tests {
         let mut json = raw_request();
         json.as_object_mut().unwrap().remove("source");
         assert_eq!(build(json).unwrap().source.to_string(), "203.0.113.7/32");
+    }
+
+    #[test]
+    fn a_request_of_a_one_vm_policy_names_its_vm_and_one_stored_before_fleets_keeps_its_rule() {
+        let request = build(raw_request()).unwrap();
+        assert_eq!(request.vms, [VmId::parse(crate::testing::VM).unwrap()]);
+        let mut legacy = serde_json::to_value(&request).unwrap();
+        legacy.as_object_mut().unwrap().remove("vms");
+        legacy["rule"] = serde_json::json!({"nsg": crate::testing::NSG, "name": "jit-r1", "priority": 200});
+        let read: AccessRequest = serde_json::from_value(legacy).unwrap();
+        assert_eq!(read.rules.len(), 1);
+        assert_eq!((read.rules[0].name.as_str(), read.rules[0].priority), ("jit-r1", 200));
+        assert!(read.vms.is_empty() && read.shares_vm_with(&request) && read.vms_within(&request));
+        let back: AccessRequest = serde_json::from_str(&serde_json::to_string(&read).unwrap()).unwrap();
+        assert_eq!(back, read);
     }
 
     #[test]

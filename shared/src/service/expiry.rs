@@ -16,6 +16,7 @@ use serde_json::json;
 
 use super::{Env, grants, subject_of};
 use crate::api::ApiError;
+use crate::arm::ArmReceipt;
 use crate::audit::Outcome;
 use crate::domain::{AccessRequest, Event};
 use crate::keys;
@@ -62,20 +63,27 @@ pub fn close_due(env: &Env, batch: &mut [Versioned<AccessRequest>]) -> Vec<Resul
     for index in revoking {
         let grant = &mut batch[index];
         let sent_at = env.fresh_now();
-        let Some(rule) = grant.value.rule.clone() else {
-            gone.push(index);
-            continue;
-        };
-        let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
-        let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
+        // Its rules, one per NSG: confirmed DELETEs are facts from now on, and go into the
+        // trail with the next append (the one after this loop), or a later one should that
+        // fail; the first failure stops, and is recorded now.
+        let mut outcome = Ok(ArmReceipt::default());
+        let mut details = json!({});
+        for rule in &grant.value.rules {
+            outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
+            details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
+            if outcome.is_err() {
+                break;
+            }
+            grants::defer_arm_write(env, "rule.deleted", subject_of(&grant.value), details.clone(), &outcome);
+        }
         if outcome.is_ok() && !grant.value.put_in_flight(sent_at) {
-            // A fact from now on: it goes into the trail with the next append (the one after
-            // this loop), and stays queued for a later one should that fail.
-            grants::defer_arm_write(env, "rule.deleted", subject_of(&grant.value), details, &outcome);
             gone.push(index);
             continue;
         }
-        let recorded = grants::record_arm_write(env, "rule.deleted", subject_of(&grant.value), details, &outcome);
+        let recorded = match &outcome {
+            Ok(_) => Ok(()),
+            Err(_) => grants::record_arm_write(env, "rule.deleted", subject_of(&grant.value), details, &outcome),
+        };
         results[index] = Some(recorded.and_then(|()| match &outcome {
             // A PUT may still land: the one-grant close keeps it `revoking` until it cannot.
             Ok(_) => hand_over(env, grant),

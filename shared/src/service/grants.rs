@@ -22,6 +22,7 @@ use crate::api::ApiError;
 use crate::arm::{Access, ArmError, ArmReceipt, SecurityRule};
 use crate::audit::{Outcome, Subject};
 use crate::config::PriorityBand;
+use crate::domain::policy::same_id;
 use crate::domain::request::{Ending, RuleRef};
 use crate::domain::{AccessRequest, Event, NsgId, Policy, PolicyName, PortSet, State};
 use crate::keys;
@@ -82,14 +83,29 @@ fn preferred_priority(key: &str, band: PriorityBand) -> u16 {
     band.min + (hash % u32::from(band.max - band.min + 1)) as u16
 }
 
-/// The rule a request's grant will have: named from its id, on its policy's NSG. Fixed when
-/// the request is approved, before ARM is called.
-pub fn rule_ref(env: &Env, request: &AccessRequest, policy: &Policy) -> RuleRef {
-    RuleRef {
-        nsg: policy.nsg.clone(),
-        name: request.rule_name(),
-        priority: preferred_priority(request.id.as_str(), env.config.priorities),
+/// The rules a request's grant will have: one per NSG its VMs sit behind, each named from
+/// the request's id and letting in to those VMs' addresses. Fixed when the request is
+/// approved, before ARM is called.
+pub fn rule_refs(env: &Env, request: &AccessRequest, policy: &Policy) -> Vec<RuleRef> {
+    let mut rules: Vec<RuleRef> = Vec::new();
+    let vms = request.vms.iter().filter_map(|id| policy.vm(id.as_str()));
+    let vms: Vec<_> = if request.vms.is_empty() { policy.vms.iter().take(1).collect() } else { vms.collect() };
+    for vm in vms {
+        match rules.iter_mut().find(|r| same_id(r.nsg.as_str(), vm.nsg.as_str())) {
+            Some(rule) => rule.destinations.push(vm.private_ip),
+            None => rules.push(RuleRef {
+                nsg: vm.nsg.clone(),
+                name: request.rule_name(),
+                priority: preferred_priority(request.id.as_str(), env.config.priorities),
+                destinations: vec![vm.private_ip],
+            }),
+        }
     }
+    for rule in &mut rules {
+        rule.destinations.sort();
+        rule.destinations.dedup();
+    }
+    rules
 }
 
 /// Marks an approved request as about to be opened: its rule is named and a PUT lease taken,
@@ -97,8 +113,8 @@ pub fn rule_ref(env: &Env, request: &AccessRequest, policy: &Policy) -> RuleRef 
 /// calls [`open`] with the lease (its token).
 pub fn prepare_open(env: &Env, request: &mut AccessRequest, policy: &Policy) -> Result<Lease, ApiError> {
     store::add_to_list(env.kv, keys::ARM_WORK, request.id.as_str(), usize::MAX)?;
-    if request.rule.is_none() {
-        request.rule = Some(rule_ref(env, request, policy));
+    if request.rules.is_empty() {
+        request.rules = rule_refs(env, request, policy);
     }
     let now = env.fresh_now();
     Ok(request.take_put_lease(now, now + PUT_LEASE))
@@ -192,7 +208,7 @@ fn open_unflushed(
         return abandon(env, request, format!("the policy no longer allows it: {why}"));
     }
     let mine = match mine {
-        Some(lease) if request.value.rule.is_some() => lease,
+        Some(lease) if !request.value.rules.is_empty() => lease,
         _ => {
             let lease = prepare_open(env, &mut request.value, policy)?;
             env.save_request(request)?;
@@ -200,27 +216,28 @@ fn open_unflushed(
         }
     };
     let mine = Some(mine);
-    let rule_ref = request.value.rule.clone().expect("named when approved");
-    let mut rule = allow_rule(
-        &request.value,
-        policy,
-        &rule_ref,
-        &request.value.ports,
-        env.now + request.value.duration.as_delta(),
-    );
-    let outcome = put_in_band(env, &rule_ref.nsg, &mut rule, env.config.priorities);
-    // A confirmed PUT is recorded with the activation that follows (one append); any other
-    // outcome before anything else happens.
-    let details = rule_details(&rule_ref.nsg, &rule);
-    if outcome.is_ok() {
-        defer_arm_write(env, "rule.put", subject_of(&request.value), details, &outcome);
-    } else {
-        record_arm_write(env, "rule.put", subject_of(&request.value), details, &outcome)?;
+    // One PUT per NSG, in order; the first failure stops the rest (a refused one fails the
+    // whole request closed, a transient one is retried whole: PUTs are idempotent).
+    let mut priorities = Vec::with_capacity(request.value.rules.len());
+    let mut outcome = Ok(ArmReceipt::default());
+    for rule_ref in request.value.rules.clone() {
+        let ends_at = env.now + request.value.duration.as_delta();
+        let mut rule = allow_rule(&request.value, policy, &rule_ref, &request.value.ports, ends_at);
+        outcome = put_in_band(env, &rule_ref.nsg, &mut rule, env.config.priorities);
+        // A confirmed PUT is recorded with the activation that follows (one append); any other
+        // outcome before anything else happens.
+        let details = rule_details(&rule_ref.nsg, &rule);
+        if outcome.is_ok() {
+            defer_arm_write(env, "rule.put", subject_of(&request.value), details, &outcome);
+            priorities.push(rule.priority);
+        } else {
+            record_arm_write(env, "rule.put", subject_of(&request.value), details, &outcome)?;
+            break;
+        }
     }
-    let priority = rule.priority;
     match outcome {
         Ok(_) => {
-            retrying(env, request, |request| settle_opened(env, request, priority, mine))?;
+            retrying(env, request, |request| settle_opened(env, request, &priorities, mine))?;
             if request.value.state == State::Active {
                 supersede_older_grants(env, request, policy)?;
             }
@@ -261,7 +278,7 @@ fn open_unflushed(
 fn settle_opened(
     env: &Env,
     request: &mut Versioned<AccessRequest>,
-    priority: u16,
+    priorities: &[u16],
     mine: Option<Lease>,
 ) -> Result<(), ApiError> {
     if request.value.state != State::Approved {
@@ -280,11 +297,12 @@ fn settle_opened(
     request.value.arm_attempts = 0;
     request.value.last_error = None;
     release(env, &mut request.value, mine);
-    if let Some(rule) = &mut request.value.rule {
+    for (rule, &priority) in request.value.rules.iter_mut().zip(priorities) {
         rule.priority = priority;
     }
-    let rule = request.value.rule.as_ref().map(|r| r.name.clone());
-    env.commit(request, "request.activated", json!({ "ends_at": ends_at, "rule": rule }))?;
+    let rule = request.value.rules.first().map(|r| r.name.clone());
+    let nsgs: Vec<&str> = request.value.rules.iter().map(|r| r.nsg.as_str()).collect();
+    env.commit(request, "request.activated", json!({ "ends_at": ends_at, "rule": rule, "nsgs": nsgs }))?;
     store::add_to_list(env.kv, &keys::live(&request.value.policy), request.value.id.as_str(), usize::MAX)?;
     store::remove_from_list(env.kv, keys::ARM_WORK, request.value.id.as_str())?;
     Ok(())
@@ -309,11 +327,13 @@ fn settle_foreign(env: &Env, request: &mut Versioned<AccessRequest>, mine: Optio
 /// Deletes the rule of a request that has already ended (its close became final before a
 /// late PUT landed): the rule has no owner and must not stay.
 fn remove_ownerless_rule(env: &Env, request: &AccessRequest) -> Result<(), ApiError> {
-    let Some(rule) = &request.rule else { return Ok(()) };
-    let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
-    let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name, "reason": "no owner: the request ended"});
-    record_arm_write(env, "rule.deleted", subject_of(request), details, &outcome)?;
-    Ok(outcome.map(drop)?)
+    for rule in &request.rules {
+        let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
+        let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name, "reason": "no owner: the request ended"});
+        record_arm_write(env, "rule.deleted", subject_of(request), details, &outcome)?;
+        outcome?;
+    }
+    Ok(())
 }
 
 /// Whether an approved request still fits its policy as it is now (an admin may have changed
@@ -326,6 +346,9 @@ pub fn still_allowed(request: &AccessRequest, policy: &Policy) -> Result<(), Str
         && !policy.requesters.iter().any(|m| m.covers(&request.requester, &request.requester_groups))
     {
         return Err(format!("'{}' may no longer request access under it", request.requester));
+    }
+    if let Some(vm) = request.vms.iter().find(|vm| policy.vm(vm.as_str()).is_none()) {
+        return Err(format!("VM {vm} is no longer protected by it"));
     }
     if request.break_glass {
         return match &policy.break_glass {
@@ -368,6 +391,7 @@ fn rule_details(nsg: &NsgId, rule: &SecurityRule) -> serde_json::Value {
         "protocol": rule.protocol.arm_name(),
         "ports": rule.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
         "source": rule.source.map_or_else(|| "*".to_owned(), |s| s.to_string()),
+        "destinations": rule.destinations.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
     })
 }
 
@@ -460,21 +484,21 @@ fn finish_close_unflushed(env: &Env, request: &mut Versioned<AccessRequest>) -> 
         // Leases are judged at the time the DELETE is sent: a PUT that lands after that, while
         // its lease was still running, is deleted by a later try.
         let sent_at = env.fresh_now();
-        let outcome = match &request.value.rule {
-            Some(rule) => {
-                let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
-                let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
-                // Confirmed, it goes into the trail with the save that follows.
-                if outcome.is_ok() {
-                    defer_arm_write(env, "rule.deleted", subject_of(&request.value), details, &outcome);
-                } else {
-                    record_arm_write(env, "rule.deleted", subject_of(&request.value), details, &outcome)?;
-                }
-                outcome.map(drop)
+        // Every rule (none when it was never approved: no PUT was ever made); the first
+        // failure leaves the rest for the next try, which deletes them all again.
+        let mut outcome = Ok(());
+        for rule in &request.value.rules {
+            let deleted = env.arm.delete_rule(&rule.nsg, &rule.name);
+            let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
+            // Confirmed, it goes into the trail with the save that follows.
+            if deleted.is_ok() {
+                defer_arm_write(env, "rule.deleted", subject_of(&request.value), details, &deleted);
+            } else {
+                record_arm_write(env, "rule.deleted", subject_of(&request.value), details, &deleted)?;
+                outcome = deleted.map(drop);
+                break;
             }
-            // Never approved by this build's rules: no PUT was ever made.
-            None => Ok(()),
-        };
+        }
         match outcome {
             Ok(()) if request.value.put_in_flight(sent_at) => {
                 let until = request.value.put_lease_end().unwrap_or(env.now);
@@ -529,7 +553,12 @@ fn supersede_older_grants(env: &Env, request: &mut Versioned<AccessRequest>, pol
     let newer = request.value.id.as_str().to_owned();
     for id in store::read_list(env.kv, &key)? {
         let Ok(mut older) = env.request(&id) else { continue };
-        if older.value.state != State::Active || older.value.id == request.value.id {
+        // A grant is replaced only where the new one covers all its VMs: narrowing its one
+        // port set must not take a port from a VM the new grant does not open.
+        if older.value.state != State::Active
+            || older.value.id == request.value.id
+            || !older.value.vms_within(&request.value)
+        {
             continue;
         }
         let remaining: Vec<_> =
@@ -577,8 +606,9 @@ fn rewrite(
     action: &'static str,
     details: serde_json::Value,
 ) -> Result<(), ApiError> {
-    let (Some(rule_ref), Some(ends_at)) = (grant.value.rule.clone(), grant.value.ends_at) else { return Ok(()) };
-    if grant.value.state != State::Active || grant.value.put_in_flight(env.fresh_now()) {
+    let Some(ends_at) = grant.value.ends_at else { return Ok(()) };
+    if grant.value.rules.is_empty() || grant.value.state != State::Active || grant.value.put_in_flight(env.fresh_now())
+    {
         return Ok(());
     }
     let now = env.fresh_now();
@@ -589,9 +619,15 @@ fn rewrite(
         Err(error) if error.is_concurrent_update() => return Ok(()),
         Err(error) => return Err(error),
     }
-    let rule = allow_rule(&grant.value, policy, &rule_ref, &ports, ends_at);
-    let outcome = env.arm.put_rule(&rule_ref.nsg, &rule);
-    record_arm_write(env, "rule.put", subject_of(&grant.value), rule_details(&rule_ref.nsg, &rule), &outcome)?;
+    let mut outcome = Ok(ArmReceipt::default());
+    for rule_ref in &grant.value.rules {
+        let rule = allow_rule(&grant.value, policy, rule_ref, &ports, ends_at);
+        outcome = env.arm.put_rule(&rule_ref.nsg, &rule);
+        record_arm_write(env, "rule.put", subject_of(&grant.value), rule_details(&rule_ref.nsg, &rule), &outcome)?;
+        if outcome.is_err() {
+            break;
+        }
+    }
     // Confirmed, the PUT is over; failed, it may still land and the lease runs out by itself.
     let mine = outcome.is_ok().then_some(mine);
     retrying(env, grant, |grant| {
@@ -646,7 +682,11 @@ fn allow_rule(
         access: Access::Allow,
         protocol: request.protocol,
         source: Some(request.source),
-        destination: policy.private_ip,
+        destinations: if rule.destinations.is_empty() {
+            policy.destinations_on(&rule.nsg)
+        } else {
+            rule.destinations.clone()
+        },
         ports: ports.clone(),
     }
 }
@@ -656,14 +696,31 @@ pub fn baseline_name(policy: &Policy) -> String {
     format!("jit-deny-{}", policy.name)
 }
 
-/// Makes sure the policy's baseline deny rule is on its NSG (created or updated to its ports)
-/// and records it on the policy.
-pub fn ensure_baseline(env: &Env, policy: &mut Policy, previous: Option<&RuleRef>) -> Result<(), ApiError> {
+/// Makes sure the policy's baseline deny rules are on its NSGs (one per NSG, covering every
+/// VM behind it, created or updated to its ports) and records them on the policy. The first
+/// failure stops: the policy is not saved, and the same PUT again finishes the job.
+pub fn ensure_baselines(env: &Env, policy: &mut Policy, previous: &[RuleRef]) -> Result<(), ApiError> {
+    let mut baselines = Vec::new();
+    for nsg in policy.nsgs().into_iter().cloned().collect::<Vec<_>>() {
+        let before = previous.iter().find(|p| same_id(p.nsg.as_str(), nsg.as_str()));
+        baselines.push(ensure_baseline_on(env, policy, &nsg, before)?);
+    }
+    policy.baselines = baselines;
+    Ok(())
+}
+
+/// Puts the policy's baseline deny rule on one NSG, at the priority it had there if any.
+pub fn ensure_baseline_on(
+    env: &Env,
+    policy: &Policy,
+    nsg: &NsgId,
+    previous: Option<&RuleRef>,
+) -> Result<RuleRef, ApiError> {
     let name = baseline_name(policy);
-    let priority = previous
-        .filter(|p| p.nsg == policy.nsg)
-        .map_or_else(|| preferred_priority(policy.name.as_str(), env.config.deny_priorities), |p| p.priority);
+    let priority =
+        previous.map_or_else(|| preferred_priority(policy.name.as_str(), env.config.deny_priorities), |p| p.priority);
     let ports = PortSet::new(policy.ports.iter().map(|p| p.port)).map_err(ApiError::internal)?;
+    let destinations = policy.destinations_on(nsg);
     let mut rule = SecurityRule {
         name: name.clone(),
         priority,
@@ -671,14 +728,13 @@ pub fn ensure_baseline(env: &Env, policy: &mut Policy, previous: Option<&RuleRef
         access: Access::Deny,
         protocol: policy.baseline_protocol(),
         source: None,
-        destination: policy.private_ip,
+        destinations: destinations.clone(),
         ports,
     };
-    let outcome = put_in_band(env, &policy.nsg, &mut rule, env.config.deny_priorities);
-    record_arm_write(env, "rule.put", subject_of_policy(&policy.name), rule_details(&policy.nsg, &rule), &outcome)?;
+    let outcome = put_in_band(env, nsg, &mut rule, env.config.deny_priorities);
+    record_arm_write(env, "rule.put", subject_of_policy(&policy.name), rule_details(nsg, &rule), &outcome)?;
     outcome?;
-    policy.baseline = Some(RuleRef { nsg: policy.nsg.clone(), name, priority: rule.priority });
-    Ok(())
+    Ok(RuleRef { nsg: nsg.clone(), name, priority: rule.priority, destinations })
 }
 
 /// Removes a policy's baseline deny rule.

@@ -9,10 +9,10 @@ use serde_json::json;
 use super::sweep::Budgeted;
 use super::{Env, grants, subject_of_policy};
 use crate::api::{ApiError, Reply, parse_json};
-use crate::arm::ArmError;
+use crate::arm::{ArmError, inventory};
 use crate::audit::Outcome;
 use crate::auth::{Caller, Role};
-use crate::domain::policy::{Placement, PolicyError, RawPolicy, Resolution};
+use crate::domain::policy::{Fleet, MAX_POLICY_VMS, PolicyError, ProtectedVm, RawPolicy, Unprotected, Wanted};
 use crate::domain::request::Ending;
 use crate::domain::{AccessRequest, Event, Policy, PolicyName, RequestId, State, VmId};
 use crate::keys;
@@ -47,8 +47,52 @@ fn parse_name(name: &str) -> Result<PolicyName, ApiError> {
     PolicyName::parse(name).map_err(|e| ApiError::bad_request("invalid_policy_name", e.to_string()))
 }
 
-/// Where the VM's rules go, asked of ARM.
-fn resolve(env: &Env, vm: &VmId) -> Result<Placement, ApiError> {
+/// Pages of a selector's VM listing one policy PUT reads.
+const MAX_LIST_PAGES: usize = 20;
+
+/// Where the VMs' rules go, asked of ARM: listed VMs must each be protectable (else the
+/// policy is refused, naming the VM); a selector's VMs that are not are kept aside with why.
+fn resolve(env: &Env, wanted: Wanted) -> Result<Fleet, ApiError> {
+    let mut fleet = Fleet { resolved_at: Some(env.now), ..Fleet::default() };
+    match wanted {
+        Wanted::Vms(vms) => {
+            for vm in vms {
+                fleet.vms.push(resolve_one(env, &vm)?);
+            }
+        }
+        Wanted::Selected(selector) => {
+            let listing = inventory::list(env.arm, &selector, None, MAX_LIST_PAGES).map_err(|error| match error {
+                ArmError::Refused { status, code, message, .. } => ApiError::unprocessable(
+                    "vms_not_listed",
+                    format!("ARM refused to list the VMs of {} ({status} {code}): {message}", selector.scope),
+                ),
+                other => ApiError::from(other),
+            })?;
+            if listing.resume.is_some() || listing.vms.len() > MAX_POLICY_VMS {
+                return Err(ApiError::unprocessable(
+                    "too_many_vms",
+                    format!(
+                        "{} holds more than {MAX_POLICY_VMS} VMs: narrow the selector (a resource group or a tag) or split the policy",
+                        selector.scope
+                    ),
+                ));
+            }
+            for vm in listing.vms {
+                match resolve_one(env, &vm) {
+                    Ok(protected) => fleet.vms.push(protected),
+                    Err(error) if error.status == 422 => {
+                        fleet.unprotected.push(Unprotected { vm: vm.to_string(), reason: error.message })
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+    }
+    Ok(fleet)
+}
+
+/// One VM's NIC, private IP and NSG, asked of ARM.
+fn resolve_one(env: &Env, vm: &VmId) -> Result<ProtectedVm, ApiError> {
     let network = env.arm.resolve_vm(vm).map_err(|error| match error {
         ArmError::Refused { status: 404, .. } => ApiError::unprocessable(
             "vm_not_found",
@@ -63,7 +107,7 @@ fn resolve(env: &Env, vm: &VmId) -> Result<Placement, ApiError> {
             format!("VM {vm} has no network security group on its NIC ({}) or subnet, so it cannot be protected: attach an NSG to either and PUT the policy again", network.nic),
         )
     })?;
-    Ok(Placement { nsg, private_ip: network.private_ip, resolved: Some(Resolution { nic: network.nic, at: env.now }) })
+    Ok(ProtectedVm { vm: vm.clone(), nsg, private_ip: network.private_ip, nic: Some(network.nic) })
 }
 
 /// Whether the query asks to end running grants (`?revoke=true`).
@@ -76,10 +120,10 @@ pub fn put(env: &Env, caller: &Caller, name: &str, body: &[u8], revoke: bool) ->
     require_admin(caller)?;
     let name = parse_name(name)?;
     let raw: RawPolicy = parse_json(body, false)?;
-    let mut policy = Policy::from_raw(name.clone(), raw, env.config.limits, |vm| resolve(env, vm))?;
+    let mut policy = Policy::from_raw(name.clone(), raw, env.config.limits, |wanted| resolve(env, wanted))?;
     let key = keys::policy(&name);
     let existing = store::load::<Policy>(env.kv, &key)?;
-    let previous = existing.as_ref().and_then(|e| e.value.baseline.clone());
+    let previous = existing.as_ref().map(|e| e.value.baselines.clone()).unwrap_or_default();
     // The indexes a policy's requests are listed in exist before any request can be, so no
     // add ever meets a backend's non-atomic create (Spin's SQLite store upserts there).
     for list in [keys::ARM_WORK.to_owned(), keys::POLICIES.to_owned(), keys::live(&name), keys::pending(&name)] {
@@ -88,13 +132,12 @@ pub fn put(env: &Env, caller: &Caller, name: &str, body: &[u8], revoke: bool) ->
     // ARM first, so a saved policy never claims a baseline that is not there; should the save
     // below lose a race, the reconciler puts the stored policy's baseline back.
     if policy.enabled {
-        grants::ensure_baseline(env, &mut policy, previous.as_ref())?;
+        grants::ensure_baselines(env, &mut policy, &previous)?;
     }
-    // A baseline left behind on another NSG (the VM moved) or by a now-disabled policy goes.
-    if let Some(previous) =
-        previous.filter(|p| policy.baseline.as_ref() != Some(p) && (p.nsg != policy.nsg || !policy.enabled))
-    {
-        grants::remove_baseline(env, &name, &previous)?;
+    // A baseline left behind on an NSG the policy no longer covers (its VMs moved or left) or
+    // by a now-disabled policy goes.
+    for stale in previous.iter().filter(|p| policy.baseline_on(&p.nsg).is_none()) {
+        grants::remove_baseline(env, &name, stale)?;
     }
     let action = if existing.is_some() { "policy.updated" } else { "policy.created" };
     let document = serde_json::to_value(&policy).map_err(ApiError::internal)?;
@@ -166,7 +209,7 @@ pub fn delete(env: &Env, caller: &Caller, name: &str, revoke: bool) -> Result<Re
     }
     let cancelled = cancel_pending(bounded, &budget, caller, &name, "deleted")?;
     let revoked = revoked.closed;
-    if let Some(baseline) = &policy.value.baseline {
+    for baseline in &policy.value.baselines {
         grants::remove_baseline(env, &name, baseline)?;
     }
     env.record("policy.deleted", subject_of_policy(&name), Outcome::Ok, json!({ "revoke": revoke }))?;

@@ -26,8 +26,9 @@ use crate::arm::ExistingRule;
 use crate::audit::{Outcome, Subject};
 use crate::auth::{Caller, Role};
 use crate::config::MissingRule;
+use crate::domain::policy::same_id;
 use crate::domain::request::Ending;
-use crate::domain::{AccessRequest, Event, Policy, PolicyName, RequestId, State};
+use crate::domain::{AccessRequest, Event, NsgId, Policy, PolicyName, RequestId, State};
 use crate::keys;
 use crate::store::{self, Versioned};
 
@@ -44,22 +45,26 @@ const OURS: &str = "portcullis JIT";
 pub struct Finding {
     /// `rule_removed`, `rule_missing`, `baseline_restored`, `exposure` or `nsg_unreadable`.
     pub kind: String,
+    /// The NSG it was found on.
+    #[serde(default)]
+    pub nsg: String,
     /// The rule concerned.
     pub rule: String,
     /// What it means.
     pub detail: String,
 }
 
-/// The last scan of a policy's NSG.
+/// The last scan of a policy's NSGs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DriftScan {
     /// The policy.
     pub policy: String,
-    /// Its NSG.
-    pub nsg: String,
+    /// Its NSGs (those of its VMs), each listed once per scan.
+    #[serde(default)]
+    pub nsgs: Vec<String>,
     /// When.
     pub scanned_at: DateTime<Utc>,
-    /// Rules on the NSG.
+    /// Rules on the NSGs.
     pub rules: usize,
     /// What was found.
     pub findings: Vec<Finding>,
@@ -107,28 +112,43 @@ fn reconcile_policy(env: &Env, name: &str, work: &[String], overdue: &mut Overdu
     if previous.as_ref().is_some_and(|p| p.scanned_at + env.config.drift.every > env.now + TimeDelta::seconds(5)) {
         return Ok(());
     }
-    let grants = close_overdue_grants(env, &name, work, overdue)?;
+    let mut grants = close_overdue_grants(env, &name, work, overdue)?;
+    let policy = policy.value;
     let mut scan = DriftScan {
         policy: name.to_string(),
-        nsg: policy.value.nsg.as_str().to_owned(),
+        nsgs: Vec::new(),
         scanned_at: env.now,
         rules: 0,
         findings: Vec::new(),
         suspects: Vec::new(),
     };
-    match env.arm.list_rules(&policy.value.nsg) {
-        Ok(rules) => {
-            scan.rules = rules.len();
-            remove_ownerless_rules(env, &policy.value, &rules, work, previous.as_ref(), &mut scan)?;
-            check_grants(env, &policy.value, &rules, grants, previous.as_ref(), &mut scan)?;
-            check_baseline(env, &policy.value, &rules, &mut scan)?;
-            report_exposure(env, &policy.value, &rules, previous.as_ref(), &mut scan)?;
+    // The NSGs of its VMs, and any its grants' or baselines' rules are on (a VM may have
+    // moved or left since they were put).
+    let mut nsgs: Vec<NsgId> = policy.nsgs().into_iter().cloned().collect();
+    let elsewhere = grants.iter().flat_map(|g| g.value.rules.iter()).chain(&policy.baselines).map(|r| &r.nsg);
+    for nsg in elsewhere.collect::<Vec<_>>() {
+        if !nsgs.iter().any(|known| same_id(known.as_str(), nsg.as_str())) {
+            nsgs.push(nsg.clone());
         }
-        Err(error) => scan.findings.push(Finding {
-            kind: "nsg_unreadable".into(),
-            rule: String::new(),
-            detail: format!("the NSG could not be listed: {error}"),
-        }),
+    }
+    for nsg in &nsgs {
+        scan.nsgs.push(nsg.as_str().to_owned());
+        let on = OnNsg { policy: &policy, nsg };
+        match env.arm.list_rules(nsg) {
+            Ok(rules) => {
+                scan.rules += rules.len();
+                remove_ownerless_rules(env, &on, &rules, work, previous.as_ref(), &mut scan)?;
+                check_grants(env, &on, &rules, &mut grants, previous.as_ref(), &mut scan)?;
+                check_baseline(env, &on, &rules, &mut scan)?;
+                report_exposure(env, &on, &rules, previous.as_ref(), &mut scan)?;
+            }
+            Err(error) => scan.findings.push(Finding {
+                kind: "nsg_unreadable".into(),
+                nsg: nsg.as_str().to_owned(),
+                rule: String::new(),
+                detail: format!("the NSG could not be listed: {error}"),
+            }),
+        }
     }
     let bytes = serde_json::to_vec(&json!({"version": 0, "doc": scan})).map_err(ApiError::internal)?;
     env.kv.set(&keys::drift(&name), &bytes)?;
@@ -188,6 +208,26 @@ fn reconcile_deleted(env: &Env, name: &PolicyName, work: &[String], overdue: &mu
     Ok(())
 }
 
+/// One NSG of a policy being scanned.
+struct OnNsg<'a> {
+    policy: &'a Policy,
+    nsg: &'a NsgId,
+}
+
+impl OnNsg<'_> {
+    fn finding(&self, kind: &str, rule: &str, detail: String) -> Finding {
+        Finding { kind: kind.into(), nsg: self.nsg.as_str().to_owned(), rule: rule.to_owned(), detail }
+    }
+
+    fn reported(previous: Option<&DriftScan>, kind: &str, nsg: &NsgId, rule: &str) -> bool {
+        previous.is_some_and(|p| {
+            p.findings
+                .iter()
+                .any(|f| f.kind == kind && f.rule == rule && (f.nsg.is_empty() || same_id(&f.nsg, nsg.as_str())))
+        })
+    }
+}
+
 /// Whether a rule is one of portcullis's grant rules, and the request id it names.
 fn grant_rule_id(rule: &ExistingRule) -> Option<&str> {
     let id = rule.name.strip_prefix("jit-")?;
@@ -201,7 +241,7 @@ fn record(env: &Env, action: &'static str, subject: Subject, details: serde_json
 /// Removes grant rules whose request is over (or never existed).
 fn remove_ownerless_rules(
     env: &Env,
-    policy: &Policy,
+    on: &OnNsg,
     rules: &[ExistingRule],
     work: &[String],
     previous: Option<&DriftScan>,
@@ -243,10 +283,10 @@ fn remove_ownerless_rules(
         if !ownerless {
             continue;
         }
-        let outcome = env.arm.delete_rule(&policy.nsg, &rule.name);
-        let subject = Subject { request: Some(id.to_owned()), policy: Some(policy.name.to_string()) };
+        let outcome = env.arm.delete_rule(on.nsg, &rule.name);
+        let subject = Subject { request: Some(id.to_owned()), policy: Some(on.policy.name.to_string()) };
         let details = json!({
-            "nsg": policy.nsg.as_str(), "rule": rule.name, "reason": "no open request owns it",
+            "nsg": on.nsg.as_str(), "rule": rule.name, "reason": "no open request owns it",
             "owner_state": owner.as_ref().map(|o| o.state.name()),
         });
         grants::record_arm_write(env, "drift.rule_removed", subject, details, &outcome)?;
@@ -254,27 +294,32 @@ fn remove_ownerless_rules(
             Ok(_) => "an allow rule no open request owns was removed".to_owned(),
             Err(error) => format!("an allow rule no open request owns could not be removed yet: {error}"),
         };
-        scan.findings.push(Finding { kind: "rule_removed".into(), rule: rule.name.clone(), detail });
+        scan.findings.push(on.finding("rule_removed", &rule.name, detail));
     }
     Ok(())
 }
 
-/// Reports active grants whose rule is missing, and acts on them as configured.
+/// Reports active grants whose rule on this NSG is missing, and acts on them as configured
+/// (a grant ended here is not looked at again on the policy's other NSGs).
 fn check_grants(
     env: &Env,
-    policy: &Policy,
+    on: &OnNsg,
     rules: &[ExistingRule],
-    grants: Vec<Versioned<AccessRequest>>,
+    grants: &mut Vec<Versioned<AccessRequest>>,
     previous: Option<&DriftScan>,
     scan: &mut DriftScan,
 ) -> Result<(), ApiError> {
-    for mut grant in grants {
-        let Some(rule) = grant.value.rule.clone() else { continue };
-        if rule.nsg != policy.nsg || rules.iter().any(|r| r.name.eq_ignore_ascii_case(&rule.name)) {
+    let mut index = 0;
+    while index < grants.len() {
+        let grant = &mut grants[index];
+        index += 1;
+        let Some(rule) = grant.value.rules.iter().find(|r| same_id(r.nsg.as_str(), on.nsg.as_str())).cloned() else {
+            continue;
+        };
+        if rules.iter().any(|r| r.name.eq_ignore_ascii_case(&rule.name)) {
             continue;
         }
-        let reported =
-            previous.is_some_and(|p| p.findings.iter().any(|f| f.kind == "rule_missing" && f.rule == rule.name));
+        let reported = OnNsg::reported(previous, "rule_missing", on.nsg, &rule.name);
         let action = env.config.drift.missing_rule;
         if !reported || action != MissingRule::Report {
             let details =
@@ -283,7 +328,7 @@ fn check_grants(
         }
         let detail = match action {
             MissingRule::Report => "the grant's rule is missing from the NSG (reported only)".to_owned(),
-            MissingRule::Reput => match grants::reput(env, &mut grant, policy) {
+            MissingRule::Reput => match grants::reput(env, grant, on.policy) {
                 Ok(()) => "the grant's rule was missing and was put back".to_owned(),
                 Err(error) => format!("the grant's rule is missing and could not be put back: {}", error.message),
             },
@@ -293,57 +338,81 @@ fn check_grants(
                     at: env.now,
                     reason: Some("its rule was missing from the NSG".into()),
                 };
-                match grants::close(env, &mut grant, Event::Revoke, Some(ending)) {
+                let detail = match grants::close(env, grant, Event::Revoke, Some(ending)) {
                     Ok(()) => "the grant's rule was missing: the grant was ended".to_owned(),
                     Err(error) => format!("the grant's rule is missing; ending it failed: {}", error.message),
-                }
+                };
+                index -= 1;
+                grants.remove(index);
+                detail
             }
         };
-        scan.findings.push(Finding { kind: "rule_missing".into(), rule: rule.name, detail });
+        scan.findings.push(on.finding("rule_missing", &rule.name, detail));
     }
     Ok(())
 }
 
-/// Puts back a missing or changed baseline deny rule of an enabled policy.
-fn check_baseline(env: &Env, policy: &Policy, rules: &[ExistingRule], scan: &mut DriftScan) -> Result<(), ApiError> {
-    if !policy.enabled {
+/// Puts back a missing or changed baseline deny rule of an enabled policy on this NSG (one
+/// that covers the policy's VMs behind it), and removes one left on an NSG none of them is
+/// behind any more.
+fn check_baseline(env: &Env, on: &OnNsg, rules: &[ExistingRule], scan: &mut DriftScan) -> Result<(), ApiError> {
+    let policy = on.policy;
+    let name = grants::baseline_name(policy);
+    let expected_destinations = policy.destinations_on(on.nsg);
+    let recorded = policy.baseline_on(on.nsg);
+    if !policy.enabled || expected_destinations.is_empty() {
+        if let Some(stale) = recorded.filter(|_| policy.enabled) {
+            // Its VMs left this NSG: the deny rule has nothing left to protect here.
+            let detail = match grants::remove_baseline(env, &policy.name, stale) {
+                Ok(()) => {
+                    forget_baseline(env, policy, on.nsg)?;
+                    "no VM of the policy is behind this NSG any more: its deny rule was removed".to_owned()
+                }
+                Err(error) => {
+                    format!("the deny rule of VMs that left this NSG could not be removed: {}", error.message)
+                }
+            };
+            scan.findings.push(on.finding("baseline_removed", &name, detail));
+        }
         return Ok(());
     }
-    let name = grants::baseline_name(policy);
-    let expected_ports: Vec<String> = policy.ports.iter().map(|p| p.port.to_string()).collect();
+    let mut expected_ports: Vec<String> = policy.ports.iter().map(|p| p.port.to_string()).collect();
+    expected_ports.sort();
+    let mut expected_destinations: Vec<String> = expected_destinations.iter().map(|d| d.to_string()).collect();
+    expected_destinations.sort();
     let intact = rules.iter().find(|r| r.name.eq_ignore_ascii_case(&name)).is_some_and(|rule| {
         let mut ports = rule.ports.clone();
         ports.sort();
-        let mut expected = expected_ports.clone();
-        expected.sort();
+        let mut destinations = rule.destinations.clone();
+        destinations.sort();
         !rule.allow
             && rule.inbound
             && rule.protocol.eq_ignore_ascii_case(policy.baseline_protocol().arm_name())
             && rule.sources == ["*"]
-            && ports == expected
-            && policy.baseline.as_ref().is_none_or(|b| b.priority == rule.priority)
-            && rule.destinations.iter().any(|d| d == &policy.private_ip.to_string())
+            && ports == expected_ports
+            && recorded.is_none_or(|b| b.priority == rule.priority)
+            && destinations == expected_destinations
     });
     if intact {
         return Ok(());
     }
-    let mut restored = policy.clone();
-    let previous = policy.baseline.clone();
-    let detail = match grants::ensure_baseline(env, &mut restored, previous.as_ref()) {
-        Ok(()) => {
+    let detail = match grants::ensure_baseline_on(env, policy, on.nsg, recorded) {
+        Ok(restored) => {
             record(
                 env,
                 "drift.baseline_restored",
                 subject_of_policy(&policy.name),
-                json!({"nsg": policy.nsg.as_str(), "rule": name}),
+                json!({"nsg": on.nsg.as_str(), "rule": name}),
             )?;
-            if restored.baseline != previous {
-                // The deny rule moved to another priority: the policy remembers where.
-                let baseline = restored.baseline.clone();
+            if recorded != Some(&restored) {
+                // The deny rule moved to another priority or covers other VMs: the policy
+                // remembers it.
+                let nsg = on.nsg.clone();
                 store::update::<Policy, _>(env.kv, &keys::policy(&policy.name), |stored| {
                     let mut stored = stored?;
-                    (stored.nsg == policy.nsg).then(|| {
-                        stored.baseline = baseline.clone();
+                    stored.policy_covers(&nsg).then(|| {
+                        stored.baselines.retain(|b| !same_id(b.nsg.as_str(), nsg.as_str()));
+                        stored.baselines.push(restored.clone());
                         stored
                     })
                 })?;
@@ -354,7 +423,18 @@ fn check_baseline(env: &Env, policy: &Policy, rules: &[ExistingRule], scan: &mut
             format!("the baseline deny rule is missing or changed; putting it back failed: {}", error.message)
         }
     };
-    scan.findings.push(Finding { kind: "baseline_restored".into(), rule: name, detail });
+    scan.findings.push(on.finding("baseline_restored", &name, detail));
+    Ok(())
+}
+
+/// Drops the record of a policy's deny rule on an NSG once it is removed.
+fn forget_baseline(env: &Env, policy: &Policy, nsg: &NsgId) -> Result<(), ApiError> {
+    store::update::<Policy, _>(env.kv, &keys::policy(&policy.name), |stored| {
+        let mut stored = stored?;
+        let before = stored.baselines.len();
+        stored.baselines.retain(|b| !same_id(b.nsg.as_str(), nsg.as_str()));
+        (stored.baselines.len() != before).then_some(stored)
+    })?;
     Ok(())
 }
 
@@ -362,12 +442,16 @@ fn check_baseline(env: &Env, policy: &Policy, rules: &[ExistingRule], scan: &mut
 /// baseline deny rule.
 fn report_exposure(
     env: &Env,
-    policy: &Policy,
+    on: &OnNsg,
     rules: &[ExistingRule],
     previous: Option<&DriftScan>,
     scan: &mut DriftScan,
 ) -> Result<(), ApiError> {
-    let deny_priority = policy.baseline.as_ref().map_or(u16::MAX, |b| b.priority);
+    let policy = on.policy;
+    if policy.destinations_on(on.nsg).is_empty() {
+        return Ok(());
+    }
+    let deny_priority = policy.baseline_on(on.nsg).map_or(u16::MAX, |b| b.priority);
     for rule in rules {
         let ours = rule.description.starts_with(OURS) && rule.name.starts_with("jit-");
         let exposed: Vec<u16> = policy.ports.iter().map(|p| p.port.get()).filter(|p| rule.covers_port(*p)).collect();
@@ -384,13 +468,12 @@ fn report_exposure(
             "rule '{}' (priority {}) allows {} from anywhere to port(s) {:?}, ahead of the baseline deny rule",
             rule.name, rule.priority, rule.protocol, exposed
         );
-        let known = previous.is_some_and(|p| p.findings.iter().any(|f| f.kind == "exposure" && f.rule == rule.name));
-        if !known {
+        if !OnNsg::reported(previous, "exposure", on.nsg, &rule.name) {
             let details =
-                json!({"nsg": policy.nsg.as_str(), "rule": rule.name, "priority": rule.priority, "ports": exposed});
+                json!({"nsg": on.nsg.as_str(), "rule": rule.name, "priority": rule.priority, "ports": exposed});
             record(env, "drift.exposure", subject_of_policy(&policy.name), details)?;
         }
-        scan.findings.push(Finding { kind: "exposure".into(), rule: rule.name.clone(), detail });
+        scan.findings.push(on.finding("exposure", &rule.name, detail));
     }
     Ok(())
 }

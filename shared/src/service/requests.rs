@@ -135,15 +135,16 @@ fn check_duplicates_and_quotas(env: &Env, request: &AccessRequest, policy: &Poli
     for id in open {
         let Ok(other) = env.request(&id) else { continue };
         let other = other.value;
-        let overlaps = other.ports.iter().any(|p| request.ports.iter().any(|q| q == p));
+        // What the new grant would replace (same VMs, overlapping ports) does not count.
+        let replaced = other.ports.iter().any(|p| request.ports.iter().any(|q| q == p)) && other.vms_within(request);
         match other.state {
-            State::Pending if other.ports == request.ports => {
+            State::Pending if other.ports == request.ports && other.shares_vm_with(request) => {
                 return Err(ApiError::conflict(
                     "duplicate_request",
                     format!("request {} already asks for these ports and is pending", other.id),
                 ));
             }
-            State::Active | State::Approved if !overlaps => running += 1,
+            State::Active | State::Approved if !replaced => running += 1,
             _ => {}
         }
     }
@@ -156,11 +157,22 @@ fn check_duplicates_and_quotas(env: &Env, request: &AccessRequest, policy: &Poli
             ),
         ));
     }
-    let live = store::read_list(env.kv, &keys::live(&policy.name))?.len();
-    if live >= usize::from(policy.quotas.per_vm) {
+    let live = store::read_list(env.kv, &keys::live(&policy.name))?;
+    // A policy of one VM counts its grants; a fleet's, those on one of the request's VMs.
+    let on_these_vms = if policy.vms.len() <= 1 {
+        live.len()
+    } else {
+        let ids: Vec<RequestId> = live.iter().filter_map(|id| RequestId::parse(id).ok()).collect();
+        let _ = env.kv.get_many(&ids.iter().map(keys::request).collect::<Vec<_>>());
+        ids.iter()
+            .filter_map(|id| env.request(id.as_str()).ok())
+            .filter(|other| other.value.state == State::Active && other.value.shares_vm_with(request))
+            .count()
+    };
+    if on_these_vms >= usize::from(policy.quotas.per_vm) {
         return Err(ApiError::unprocessable(
             "quota_exceeded",
-            format!("policy '{}' already has {live} concurrent grants, its limit", policy.name),
+            format!("policy '{}' already has {on_these_vms} concurrent grants on these VMs, its limit", policy.name),
         ));
     }
     Ok(())

@@ -197,7 +197,7 @@ fn a_priority_conflict_moves_to_the_next_priority() {
     world.create("r1", raw_request()).unwrap();
     let stored = world.at(at(0), |env| env.request("r1").unwrap().value);
     let opened = &world.allow_rules()[0];
-    assert_eq!(opened.priority, stored.rule.unwrap().priority);
+    assert_eq!(opened.priority, stored.rules[0].priority);
     assert_eq!(world.arm.calls.get(), 2);
 }
 

@@ -331,7 +331,12 @@ fn announce(
         None => None,
     };
     let settings = &env.config.webhooks;
-    let vm = policy.map(|p| p.vm.to_string());
+    // The one VM the event is about: the request's, or a one-VM policy's.
+    let vm = match (request.map(|r| r.vms.as_slice()), policy.map(|p| p.vms.as_slice())) {
+        (Some([one]), _) => Some(one.to_string()),
+        (Some([]) | None, Some([only])) => Some(only.vm.to_string()),
+        _ => None,
+    };
     let mut data = events::data(kind, event, request, vm.as_deref(), &settings.public_url);
     // Chat messages about a waiting request carry links to decide (never the formats for
     // machines: a link is a capability).

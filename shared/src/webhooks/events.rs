@@ -121,6 +121,7 @@ pub fn data(
             "url": format!("{}/api/requests/{}", public_url.trim_end_matches('/'), request.id),
             "requester": request.requester,
             "requester_name": request.requester_name,
+            "vms": request.vms,
             "ports": request.ports.iter().map(|p| format!("{p}/{}", request.protocol.arm_name().to_lowercase())).collect::<Vec<_>>(),
             "source": request.source.to_string(),
             "duration": request.duration.to_string(),

@@ -41,7 +41,7 @@ async fn every_step_of_a_grant_leaves_its_events_in_order() {
     let policy_events = world.audit("policy=demo-vm&action=policy.").await;
     assert_eq!(summary(&policy_events), [triple("admin", "policy.created", "ok")]);
     assert_eq!(policy_events[0]["source_ip"], "127.0.0.1");
-    assert_eq!(policy_events[0]["details"]["policy"]["nsg"], DEMO_NSG);
+    assert_eq!(policy_events[0]["details"]["policy"]["vms"][0]["nsg"], DEMO_NSG);
     let baseline = world.audit("policy=demo-vm&action=rule.put").await;
     assert_eq!(baseline[0]["details"]["access"], "deny");
 

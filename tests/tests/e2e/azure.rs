@@ -23,9 +23,10 @@ async fn enabling_resolves_the_vm_and_puts_exactly_one_deny_rule_that_disabling_
     let world = World::start().await;
     let (status, policy) = world.put_policy("demo-vm", &vm_only(DEMO_VM)).await;
     assert_eq!(status, 201, "{policy}");
-    assert_eq!((policy["nsg"].as_str(), policy["private_ip"].as_str()), (Some(DEMO_NSG), Some("10.0.0.4")));
-    assert_eq!(policy["resolved"]["nic"], DEMO_NIC);
-    assert!(policy["resolved"]["at"].is_string());
+    let vm = &policy["vms"][0];
+    assert_eq!((vm["nsg"].as_str(), vm["private_ip"].as_str()), (Some(DEMO_NSG), Some("10.0.0.4")));
+    assert_eq!(vm["nic"], DEMO_NIC);
+    assert!(policy["resolved_at"].is_string());
 
     let denies = world.deny_rules();
     assert_eq!(denies.len(), 1, "{denies:?}");
@@ -43,11 +44,11 @@ async fn enabling_resolves_the_vm_and_puts_exactly_one_deny_rule_that_disabling_
     assert_eq!(p["destinationPortRanges"], json!(["22", "3389"]));
     let deny_priority = p["priority"].as_u64().unwrap();
     assert!((4000..=4096).contains(&deny_priority));
-    assert_eq!(policy["baseline"]["priority"].as_u64(), Some(deny_priority));
+    assert_eq!(policy["baselines"][0]["priority"].as_u64(), Some(deny_priority));
 
     // A grant's allow rule always outranks the deny rule.
     let (_, grant) = world.request(ALICE, &ssh("PT1H")).await;
-    assert!(grant["rule"]["priority"].as_u64().unwrap() < deny_priority);
+    assert!(grant["rules"][0]["priority"].as_u64().unwrap() < deny_priority);
 
     // Changing the ports updates the same rule.
     let mut fewer = vm_only(DEMO_VM);
@@ -62,7 +63,7 @@ async fn enabling_resolves_the_vm_and_puts_exactly_one_deny_rule_that_disabling_
     let (status, disabled) = world.put_policy("demo-vm", &fewer).await;
     assert_eq!(status, 200, "{disabled}");
     assert!(world.deny_rules().is_empty());
-    assert!(disabled.get("baseline").is_none());
+    assert!(disabled.get("baselines").is_none());
     assert_eq!(world.request(CAROL, &ssh("PT1H")).await.1["error"]["code"], "policy_disabled");
     assert_eq!(world.jit_rules().len(), 1);
 
@@ -84,7 +85,7 @@ async fn an_nsg_on_the_subnet_is_found_when_the_nic_has_none() {
     let vm = world.local.emulator.add_vm("web-1", "10.0.1.5", NsgPlacement::Subnet(&subnet_nsg));
     let (status, policy) = world.put_policy("web-1", &vm_only(&vm)).await;
     assert_eq!(
-        (status, policy["nsg"].as_str(), policy["private_ip"].as_str()),
+        (status, policy["vms"][0]["nsg"].as_str(), policy["vms"][0]["private_ip"].as_str()),
         (201, Some(subnet_nsg.as_str()), Some("10.0.1.5"))
     );
     assert_eq!(world.local.emulator.rules(&subnet_nsg).len(), 1);

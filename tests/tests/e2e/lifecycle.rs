@@ -27,7 +27,7 @@ async fn an_auto_approved_rule_opens_with_the_right_fields_and_closes_after_ends
     assert_eq!(p["provisioningState"], "Succeeded");
     let priority = p["priority"].as_u64().unwrap();
     assert!((100..=3999).contains(&priority), "{priority}");
-    assert_eq!(request["rule"]["priority"].as_u64(), Some(priority));
+    assert_eq!(request["rules"][0]["priority"].as_u64(), Some(priority));
     assert!(p["description"].as_str().unwrap().contains("alice"));
 
     // Not yet due: a tick changes nothing.
@@ -177,7 +177,7 @@ async fn a_priority_taken_by_another_rule_moves_to_the_next_free_one() {
     for _ in 0..2 {
         let (status, body) = world.request(ALICE, &ssh("PT1H")).await;
         assert_eq!((status, body["state"].as_str()), (201, Some("active")), "{body}");
-        priorities.push(body["rule"]["priority"].as_u64().unwrap());
+        priorities.push(body["rules"][0]["priority"].as_u64().unwrap());
     }
     priorities.sort();
     assert_eq!(priorities, [101, 102]);

@@ -20,6 +20,8 @@
 //! - `workflow`: auto-approval rules, timeouts, revoke, extend, break-glass, quotas, dry runs.
 //! - `stores`: the outbound-Redis store against a real redis-server, and Spin's redis
 //!   key-value backend refused.
+//! - `fleet`: policies over many VMs (a list, a resource group, a tag), one rule per NSG,
+//!   requests for several VMs, failing closed.
 //! - `azure`: parity with Azure's JIT: VM resolution, baseline deny rules, rules it does not
 //!   own, identities, and the ARM cost of a grant.
 
@@ -30,6 +32,7 @@ mod contract;
 mod corpus;
 mod drift;
 mod faults;
+mod fleet;
 mod identity;
 mod integrations;
 mod lifecycle;

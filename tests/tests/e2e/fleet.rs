@@ -1,0 +1,268 @@
+//! Fleets (issue 15): one policy over many VMs, named by a list, a resource group or a tag;
+//! one deny rule per NSG naming every VM behind it; one request for several VMs, opened with
+//! one rule per NSG and closed whole; a refused rule fails the whole request closed.
+
+use portcullis_host::emulator::{Fault, NsgPlacement, SUBSCRIPTION};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+const GROUP: &str = "fleet-rg";
+
+fn nsg_id(name: &str) -> String {
+    format!(
+        "/subscriptions/{SUBSCRIPTION}/resourceGroups/{GROUP}/providers/Microsoft.Network/networkSecurityGroups/{name}"
+    )
+}
+
+/// Twenty VMs in `fleet-rg` behind three subnet NSGs (8, 7 and 5 VMs), and one VM with no
+/// NSG at all. Answers the VMs' ids and addresses by NSG name.
+fn twenty_vms_behind_three_nsgs(world: &World) -> Vec<(String, Vec<(String, String)>)> {
+    let emulator = &world.local.emulator;
+    let mut fleet = Vec::new();
+    for (nsg, count, net) in [("web-nsg", 8, 1), ("app-nsg", 7, 2), ("db-nsg", 5, 3)] {
+        let id = nsg_id(nsg);
+        emulator.add_nsg(&id);
+        let vms = (1..=count)
+            .map(|n| {
+                let ip = format!("10.{net}.0.{n}");
+                let vm = emulator.add_vm_in(
+                    GROUP,
+                    &format!("{nsg}-vm{n}"),
+                    &ip,
+                    NsgPlacement::Subnet(&id),
+                    &[("jit", "ssh")],
+                );
+                (vm, ip)
+            })
+            .collect();
+        fleet.push((id, vms));
+    }
+    emulator.add_vm_in(GROUP, "bare-vm", "10.9.0.1", NsgPlacement::None, &[("jit", "ssh")]);
+    fleet
+}
+
+fn fleet_policy(selector: Value) -> Value {
+    let mut policy = json!({
+        "ports": [{"port": 22, "max_duration": "PT3H", "allowed_sources": ["127.0.0.0/8"]}],
+        "approval": {"mode": "auto"},
+        "quotas": {"per_requester": 5, "per_vm": 5},
+    });
+    policy.as_object_mut().unwrap().extend(selector.as_object().unwrap().clone());
+    policy
+}
+
+fn rules_named(world: &World, nsg: &str, prefix: &str) -> Vec<Value> {
+    world.local.emulator.rules(nsg).into_iter().filter(|r| r["name"].as_str().unwrap().starts_with(prefix)).collect()
+}
+
+/// The addresses a rule names, sorted.
+fn destinations(rule: &Value) -> Vec<String> {
+    let p = &rule["properties"];
+    let mut addresses: Vec<String> = match p["destinationAddressPrefix"].as_str() {
+        Some(one) => vec![one.to_owned()],
+        None => {
+            p["destinationAddressPrefixes"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()).collect()
+        }
+    };
+    addresses.sort();
+    addresses
+}
+
+fn sorted_ips(vms: &[(String, String)]) -> Vec<String> {
+    let mut ips: Vec<String> = vms.iter().map(|(_, ip)| ip.clone()).collect();
+    ips.sort();
+    ips
+}
+
+/// Writes (PUT or DELETE) of rules named `prefix...` among the ARM calls so far.
+fn rule_writes(world: &World, method: &str, prefix: &str) -> usize {
+    let needle = format!("/securityRules/{prefix}");
+    world.arm_calls().iter().filter(|c| c.starts_with(method) && c.contains(&needle)).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resource_group_policy_puts_one_deny_rule_per_nsg_and_a_twenty_vm_grant_costs_one_write_per_nsg() {
+    let world = World::start().await;
+    let fleet = twenty_vms_behind_three_nsgs(&world);
+    world.local.emulator.set_page_size(7);
+    let group = format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{GROUP}");
+    let (status, policy) = world.put_policy("fleet", &fleet_policy(json!({"resource_group": group}))).await;
+    assert_eq!(status, 201, "{policy}");
+    assert_eq!(policy["vms"].as_array().unwrap().len(), 20, "{policy}");
+    assert_eq!(policy["selector"]["scope"], group);
+    let unprotected = policy["unprotected"].as_array().unwrap();
+    assert_eq!(unprotected.len(), 1, "{policy}");
+    assert!(unprotected[0]["vm"].as_str().unwrap().ends_with("/bare-vm"));
+    assert!(unprotected[0]["reason"].as_str().unwrap().contains("no network security group"), "{policy}");
+    assert_eq!(policy["baselines"].as_array().unwrap().len(), 3, "{policy}");
+
+    // One deny rule per NSG, naming exactly the VMs behind it.
+    for (nsg, vms) in &fleet {
+        let denies = rules_named(&world, nsg, "jit-deny-");
+        assert_eq!(denies.len(), 1, "{nsg}: {denies:?}");
+        assert_eq!(destinations(&denies[0]), sorted_ips(vms), "{nsg}");
+        assert_eq!(denies[0]["properties"]["access"], "Deny");
+    }
+    // What GET shows is what was stored.
+    let (status, shown) = world.call("GET", "/api/policies/fleet", Some(ADMIN), None).await;
+    assert_eq!((status, &shown["vms"], &shown["unprotected"]), (200, &policy["vms"], &policy["unprotected"]));
+
+    // One request for all twenty: one allow rule per NSG, each naming its VMs.
+    world.local.emulator.clear_calls();
+    let all: Vec<&str> = fleet.iter().flat_map(|(_, vms)| vms.iter().map(|(vm, _)| vm.as_str())).collect();
+    let ask = json!({"policy": "fleet", "vms": all, "ports": [22], "duration": "PT1H", "justification": "INC-20"});
+    let (status, grant) = world.request(ALICE, &ask).await;
+    assert_eq!((status, grant["state"].as_str()), (201, Some("active")), "{grant}");
+    assert_eq!(grant["rules"].as_array().unwrap().len(), 3, "{grant}");
+    assert_eq!(rule_writes(&world, "PUT", "jit-"), 3, "one PUT per NSG: {:#?}", world.arm_calls());
+    let opened = world.arm_calls().len();
+    for (nsg, vms) in &fleet {
+        let allows: Vec<Value> =
+            rules_named(&world, nsg, "jit-").into_iter().filter(|r| r["properties"]["access"] == "Allow").collect();
+        assert_eq!(allows.len(), 1, "{nsg}");
+        assert_eq!(destinations(&allows[0]), sorted_ips(vms), "{nsg}");
+    }
+
+    // It ends whole at expiry: one DELETE per NSG.
+    world.local.emulator.clear_calls();
+    world.advance_minutes(61);
+    world.tick().await;
+    let ended = world.get_request(&id(&grant)).await;
+    assert_eq!(ended["state"], "expired", "{ended}");
+    assert_eq!(rule_writes(&world, "DELETE", "jit-"), 3, "one DELETE per NSG: {:#?}", world.arm_calls());
+    for (nsg, _) in &fleet {
+        let left: Vec<Value> =
+            rules_named(&world, nsg, "jit-").into_iter().filter(|r| r["properties"]["access"] == "Allow").collect();
+        assert!(left.is_empty(), "{nsg}: {left:?}");
+        assert_eq!(rules_named(&world, nsg, "jit-deny-").len(), 1, "the baseline stays");
+    }
+    println!("ARM calls for a 20-VM grant over 3 NSGs: open {opened}, close {}", world.arm_calls().len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_name_vms_the_policy_protects_and_a_tag_selects_only_tagged_vms() {
+    let world = World::start().await;
+    let fleet = twenty_vms_behind_three_nsgs(&world);
+    let emulator = &world.local.emulator;
+    let web = &fleet[0].0;
+    let untagged = emulator.add_vm_in(GROUP, "untagged", "10.1.0.99", NsgPlacement::Subnet(web), &[("jit", "rdp")]);
+    let selector = json!({"vms": {"scope": format!("/subscriptions/{SUBSCRIPTION}"), "tag": "jit", "value": "ssh"}});
+    let (status, policy) = world.put_policy("tagged", &fleet_policy(selector)).await;
+    assert_eq!(status, 201, "{policy}");
+    let protected: Vec<&str> = policy["vms"].as_array().unwrap().iter().map(|v| v["vm"].as_str().unwrap()).collect();
+    assert_eq!(protected.len(), 20);
+    assert!(!protected.contains(&untagged.as_str()));
+    // The untagged VM's address is not behind the deny rule of its NSG.
+    assert!(!destinations(&rules_named(&world, web, "jit-deny-")[0]).contains(&"10.1.0.99".to_owned()));
+
+    let ask =
+        |vm: Value| json!({"policy": "tagged", "vm": vm, "ports": [22], "duration": "PT1H", "justification": "x"});
+    let before = world.rules_everywhere(&fleet);
+    for (vm, status, code) in [
+        (Value::Null, 400, "vm_required"),
+        (json!(untagged), 422, "vm_not_in_policy"),
+        (json!("vm-1"), 400, "invalid_vm"),
+    ] {
+        let (got, body) = world.request(ALICE, &ask(vm.clone())).await;
+        assert_eq!((got, body["error"]["code"].as_str()), (status, Some(code)), "{vm}: {body}");
+    }
+    let bare_vm = format!(
+        "/subscriptions/{SUBSCRIPTION}/resourceGroups/{GROUP}/providers/Microsoft.Compute/virtualMachines/bare-vm"
+    );
+    let (status, body) = world.request(ALICE, &ask(json!(bare_vm))).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("vm_not_in_policy")));
+    assert!(body["error"]["message"].as_str().unwrap().contains("no network security group"), "{body}");
+    let twice = json!({"policy": "tagged", "vms": [protected[0], protected[0].to_uppercase()], "ports": [22], "duration": "PT1H", "justification": "x"});
+    assert_eq!(world.request(ALICE, &twice).await.1["error"]["code"], "invalid_vms");
+    let mixed = json!({"policy": "tagged", "vms": [{"vm": protected[0], "ports": [3389]}], "ports": [22], "duration": "PT1H", "justification": "x"});
+    assert_eq!(world.request(ALICE, &mixed).await.1["error"]["code"], "mixed_ports");
+    assert_eq!(world.rules_everywhere(&fleet), before, "refused requests change nothing");
+
+    // One VM of the fleet: one rule, on its NSG, for its address only.
+    let (status, grant) = world.request(ALICE, &ask(json!(fleet[2].1[0].0))).await;
+    assert_eq!((status, grant["state"].as_str()), (201, Some("active")), "{grant}");
+    let allows: Vec<Value> =
+        rules_named(&world, &fleet[2].0, "jit-").into_iter().filter(|r| r["properties"]["access"] == "Allow").collect();
+    assert_eq!(allows.len(), 1);
+    assert_eq!(destinations(&allows[0]), [fleet[2].1[0].1.clone()]);
+    assert!(rules_named(&world, &fleet[0].0, "jit-").iter().all(|r| r["properties"]["access"] == "Deny"));
+
+    // A revoke ends the whole request.
+    let both = json!({"policy": "tagged", "vms": [fleet[0].1[1].0, fleet[1].1[1].0], "ports": [22], "duration": "PT1H", "justification": "x"});
+    let (_, pair) = world.request(ALICE, &both).await;
+    assert_eq!(pair["rules"].as_array().unwrap().len(), 2, "{pair}");
+    let (status, revoked) = world.decide(&id(&pair), "revoke", ADMIN).await;
+    assert_eq!((status, revoked["state"].as_str()), (200, Some("revoked")), "{revoked}");
+    for (nsg, _) in &fleet[..2] {
+        assert!(rules_named(&world, nsg, "jit-").iter().all(|r| r["properties"]["access"] == "Deny"), "{nsg}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rule_refused_on_one_nsg_fails_the_request_closed_on_every_nsg() {
+    let world = World::start().await;
+    let fleet = twenty_vms_behind_three_nsgs(&world);
+    let listed: Vec<Value> = fleet.iter().map(|(_, vms)| json!(vms[0].0)).collect();
+    let (status, policy) = world.put_policy("listed", &fleet_policy(json!({"vms": listed}))).await;
+    assert_eq!(status, 201, "{policy}");
+    assert_eq!(policy["baselines"].as_array().unwrap().len(), 3);
+    // Each NSG's deny rule names only its listed VM.
+    for (nsg, vms) in &fleet {
+        assert_eq!(destinations(&rules_named(&world, nsg, "jit-deny-")[0]), [vms[0].1.clone()]);
+    }
+    // The third NSG refuses the allow rule for good; the first two accepted theirs.
+    let mut refused = Fault::new("PUT", 400, "SecurityRuleInvalidAddressPrefix", 1);
+    refused.path_contains = Some("db-nsg/securityRules/jit-".into());
+    world.inject(refused);
+    let ask = json!({"policy": "listed", "vms": listed, "ports": [22], "duration": "PT1H", "justification": "x"});
+    let (status, body) = world.request(ALICE, &ask).await;
+    assert!(status >= 400 || body["state"] == "failed", "{status} {body}");
+    let requests = world.call("GET", "/api/requests", Some(ADMIN), None).await.1;
+    let request = &requests["requests"][0];
+    assert_eq!(request["state"], "failed", "{request}");
+    assert!(request["last_error"].as_str().unwrap().contains("refused"), "{request}");
+    for (nsg, _) in &fleet {
+        let allows: Vec<Value> =
+            rules_named(&world, nsg, "jit-").into_iter().filter(|r| r["properties"]["access"] == "Allow").collect();
+        assert!(allows.is_empty(), "{nsg} kept {allows:?}");
+    }
+    let events = world.audit("?action=rule.deleted").await;
+    assert!(events.len() >= 3, "each NSG's rule is deleted and recorded: {events:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reconciler_restores_each_nsgs_deny_rule_and_removes_ownerless_rules_on_every_nsg() {
+    let world = World::start().await;
+    let fleet = twenty_vms_behind_three_nsgs(&world);
+    let group = format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{GROUP}");
+    assert_eq!(world.put_policy("fleet", &fleet_policy(json!({"resource_group": group}))).await.0, 201);
+    let (app, app_vms) = &fleet[1];
+    assert!(world.local.emulator.remove_rule(app, "jit-deny-fleet"));
+    world.local.emulator.seed_rule(
+        &fleet[2].0,
+        "jit-00000000-0000-0000-0000-000000000000",
+        json!({"protocol": "Tcp", "sourcePortRange": "*", "destinationPortRange": "22", "sourceAddressPrefix": "*",
+            "destinationAddressPrefix": "10.3.0.1", "access": "Allow", "priority": 150, "direction": "Inbound",
+            "description": "portcullis JIT left behind"}),
+    );
+    // A rule with no request record is a suspect at the first scan and removed at the next.
+    for _ in 0..2 {
+        world.advance_minutes(16);
+        world.tick().await;
+    }
+    let restored = rules_named(&world, app, "jit-deny-");
+    assert_eq!(restored.len(), 1, "the deny rule of {app} is back");
+    assert_eq!(destinations(&restored[0]), sorted_ips(app_vms));
+    assert!(rules_named(&world, &fleet[2].0, "jit-0").is_empty(), "{:?}", world.local.emulator.rules(&fleet[2].0));
+    let (_, drift) = world.call("GET", "/api/drift", Some(ADMIN), None).await;
+    let scan = &drift["scans"][0];
+    assert_eq!(scan["nsgs"].as_array().unwrap().len(), 3, "{scan}");
+}
+
+impl World {
+    /// Every rule on the fleet's NSGs.
+    fn rules_everywhere(&self, fleet: &[(String, Vec<(String, String)>)]) -> Vec<Value> {
+        fleet.iter().flat_map(|(nsg, _)| self.local.emulator.rules(nsg)).collect()
+    }
+}
