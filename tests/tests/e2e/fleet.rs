@@ -2,7 +2,9 @@
 //! one deny rule per NSG naming every VM behind it; one request for several VMs, opened with
 //! one rule per NSG and closed whole; a refused rule fails the whole request closed.
 
-use portcullis_host::emulator::{Fault, NsgPlacement, SUBSCRIPTION};
+use std::time::Duration;
+
+use portcullis_host::emulator::{Fault, FaultKind, NsgPlacement, SUBSCRIPTION};
 use serde_json::{Value, json};
 
 use crate::support::*;
@@ -264,5 +266,122 @@ impl World {
     /// Every rule on the fleet's NSGs.
     fn rules_everywhere(&self, fleet: &[(String, Vec<(String, String)>)]) -> Vec<Value> {
         fleet.iter().flat_map(|(nsg, _)| self.local.emulator.rules(nsg)).collect()
+    }
+}
+
+/// A policy over one VM behind each of the three NSGs; answers the NSGs and the policy's VMs.
+async fn one_vm_per_nsg(world: &World) -> (Vec<String>, Vec<Value>) {
+    let fleet = twenty_vms_behind_three_nsgs(world);
+    let listed: Vec<Value> = fleet.iter().map(|(_, vms)| json!(vms[0].0)).collect();
+    let (status, policy) = world.put_policy("listed", &fleet_policy(json!({"vms": listed}))).await;
+    assert_eq!(status, 201, "{policy}");
+    (fleet.into_iter().map(|(nsg, _)| nsg).collect(), listed)
+}
+
+fn allow_rules_on(world: &World, nsgs: &[String]) -> Vec<Value> {
+    nsgs.iter()
+        .flat_map(|nsg| rules_named(world, nsg, "jit-"))
+        .filter(|r| r["properties"]["access"] == "Allow")
+        .collect()
+}
+
+/// The trouble `kind` for the next `times` calls of `method` on grant rules of one NSG.
+fn trouble_on(world: &World, nsg: &str, method: &'static str, kind: FaultKind, times: u32) {
+    let mut fault = Fault::of(Some(method), kind, times);
+    let name = nsg.rsplit('/').next().unwrap();
+    fault.path_contains = Some(format!("{name}/securityRules/jit-"));
+    world.inject(fault);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoke_while_the_second_nsgs_put_is_in_flight_leaves_no_rule_on_any_nsg() {
+    let world = World::start().await;
+    let (nsgs, vms) = one_vm_per_nsg(&world).await;
+    // The first NSG's rule lands at once; the second's PUT is slow.
+    trouble_on(&world, &nsgs[1], "PUT", FaultKind::Slow(Duration::from_secs(2)), 1);
+    let ask = json!({"policy": "listed", "vms": vms, "ports": [22], "duration": "PT1H", "justification": "x"});
+    let create = world.request(ALICE, &ask);
+    let revoke = async {
+        // Once the first rule is on its NSG, the request is approved and mid-open.
+        for _ in 0..200 {
+            if !allow_rules_on(&world, &nsgs[..1]).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_, list) = world.call("GET", "/api/requests?mine=true", Some(ALICE), None).await;
+        let id = list["requests"][0]["id"].as_str().unwrap().to_owned();
+        let answer = world.call("POST", &format!("/api/requests/{id}/revoke"), Some(ALICE), Some("{}")).await;
+        (id, answer)
+    };
+    let ((created_status, created), (id, (revoked_status, revoked))) = tokio::join!(create, revoke);
+    assert_eq!((created_status, revoked_status), (201, 200), "{created} {revoked}");
+    assert!(allow_rules_on(&world, &nsgs).is_empty(), "{:?}", allow_rules_on(&world, &nsgs));
+    assert_eq!(world.get_request(&id).await["state"], "revoked");
+    // Nothing brings any of them back later either.
+    world.advance_minutes(6);
+    world.tick().await;
+    assert!(allow_rules_on(&world, &nsgs).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_close_that_fails_on_one_nsg_keeps_the_grant_closing_until_every_rule_is_gone() {
+    let world = World::start().await;
+    let (nsgs, vms) = one_vm_per_nsg(&world).await;
+    let ask = json!({"policy": "listed", "vms": vms, "ports": [22], "duration": "PT10M", "justification": "x"});
+    let (_, grant) = world.request(ALICE, &ask).await;
+    assert_eq!(allow_rules_on(&world, &nsgs).len(), 3);
+    // The second NSG's DELETE fails at expiry (ARM answers 500 twice: the client retries).
+    trouble_on(&world, &nsgs[1], "DELETE", FaultKind::Error { status: 500, code: "InternalServerError" }, 6);
+    world.advance_minutes(11);
+    world.tick().await;
+    let closing = world.get_request(&id(&grant)).await;
+    assert_eq!(closing["state"], "revoking", "{closing}");
+    let left = allow_rules_on(&world, &nsgs);
+    assert!(!left.is_empty() && left.len() < 3, "the first went, the second stayed: {left:?}");
+    world.local.emulator.clear_faults();
+    world.advance_minutes(1);
+    world.tick().await;
+    assert_eq!(world.get_request(&id(&grant)).await["state"], "expired");
+    assert!(allow_rules_on(&world, &nsgs).is_empty(), "{:?}", allow_rules_on(&world, &nsgs));
+}
+
+/// ARM calls to open and to close one request for 1, 20 and 200 VMs (behind 1, 3 and 10
+/// NSGs): writes are one per NSG each way, whatever the number of VMs. Prints the figures
+/// (`-- --nocapture`), which README quotes.
+#[tokio::test(flavor = "multi_thread")]
+async fn arm_writes_per_open_and_close_follow_nsgs_not_vms() {
+    for (vms, nsgs) in [(1, 1), (20, 3), (200, 10)] {
+        let world = World::start().await;
+        let emulator = &world.local.emulator;
+        let group = format!("size-{vms}");
+        let mut ids = Vec::new();
+        for n in 0..vms {
+            let nsg = format!(
+                "/subscriptions/{SUBSCRIPTION}/resourceGroups/{group}/providers/Microsoft.Network/networkSecurityGroups/nsg-{}",
+                n % nsgs
+            );
+            if n < nsgs {
+                emulator.add_nsg(&nsg);
+            }
+            let ip = format!("10.{}.{}.{}", n % nsgs, n / 250, n % 250 + 1);
+            ids.push(emulator.add_vm_in(&group, &format!("vm-{n}"), &ip, NsgPlacement::Subnet(&nsg), &[]));
+        }
+        let scope = format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{group}");
+        let (status, policy) = world.put_policy("sized", &fleet_policy(json!({"resource_group": scope}))).await;
+        assert_eq!((status, policy["vms"].as_array().map(Vec::len)), (201, Some(vms)), "{policy}");
+        emulator.clear_calls();
+        let ask = json!({"policy": "sized", "vms": ids, "ports": [22], "duration": "PT10M", "justification": "x"});
+        let (status, grant) = world.request(ALICE, &ask).await;
+        assert_eq!((status, grant["state"].as_str()), (201, Some("active")), "{grant}");
+        let (open_calls, open_writes) = (world.arm_calls().len(), rule_writes(&world, "PUT", "jit-"));
+        emulator.clear_calls();
+        let (status, _) = world.decide(&id(&grant), "revoke", ADMIN).await;
+        assert_eq!(status, 200);
+        let (close_calls, close_writes) = (world.arm_calls().len(), rule_writes(&world, "DELETE", "jit-"));
+        assert_eq!((open_writes, close_writes), (nsgs, nsgs), "one write per NSG each way");
+        println!(
+            "{vms} VMs behind {nsgs} NSGs: open {open_writes} writes ({open_calls} ARM calls with polling), close {close_writes} writes ({close_calls} calls)"
+        );
     }
 }
