@@ -172,6 +172,17 @@ pub enum ChatDecisions {
     Direct,
 }
 
+/// What becomes of running grants on a VM that leaves a policy's resource group or tag.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Leavers {
+    /// They run to their end (their rules still close on time).
+    #[default]
+    Keep,
+    /// They end at once (the whole request, if it names other VMs too).
+    End,
+}
+
 /// Emergency self-activation: named people may open access without approval, loudly.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BreakGlass {
@@ -271,6 +282,9 @@ pub struct Policy {
     /// The baseline deny rules, one per NSG of the VMs, while the policy is enabled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub baselines: Vec<RuleRef>,
+    /// What becomes of grants on a VM that leaves the selector.
+    #[serde(default)]
+    pub leavers: Leavers,
     /// Protected ports; port numbers are distinct.
     pub ports: Vec<PortRule>,
     /// How requests are approved.
@@ -335,6 +349,8 @@ pub struct RawPolicy {
     vms: Option<RawVms>,
     #[serde(default)]
     resource_group: Option<String>,
+    #[serde(default)]
+    leavers: Leavers,
     #[serde(default)]
     ports: Option<Vec<RawPortRule>>,
     approval: RawApproval,
@@ -596,6 +612,7 @@ impl Policy {
             unprotected: fleet.unprotected,
             resolved_at: fleet.resolved_at,
             baselines: Vec::new(),
+            leavers: raw.leavers,
             ports,
             approval,
             requesters,

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod decisions;
 pub mod expiry;
+pub mod fleet;
 pub mod grants;
 pub mod health;
 pub mod inbound;

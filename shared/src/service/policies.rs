@@ -92,7 +92,7 @@ fn resolve(env: &Env, wanted: Wanted) -> Result<Fleet, ApiError> {
 }
 
 /// One VM's NIC, private IP and NSG, asked of ARM.
-fn resolve_one(env: &Env, vm: &VmId) -> Result<ProtectedVm, ApiError> {
+pub(crate) fn resolve_one(env: &Env, vm: &VmId) -> Result<ProtectedVm, ApiError> {
     let network = env.arm.resolve_vm(vm).map_err(|error| match error {
         ArmError::Refused { status: 404, .. } => ApiError::unprocessable(
             "vm_not_found",

@@ -43,7 +43,8 @@ const OURS: &str = "portcullis JIT";
 /// One thing a scan found.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Finding {
-    /// `rule_removed`, `rule_missing`, `baseline_restored`, `exposure` or `nsg_unreadable`.
+    /// `rule_removed`, `rule_missing`, `baseline_restored`, `baseline_removed`, `exposure`,
+    /// `nsg_unreadable` or `refresh_failed`.
     pub kind: String,
     /// The NSG it was found on.
     #[serde(default)]
@@ -86,13 +87,15 @@ pub(crate) fn round(env: &Env, budget: &Budgeted, overdue: &mut Overdue) -> Resu
     let start = store::load::<usize>(env.kv, keys::RECONCILE_NEXT)?.map_or(0, |v| v.value) % names.len();
     let work = store::read_list(env.kv, keys::ARM_WORK)?;
     let mut looked = 0;
+    // Listing a fleet's resource group or tag again costs the most reads: one per sweep.
+    let mut refreshes = 1;
     for offset in 0..per_tick {
         if budget.spent() {
             break;
         }
         let name = &names[(start + offset) % names.len()];
         looked += 1;
-        if let Err(error) = reconcile_policy(env, name, &work, overdue) {
+        if let Err(error) = reconcile_policy(env, name, &work, overdue, &mut refreshes) {
             eprintln!("reconcile: policy {name}: {}", error.internal.as_deref().unwrap_or(&error.message));
         }
     }
@@ -103,7 +106,13 @@ pub(crate) fn round(env: &Env, budget: &Budgeted, overdue: &mut Overdue) -> Resu
     Ok(looked)
 }
 
-fn reconcile_policy(env: &Env, name: &str, work: &[String], overdue: &mut Overdue) -> Result<(), ApiError> {
+fn reconcile_policy(
+    env: &Env,
+    name: &str,
+    work: &[String],
+    overdue: &mut Overdue,
+    refreshes: &mut usize,
+) -> Result<(), ApiError> {
     let Ok(name) = PolicyName::parse(name) else { return Ok(()) };
     let Some(policy) = store::load::<Policy>(env.kv, &keys::policy(&name))? else {
         return reconcile_deleted(env, &name, work, overdue);
@@ -113,7 +122,6 @@ fn reconcile_policy(env: &Env, name: &str, work: &[String], overdue: &mut Overdu
         return Ok(());
     }
     let mut grants = close_overdue_grants(env, &name, work, overdue)?;
-    let policy = policy.value;
     let mut scan = DriftScan {
         policy: name.to_string(),
         nsgs: Vec::new(),
@@ -122,6 +130,9 @@ fn reconcile_policy(env: &Env, name: &str, work: &[String], overdue: &mut Overdu
         findings: Vec::new(),
         suspects: Vec::new(),
     };
+    let mut policy = policy;
+    super::fleet::refresh(env, &mut policy, &mut grants, refreshes, &mut scan)?;
+    let policy = policy.value;
     // The NSGs of its VMs, and any its grants' or baselines' rules are on (a VM may have
     // moved or left since they were put).
     let mut nsgs: Vec<NsgId> = policy.nsgs().into_iter().cloned().collect();

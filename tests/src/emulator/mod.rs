@@ -158,6 +158,13 @@ impl Emulator {
         vm
     }
 
+    /// Replaces a VM's tags (an admin tagging or untagging it); panics on an unknown VM.
+    pub fn set_tags(&self, vm: &str, tags: &[(&str, &str)]) {
+        let tags: serde_json::Map<String, serde_json::Value> =
+            tags.iter().map(|(k, v)| ((*k).to_owned(), serde_json::json!(v))).collect();
+        assert!(self.state.lock().unwrap().set_tags(vm, tags.into()), "no VM {vm}");
+    }
+
     /// The OIDC issuer's `iss`.
     pub fn oidc_issuer(&self) -> String {
         format!("{}/oidc", self.url())

@@ -192,6 +192,11 @@ impl EmulatorState {
         self.resources.insert(id.to_lowercase(), document);
     }
 
+    /// Replaces a resource's tags; answers whether it exists.
+    pub(super) fn set_tags(&mut self, id: &str, tags: Value) -> bool {
+        self.resources.get_mut(&id.to_lowercase()).map(|resource| resource["tags"] = tags).is_some()
+    }
+
     /// The fault that hits this call, if any, with the error to answer for error faults.
     fn take_fault(&mut self, method: &Method, path: &str) -> Option<(Fault, Option<Answer>)> {
         let mut hit = None;

@@ -385,3 +385,57 @@ async fn arm_writes_per_open_and_close_follow_nsgs_not_vms() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sweep_refreshes_a_tag_so_joiners_get_the_deny_rule_and_leavers_lose_it_and_their_grants() {
+    let world = World::start().await;
+    let fleet = twenty_vms_behind_three_nsgs(&world);
+    let emulator = &world.local.emulator;
+    let mut policy =
+        fleet_policy(json!({"vms": {"scope": format!("/subscriptions/{SUBSCRIPTION}"), "tag": "jit", "value": "ssh"}}));
+    policy["leavers"] = json!("end");
+    assert_eq!(world.put_policy("tagged", &policy).await.0, 201);
+    let (web, web_vms) = &fleet[0];
+    let (db, db_vms) = &fleet[2];
+    // A grant on a VM that will leave, and one on a VM that stays.
+    let leaver = &db_vms[0].0;
+    let ask = |vm: &str| json!({"policy": "tagged", "vm": vm, "ports": [22], "duration": "PT3H", "justification": "x"});
+    let (_, leaving) = world.request(ALICE, &ask(leaver)).await;
+    let (_, staying) = world.request(CAROL, &ask(&web_vms[0].0)).await;
+    assert_eq!((leaving["state"].as_str(), staying["state"].as_str()), (Some("active"), Some("active")));
+
+    // Every VM behind db-nsg leaves the tag; a new VM joins behind web-nsg.
+    for (vm, _) in db_vms {
+        emulator.set_tags(vm, &[("jit", "off")]);
+    }
+    let joiner = emulator.add_vm_in(GROUP, "joiner", "10.1.0.50", NsgPlacement::Subnet(web), &[("jit", "ssh")]);
+    // Within the hour, nothing changes.
+    world.advance_minutes(30);
+    world.tick().await;
+    assert_eq!(world.request(ALICE, &ask(&joiner)).await.1["error"]["code"], "vm_not_in_policy");
+    world.advance_minutes(31);
+    world.tick().await;
+
+    let (_, refreshed) = world.call("GET", "/api/policies/tagged", Some(ADMIN), None).await;
+    let vms: Vec<&str> = refreshed["vms"].as_array().unwrap().iter().map(|v| v["vm"].as_str().unwrap()).collect();
+    assert_eq!(vms.len(), 20 - 5 + 1, "{refreshed}");
+    assert!(vms.contains(&joiner.as_str()) && !vms.contains(&leaver.as_str()));
+    let mut expected = sorted_ips(web_vms);
+    expected.push("10.1.0.50".into());
+    expected.sort();
+    assert_eq!(destinations(&rules_named(&world, web, "jit-deny-")[0]), expected, "the joiner is behind the deny rule");
+    assert!(rules_named(&world, db, "jit-deny-").is_empty(), "no VM of the policy is behind {db} any more");
+    assert_eq!(refreshed["baselines"].as_array().unwrap().len(), 2, "{refreshed}");
+    // `leavers: end`: the grant on the leaver ended, with its rule; the other runs on.
+    let ended = world.get_request(&id(&leaving)).await;
+    assert_eq!(ended["state"], "revoked", "{ended}");
+    assert!(ended["ended"]["reason"].as_str().unwrap().contains("left the policy"), "{ended}");
+    assert!(rules_named(&world, db, "jit-").is_empty());
+    assert_eq!(world.get_request(&id(&staying)).await["state"], "active");
+    let refresh = world.audit("action=policy.refreshed").await;
+    assert_eq!(refresh.len(), 1, "{refresh:#?}");
+    assert_eq!(refresh[0]["details"]["left"].as_array().unwrap().len(), 5);
+    // The joiner may be asked for now.
+    let (status, joined) = world.request(ALICE, &ask(&joiner)).await;
+    assert_eq!((status, joined["state"].as_str()), (201, Some("active")), "{joined}");
+}

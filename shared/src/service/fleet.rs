@@ -1,0 +1,156 @@
+//! Keeping a fleet's VMs current: the reconciler lists a policy's resource group or tag again
+//! once an hour, so a VM that joins gets the baseline deny rule (and may be requested) and one
+//! that leaves loses it, without the admin putting the policy again.
+//!
+//! A refresh is bounded in ARM reads: at most [`REFRESH_PAGES`] pages of the listing and
+//! [`REFRESH_RESOLVES`] new VMs resolved (two or three reads each), and at most one policy is
+//! refreshed per sweep. A listing cut short changes nothing (a VM missing from a partial list
+//! has not left); VMs left unresolved join at the next scan. VMs already in the fleet keep
+//! the placement they were resolved with (putting the policy again resolves every VM anew).
+
+use chrono::TimeDelta;
+use serde_json::json;
+
+use super::reconcile::{DriftScan, Finding};
+use super::{Env, grants, policies, subject_of_policy};
+use crate::api::ApiError;
+use crate::arm::inventory;
+use crate::domain::policy::{Leavers, MAX_POLICY_VMS, Unprotected, same_id};
+use crate::domain::request::Ending;
+use crate::domain::{AccessRequest, Event, Policy, VmId};
+use crate::keys;
+use crate::store::{self, Versioned};
+
+/// How often a selector is listed again.
+pub const REFRESH_EVERY: TimeDelta = TimeDelta::minutes(60);
+/// Pages of the listing one refresh reads.
+const REFRESH_PAGES: usize = 5;
+/// VMs one refresh resolves; the rest join at the next scan.
+const REFRESH_RESOLVES: usize = 20;
+
+/// What a refresh changed.
+#[derive(Debug, Default)]
+struct Change {
+    joined: Vec<String>,
+    left: Vec<VmId>,
+    unprotected: Vec<Unprotected>,
+    pending: usize,
+}
+
+/// Lists the policy's selector again when it is due and `allowance` (refreshes left this sweep)
+/// permits; saves the new set of VMs and, by the policy's `leavers`, ends grants on VMs that
+/// left. Leaves `policy` as saved. The NSG scans that follow put or remove deny rules to match.
+pub(crate) fn refresh(
+    env: &Env,
+    policy: &mut Versioned<Policy>,
+    grants: &mut Vec<Versioned<AccessRequest>>,
+    allowance: &mut usize,
+    scan: &mut DriftScan,
+) -> Result<(), ApiError> {
+    let Some(selector) = policy.value.selector.clone() else { return Ok(()) };
+    if *allowance == 0 || policy.value.resolved_at.is_some_and(|at| at + REFRESH_EVERY > env.now) {
+        return Ok(());
+    }
+    *allowance -= 1;
+    let mut problem = |detail: String| {
+        scan.findings.push(Finding { kind: "refresh_failed".into(), nsg: String::new(), rule: String::new(), detail })
+    };
+    let listing = match inventory::list(env.arm, &selector, None, REFRESH_PAGES) {
+        Ok(listing) if listing.resume.is_none() && listing.vms.len() <= MAX_POLICY_VMS => listing,
+        Ok(_) => {
+            problem(format!(
+                "{} holds more VMs than one refresh lists ({REFRESH_PAGES} pages, {MAX_POLICY_VMS} VMs): the fleet is unchanged",
+                selector.scope
+            ));
+            return Ok(());
+        }
+        Err(error) => {
+            problem(format!("listing the VMs of {} failed: {error}", selector.scope));
+            return Ok(());
+        }
+    };
+    let listed = |id: &str| listing.vms.iter().any(|vm| same_id(vm.as_str(), id));
+    let mut change = Change::default();
+    let mut next = policy.value.clone();
+    next.vms.retain(|vm| {
+        let stays = listed(vm.vm.as_str());
+        if !stays {
+            change.left.push(vm.vm.clone());
+        }
+        stays
+    });
+    let known = |id: &str| policy.value.vm(id).is_some();
+    let mut resolves = 0;
+    next.unprotected.clear();
+    for vm in &listing.vms {
+        if known(vm.as_str()) {
+            continue;
+        }
+        if resolves == REFRESH_RESOLVES {
+            change.pending += 1;
+            continue;
+        }
+        resolves += 1;
+        match policies::resolve_one(env, vm) {
+            Ok(protected) => {
+                change.joined.push(vm.to_string());
+                next.vms.push(protected);
+            }
+            Err(error) if error.status == 422 => {
+                next.unprotected.push(Unprotected { vm: vm.to_string(), reason: error.message })
+            }
+            Err(error) => {
+                problem(format!("resolving VM {vm} failed: {}", error.message));
+                change.pending += 1;
+            }
+        }
+    }
+    change.unprotected.clone_from(&next.unprotected);
+    // Refreshed once everything listed is placed; otherwise again at the next scan.
+    if change.pending == 0 {
+        next.resolved_at = Some(env.now);
+    }
+    let changed = !change.joined.is_empty() || !change.left.is_empty() || next.unprotected != policy.value.unprotected;
+    let key = keys::policy(&policy.value.name);
+    let details = json!({
+        "joined": change.joined,
+        "left": change.left,
+        "unprotected": change.unprotected.len(),
+        "pending": change.pending,
+    });
+    let saved = if changed {
+        env.audited("policy.refreshed", subject_of_policy(&policy.value.name), details, || {
+            Ok(store::save(env.kv, &key, &next, Some(policy.version))?)
+        })
+    } else {
+        Ok(store::save(env.kv, &key, &next, Some(policy.version))?)
+    };
+    match saved {
+        Ok(version) => *policy = Versioned { value: next, version },
+        // An admin changed the policy meanwhile: theirs stands, refreshed at the next scan.
+        Err(error) if error.is_concurrent_update() => return Ok(()),
+        Err(error) => return Err(error),
+    }
+    if policy.value.leavers == Leavers::End && !change.left.is_empty() {
+        end_grants_on(env, grants, &change.left)?;
+    }
+    Ok(())
+}
+
+/// Ends the grants that name a VM that left the fleet.
+fn end_grants_on(env: &Env, grants: &mut Vec<Versioned<AccessRequest>>, left: &[VmId]) -> Result<(), ApiError> {
+    let mut index = 0;
+    while index < grants.len() {
+        let on_leaver = grants[index].value.vms.iter().find(|vm| left.iter().any(|l| same_id(l.as_str(), vm.as_str())));
+        let Some(vm) = on_leaver.cloned() else {
+            index += 1;
+            continue;
+        };
+        let mut grant = grants.remove(index);
+        let ending = Ending { by: "system".into(), at: env.now, reason: Some(format!("VM {vm} left the policy")) };
+        if let Err(error) = grants::close(env, &mut grant, Event::Revoke, Some(ending)) {
+            eprintln!("fleet: ending {} on a VM that left: {}", grant.value.id, error.message);
+        }
+    }
+    Ok(())
+}
