@@ -53,6 +53,9 @@ struct RawRequestVmEntry {
 
 /// The most VMs one request names.
 pub const MAX_REQUEST_VMS: usize = 200;
+/// The most NSGs one request's VMs sit behind: one rule each, opened one after another
+/// within an invocation's time for ARM.
+pub const MAX_REQUEST_NSGS: usize = 10;
 
 /// Why a request was refused, split by the HTTP status it deserves.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -307,6 +310,21 @@ fn choose_vms(
         }
         chosen.push(vm.vm.clone());
     }
+    let mut nsgs: Vec<&str> = Vec::new();
+    for vm in chosen.iter().filter_map(|id| policy.vm(id.as_str())) {
+        if !nsgs.iter().any(|n| same_id(n, vm.nsg.as_str())) {
+            nsgs.push(vm.nsg.as_str());
+        }
+    }
+    if nsgs.len() > MAX_REQUEST_NSGS {
+        return Err(refused(
+            "too_many_nsgs",
+            format!(
+                "these VMs sit behind {} NSGs; one request opens at most {MAX_REQUEST_NSGS} (one rule each): split it",
+                nsgs.len()
+            ),
+        ));
+    }
     Ok(chosen)
 }
 
@@ -487,9 +505,10 @@ impl AccessRequest {
             || self.vms.iter().any(|a| other.vms.iter().any(|b| same_id(a.as_str(), b.as_str())))
     }
 
-    /// Whether every VM of this request is among `others`'.
+    /// Whether every VM of this request is among `other`'s (never for a record from before
+    /// fleets, whose VM is not named).
     pub fn vms_within(&self, other: &AccessRequest) -> bool {
-        other.vms.is_empty() || self.vms.iter().all(|a| other.vms.iter().any(|b| same_id(a.as_str(), b.as_str())))
+        !self.vms.is_empty() && self.vms.iter().all(|a| other.vms.iter().any(|b| same_id(a.as_str(), b.as_str())))
     }
 
     /// The NSG rule name for this request: `jit-<id>`, within ARM's 80 characters.
@@ -596,7 +615,7 @@ mod tests {
         let read: AccessRequest = serde_json::from_value(legacy).unwrap();
         assert_eq!(read.rules.len(), 1);
         assert_eq!((read.rules[0].name.as_str(), read.rules[0].priority), ("jit-r1", 200));
-        assert!(read.vms.is_empty() && read.shares_vm_with(&request) && read.vms_within(&request));
+        assert!(read.vms.is_empty() && read.shares_vm_with(&request) && !read.vms_within(&request));
         let back: AccessRequest = serde_json::from_str(&serde_json::to_string(&read).unwrap()).unwrap();
         assert_eq!(back, read);
     }

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::{Env, grants, subject_of};
 use crate::api::ApiError;
-use crate::arm::ArmReceipt;
+use crate::arm::ArmError;
 use crate::audit::Outcome;
 use crate::domain::{AccessRequest, Event};
 use crate::keys;
@@ -63,41 +63,25 @@ pub fn close_due(env: &Env, batch: &mut [Versioned<AccessRequest>]) -> Vec<Resul
     for index in revoking {
         let grant = &mut batch[index];
         let sent_at = env.fresh_now();
-        // Its rules, one per NSG: confirmed DELETEs are facts from now on, and go into the
-        // trail with the next append (the one after this loop), or a later one should that
-        // fail; the first failure stops, and is recorded now.
-        let mut outcome = Ok(ArmReceipt::default());
-        let mut details = json!({});
-        for rule in &grant.value.rules {
-            outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
-            details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
-            if outcome.is_err() {
-                break;
+        // Its rules, one per NSG, each sent whatever became of the others: confirmed DELETEs
+        // are facts from now on, and go into the trail with the next append (the one after
+        // this loop), or a later one should that fail; failures are recorded now.
+        let outcome = match grants::delete_rules(env, &grant.value, None) {
+            Ok(outcome) => outcome,
+            Err(unrecorded) => {
+                results[index] = Some(Err(unrecorded));
+                continue;
             }
-            grants::defer_arm_write(env, "rule.deleted", subject_of(&grant.value), details.clone(), &outcome);
-        }
-        if outcome.is_ok() && !grant.value.put_in_flight(sent_at) {
-            gone.push(index);
-            continue;
-        }
-        let recorded = match &outcome {
-            Ok(_) => Ok(()),
-            Err(_) => grants::record_arm_write(env, "rule.deleted", subject_of(&grant.value), details, &outcome),
         };
-        results[index] = Some(recorded.and_then(|()| match &outcome {
-            // A PUT may still land: the one-grant close keeps it `revoking` until it cannot.
-            Ok(_) => hand_over(env, grant),
-            // Stays `revoking`, listed again (a sweep that read it before it was saved
-            // `revoking` may have dropped it from the list): deleted again next tick.
-            Err(error) => {
-                grants::record_attempt(grant, error);
-                store::add_to_list(env.kv, keys::ARM_WORK, grant.value.id.as_str(), usize::MAX)?;
-                match env.save_request(grant) {
-                    Err(lost) if lost.is_concurrent_update() => hand_over(env, grant),
-                    other => other,
-                }
+        results[index] = Some(match outcome {
+            Ok(()) if !grant.value.put_in_flight(sent_at) => {
+                gone.push(index);
+                continue;
             }
-        }));
+            // A PUT may still land: the one-grant close keeps it `revoking` until it cannot.
+            Ok(()) => hand_over(env, grant),
+            Err(error) => keep_closing(env, grant, &error),
+        });
     }
 
     // Closed: recorded (after the DELETEs' events), saved, unlisted.
@@ -229,4 +213,15 @@ fn remove_all(kv: &dyn KvStore, key: &str, ids: &[String]) -> Result<(), store::
         (list.len() != before).then_some(list)
     })
     .map(drop)
+}
+
+/// A grant whose DELETE failed stays `revoking`, listed again (a sweep that read it before it
+/// was saved `revoking` may have dropped it from the list): deleted again next tick.
+fn keep_closing(env: &Env, grant: &mut Versioned<AccessRequest>, error: &ArmError) -> Result<(), ApiError> {
+    grants::record_attempt(grant, error);
+    store::add_to_list(env.kv, keys::ARM_WORK, grant.value.id.as_str(), usize::MAX)?;
+    match env.save_request(grant) {
+        Err(lost) if lost.is_concurrent_update() => hand_over(env, grant),
+        other => other,
+    }
 }

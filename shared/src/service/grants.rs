@@ -216,13 +216,20 @@ fn open_unflushed(
         }
     };
     let mine = Some(mine);
+    let ends_at = env.now + request.value.duration.as_delta();
+    let Some(rules) = allow_rules(&request.value, policy, &request.value.ports, ends_at) else {
+        return abandon(
+            env,
+            request,
+            "the request was made before its policy protected several VMs and names none: ask again, naming the VM"
+                .into(),
+        );
+    };
     // One PUT per NSG, in order; the first failure stops the rest (a refused one fails the
     // whole request closed, a transient one is retried whole: PUTs are idempotent).
-    let mut priorities = Vec::with_capacity(request.value.rules.len());
+    let mut priorities = Vec::with_capacity(rules.len());
     let mut outcome = Ok(ArmReceipt::default());
-    for rule_ref in request.value.rules.clone() {
-        let ends_at = env.now + request.value.duration.as_delta();
-        let mut rule = allow_rule(&request.value, policy, &rule_ref, &request.value.ports, ends_at);
+    for (rule_ref, mut rule) in request.value.rules.clone().into_iter().zip(rules) {
         outcome = put_in_band(env, &rule_ref.nsg, &mut rule, env.config.priorities);
         // A confirmed PUT is recorded with the activation that follows (one append); any other
         // outcome before anything else happens.
@@ -254,22 +261,67 @@ fn open_unflushed(
             release(env, &mut request.value, mine);
             abandon(env, request, format!("ARM refused the rule: {error}"))
         }),
-        Err(error @ (ArmError::Transient(_) | ArmError::PriorityConflict)) => retrying(env, request, |request| {
-            if request.value.state != State::Approved {
-                // Closing meanwhile: delete now; the lease keeps the close open until this
-                // PUT can no longer land.
-                return settle_foreign(env, request, None);
-            }
-            let since = request.value.approved_at.unwrap_or(request.value.created_at);
-            record_attempt(request, &error);
-            // Listed again, should the sweep have dropped it while it was being approved.
-            store::add_to_list(env.kv, keys::ARM_WORK, request.value.id.as_str(), usize::MAX)?;
-            if env.now - since > OPEN_GRACE.max(request.value.duration.as_delta()) {
-                return abandon(env, request, format!("the rule could not be opened since {since}: {error}"));
-            }
-            env.save_request(request)
-        }),
+        Err(error @ (ArmError::Transient(_) | ArmError::PriorityConflict)) => {
+            // The rules confirmed before this failure would be open with no end scheduled
+            // while the open is retried: they come off again (the retry puts them back).
+            roll_back(env, &request.value, priorities.len())?;
+            retrying(env, request, |request| {
+                if request.value.state != State::Approved {
+                    // Closing meanwhile: delete now; the lease keeps the close open until this
+                    // PUT can no longer land.
+                    return settle_foreign(env, request, None);
+                }
+                let since = request.value.approved_at.unwrap_or(request.value.created_at);
+                record_attempt(request, &error);
+                // Listed again, should the sweep have dropped it while it was being approved.
+                store::add_to_list(env.kv, keys::ARM_WORK, request.value.id.as_str(), usize::MAX)?;
+                if env.now - since > OPEN_GRACE.max(request.value.duration.as_delta()) {
+                    return abandon(env, request, format!("the rule could not be opened since {since}: {error}"));
+                }
+                env.save_request(request)
+            })
+        }
     }
+}
+
+/// Deletes the first `count` rules of a request whose open failed part-way, recording each.
+/// A failure here is left to the close that follows or to the abandon at the end of the
+/// open's grace: the request stays listed for the sweep, and every close deletes every rule.
+fn roll_back(env: &Env, request: &AccessRequest, count: usize) -> Result<(), ApiError> {
+    for rule in request.rules.iter().take(count) {
+        let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
+        let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name, "reason": "the open failed part-way"});
+        record_arm_write(env, "rule.deleted", subject_of(request), details, &outcome)?;
+    }
+    Ok(())
+}
+
+/// Deletes every rule of a request, recording each: all are sent even when one fails (a rule
+/// that cannot be deleted must not keep the others open), and the first failure is answered.
+/// Confirmed deletes go into the trail with the save that follows (see [`Env::defer`]).
+pub(crate) fn delete_rules(
+    env: &Env,
+    request: &AccessRequest,
+    reason: Option<&str>,
+) -> Result<Result<(), ArmError>, ApiError> {
+    let mut first_failure = Ok(());
+    for rule in &request.rules {
+        let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
+        let mut details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
+        if let Some(reason) = reason {
+            details["reason"] = json!(reason);
+        }
+        match &outcome {
+            Ok(_) => defer_arm_write(env, "rule.deleted", subject_of(request), details, &outcome),
+            Err(error) => {
+                record_arm_write(env, "rule.deleted", subject_of(request), details, &outcome)?;
+                if first_failure.is_ok() {
+                    first_failure = Err(error.clone());
+                }
+            }
+        }
+    }
+    Ok(first_failure)
 }
 
 /// Saves what a PUT that ARM confirmed achieved, on the request as it is now: still approved,
@@ -327,13 +379,9 @@ fn settle_foreign(env: &Env, request: &mut Versioned<AccessRequest>, mine: Optio
 /// Deletes the rule of a request that has already ended (its close became final before a
 /// late PUT landed): the rule has no owner and must not stay.
 fn remove_ownerless_rule(env: &Env, request: &AccessRequest) -> Result<(), ApiError> {
-    for rule in &request.rules {
-        let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
-        let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name, "reason": "no owner: the request ended"});
-        record_arm_write(env, "rule.deleted", subject_of(request), details, &outcome)?;
-        outcome?;
-    }
-    Ok(())
+    let outcome = delete_rules(env, request, Some("no owner: the request ended"))?;
+    env.flush()?;
+    Ok(outcome?)
 }
 
 /// Whether an approved request still fits its policy as it is now (an admin may have changed
@@ -349,6 +397,17 @@ pub fn still_allowed(request: &AccessRequest, policy: &Policy) -> Result<(), Str
     }
     if let Some(vm) = request.vms.iter().find(|vm| policy.vm(vm.as_str()).is_none()) {
         return Err(format!("VM {vm} is no longer protected by it"));
+    }
+    if request.vms.is_empty() && policy.vms.len() != 1 {
+        return Err("it was made before the policy protected several VMs: ask again, naming the VM".into());
+    }
+    // Addresses are fixed at approval: one that is no longer a protected VM's behind that NSG
+    // (the VM moved, or its address went to another VM) must not be opened.
+    for rule in &request.rules {
+        let current = policy.destinations_on(&rule.nsg);
+        if let Some(gone) = rule.destinations.iter().find(|d| !current.contains(d)) {
+            return Err(format!("address {gone} is no longer a protected VM's behind NSG {}", rule.nsg));
+        }
     }
     if request.break_glass {
         return match &policy.break_glass {
@@ -484,21 +543,9 @@ fn finish_close_unflushed(env: &Env, request: &mut Versioned<AccessRequest>) -> 
         // Leases are judged at the time the DELETE is sent: a PUT that lands after that, while
         // its lease was still running, is deleted by a later try.
         let sent_at = env.fresh_now();
-        // Every rule (none when it was never approved: no PUT was ever made); the first
-        // failure leaves the rest for the next try, which deletes them all again.
-        let mut outcome = Ok(());
-        for rule in &request.value.rules {
-            let deleted = env.arm.delete_rule(&rule.nsg, &rule.name);
-            let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
-            // Confirmed, it goes into the trail with the save that follows.
-            if deleted.is_ok() {
-                defer_arm_write(env, "rule.deleted", subject_of(&request.value), details, &deleted);
-            } else {
-                record_arm_write(env, "rule.deleted", subject_of(&request.value), details, &deleted)?;
-                outcome = deleted.map(drop);
-                break;
-            }
-        }
+        // Every rule (none when it was never approved: no PUT was ever made); a failure
+        // leaves the request closing, and the next try deletes them all again.
+        let outcome = delete_rules(env, &request.value, None)?;
         match outcome {
             Ok(()) if request.value.put_in_flight(sent_at) => {
                 let until = request.value.put_lease_end().unwrap_or(env.now);
@@ -619,9 +666,14 @@ fn rewrite(
         Err(error) if error.is_concurrent_update() => return Ok(()),
         Err(error) => return Err(error),
     }
+    let Some(rules) = allow_rules(&grant.value, policy, &ports, ends_at) else {
+        // A grant from before fleets whose policy now has several VMs: its rule stays as it
+        // is and still closes on time.
+        eprintln!("not rewriting the rules of {}: it names no VM", grant.value.id);
+        return Ok(());
+    };
     let mut outcome = Ok(ArmReceipt::default());
-    for rule_ref in &grant.value.rules {
-        let rule = allow_rule(&grant.value, policy, rule_ref, &ports, ends_at);
+    for (rule_ref, rule) in grant.value.rules.iter().zip(rules) {
         outcome = env.arm.put_rule(&rule_ref.nsg, &rule);
         record_arm_write(env, "rule.put", subject_of(&grant.value), rule_details(&rule_ref.nsg, &rule), &outcome)?;
         if outcome.is_err() {
@@ -662,33 +714,41 @@ pub(crate) fn transition(request: &mut Versioned<AccessRequest>, event: Event) -
     Ok(())
 }
 
-/// The allow rule for a request under its policy.
-fn allow_rule(
+/// The allow rules of a request under its policy, one per rule it names. `None` when one of
+/// them has no address: only a rule from before fleets can, and then only the one VM of a
+/// one-VM policy may stand in (what such a rule always meant); anything else is refused.
+fn allow_rules(
     request: &AccessRequest,
     policy: &Policy,
-    rule: &RuleRef,
     ports: &PortSet,
     ends_at: DateTime<Utc>,
-) -> SecurityRule {
-    SecurityRule {
-        name: rule.name.clone(),
-        priority: rule.priority,
-        description: format!(
-            "portcullis JIT {} until {} for {}",
-            request.id,
-            ends_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            request.requester
-        ),
-        access: Access::Allow,
-        protocol: request.protocol,
-        source: Some(request.source),
-        destinations: if rule.destinations.is_empty() {
-            policy.destinations_on(&rule.nsg)
-        } else {
-            rule.destinations.clone()
-        },
-        ports: ports.clone(),
-    }
+) -> Option<Vec<SecurityRule>> {
+    request
+        .rules
+        .iter()
+        .map(|rule| {
+            let destinations = match (rule.destinations.as_slice(), policy.vms.as_slice()) {
+                ([], [only]) if same_id(only.nsg.as_str(), rule.nsg.as_str()) => vec![only.private_ip],
+                ([], _) => return None,
+                (given, _) => given.to_vec(),
+            };
+            Some(SecurityRule {
+                name: rule.name.clone(),
+                priority: rule.priority,
+                description: format!(
+                    "portcullis JIT {} until {} for {}",
+                    request.id,
+                    ends_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    request.requester
+                ),
+                access: Access::Allow,
+                protocol: request.protocol,
+                source: Some(request.source),
+                destinations,
+                ports: ports.clone(),
+            })
+        })
+        .collect()
 }
 
 /// The name of a policy's baseline deny rule.

@@ -34,6 +34,10 @@ use crate::store::{self, Versioned};
 
 /// The most policies one sweep reconciles (each costs an NSG listing).
 const MAX_PER_TICK: usize = 10;
+/// The most NSGs of one policy a scan lists; a fleet behind more is scanned in turns.
+const MAX_NSGS_PER_SCAN: usize = 10;
+/// Suspects a partial scan carries over for the NSGs it did not list.
+const MAX_SUSPECTS: usize = 200;
 /// How long after its request ended a rule may linger before it is called ownerless: a close
 /// that is final has no PUT in flight, so this only absorbs clock differences.
 const ENDED_GRACE: TimeDelta = TimeDelta::minutes(1);
@@ -73,6 +77,13 @@ pub struct DriftScan {
     /// the next scan (a request being created right now has no record yet).
     #[serde(default)]
     pub suspects: Vec<String>,
+    /// Where the next scan of a policy behind more NSGs than one scan lists starts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub next_nsg: usize,
+}
+
+fn is_zero(value: &usize) -> bool {
+    *value == 0
 }
 
 /// Reconciles the next few policies of the round; answers how many it looked at.
@@ -129,6 +140,7 @@ fn reconcile_policy(
         rules: 0,
         findings: Vec::new(),
         suspects: Vec::new(),
+        next_nsg: 0,
     };
     let mut policy = policy;
     super::fleet::refresh(env, &mut policy, &mut grants, refreshes, &mut scan)?;
@@ -140,6 +152,19 @@ fn reconcile_policy(
     for nsg in elsewhere.collect::<Vec<_>>() {
         if !nsgs.iter().any(|known| same_id(known.as_str(), nsg.as_str())) {
             nsgs.push(nsg.clone());
+        }
+    }
+    // A fleet behind many NSGs is scanned a few NSGs at a time, in turn; what the other NSGs'
+    // last scans found is kept.
+    if nsgs.len() > MAX_NSGS_PER_SCAN {
+        let start = previous.as_ref().map_or(0, |p| p.next_nsg) % nsgs.len();
+        nsgs.rotate_left(start);
+        let skipped = nsgs.split_off(MAX_NSGS_PER_SCAN);
+        scan.next_nsg = (start + MAX_NSGS_PER_SCAN) % (MAX_NSGS_PER_SCAN + skipped.len());
+        if let Some(previous) = &previous {
+            let elsewhere = |f: &Finding| skipped.iter().any(|n| same_id(n.as_str(), &f.nsg));
+            scan.findings.extend(previous.findings.iter().filter(|f| elsewhere(f)).cloned());
+            scan.suspects.extend(previous.suspects.iter().take(MAX_SUSPECTS).cloned());
         }
     }
     for nsg in &nsgs {
@@ -372,7 +397,9 @@ fn check_baseline(env: &Env, on: &OnNsg, rules: &[ExistingRule], scan: &mut Drif
     let expected_destinations = policy.destinations_on(on.nsg);
     let recorded = policy.baseline_on(on.nsg);
     if !policy.enabled || expected_destinations.is_empty() {
-        if let Some(stale) = recorded.filter(|_| policy.enabled) {
+        if let Some(stale) = recorded.filter(|_| policy.enabled)
+            && still_as_scanned(env, policy, on.nsg)?
+        {
             // Its VMs left this NSG: the deny rule has nothing left to protect here.
             let detail = match grants::remove_baseline(env, &policy.name, stale) {
                 Ok(()) => {
@@ -404,7 +431,7 @@ fn check_baseline(env: &Env, on: &OnNsg, rules: &[ExistingRule], scan: &mut Drif
             && recorded.is_none_or(|b| b.priority == rule.priority)
             && destinations == expected_destinations
     });
-    if intact {
+    if intact || !still_as_scanned(env, policy, on.nsg)? {
         return Ok(());
     }
     let detail = match grants::ensure_baseline_on(env, policy, on.nsg, recorded) {
@@ -421,7 +448,8 @@ fn check_baseline(env: &Env, on: &OnNsg, rules: &[ExistingRule], scan: &mut Drif
                 let nsg = on.nsg.clone();
                 store::update::<Policy, _>(env.kv, &keys::policy(&policy.name), |stored| {
                     let mut stored = stored?;
-                    stored.policy_covers(&nsg).then(|| {
+                    let current = stored.enabled && stored.destinations_on(&nsg) == restored.destinations;
+                    current.then(|| {
                         stored.baselines.retain(|b| !same_id(b.nsg.as_str(), nsg.as_str()));
                         stored.baselines.push(restored.clone());
                         stored
@@ -438,10 +466,26 @@ fn check_baseline(env: &Env, on: &OnNsg, rules: &[ExistingRule], scan: &mut Drif
     Ok(())
 }
 
-/// Drops the record of a policy's deny rule on an NSG once it is removed.
+/// Whether the stored policy still asks on `nsg` what the scan saw (enabled or not, the same
+/// addresses and ports): an admin's change meanwhile is left to the next scan rather than
+/// undone with a deny rule written from the older view.
+fn still_as_scanned(env: &Env, policy: &Policy, nsg: &NsgId) -> Result<bool, ApiError> {
+    let fresh = store::load_fresh::<Policy>(env.kv, &keys::policy(&policy.name))?;
+    Ok(fresh.is_some_and(|fresh| {
+        fresh.value.enabled == policy.enabled
+            && fresh.value.ports == policy.ports
+            && fresh.value.destinations_on(nsg) == policy.destinations_on(nsg)
+    }))
+}
+
+/// Drops the record of a policy's deny rule on an NSG once it is removed (unless a VM of the
+/// policy is behind that NSG again: the deny rule it needs is put back at the next scan).
 fn forget_baseline(env: &Env, policy: &Policy, nsg: &NsgId) -> Result<(), ApiError> {
     store::update::<Policy, _>(env.kv, &keys::policy(&policy.name), |stored| {
         let mut stored = stored?;
+        if stored.policy_covers(nsg) {
+            return None;
+        }
         let before = stored.baselines.len();
         stored.baselines.retain(|b| !same_id(b.nsg.as_str(), nsg.as_str()));
         (stored.baselines.len() != before).then_some(stored)
@@ -463,9 +507,14 @@ fn report_exposure(
         return Ok(());
     }
     let deny_priority = policy.baseline_on(on.nsg).map_or(u16::MAX, |b| b.priority);
+    let protected = policy.destinations_on(on.nsg);
     for rule in rules {
         let ours = rule.description.starts_with(OURS) && rule.name.starts_with("jit-");
         let exposed: Vec<u16> = policy.ports.iter().map(|p| p.port.get()).filter(|p| rule.covers_port(*p)).collect();
+        // On an NSG shared with other VMs, a rule for those VMs alone exposes none of ours.
+        if !rule.destinations.iter().any(|d| reaches_any(d, &protected)) {
+            continue;
+        }
         if ours
             || !rule.inbound
             || !rule.allow
@@ -487,6 +536,18 @@ fn report_exposure(
         scan.findings.push(on.finding("exposure", &rule.name, detail));
     }
     Ok(())
+}
+
+/// Whether an NSG rule's destination (an address, a prefix, or a tag such as `*` or
+/// `VirtualNetwork`) takes in one of `addresses`. A tag is taken to: it may.
+fn reaches_any(destination: &str, addresses: &[std::net::IpAddr]) -> bool {
+    if let Ok(address) = destination.parse::<std::net::IpAddr>() {
+        return addresses.contains(&address);
+    }
+    match destination.parse::<ipnet::IpNet>() {
+        Ok(prefix) => addresses.iter().any(|a| prefix.contains(a)),
+        Err(_) => true,
+    }
 }
 
 /// `GET /api/drift`: the last scan of every policy's NSG (admins and auditors).

@@ -822,3 +822,69 @@ fn a_break_glass_use_whose_request_was_never_saved_is_not_recorded_later() {
         .collect();
     assert!(actions.is_empty(), "{actions:?}");
 }
+
+/// Makes a stored request look as it did before fleets: no VMs named.
+fn strip_vms(world: &World, id: &str) {
+    let key = keys::request(&RequestId::parse(id).unwrap());
+    let mut stored = crate::store::load::<crate::domain::AccessRequest>(&world.kv, &key).unwrap().unwrap();
+    stored.value.vms.clear();
+    crate::store::save(&world.kv, &key, &stored.value, Some(stored.version)).unwrap();
+}
+
+#[test]
+fn a_request_from_before_fleets_opens_only_on_a_one_vm_policy_never_on_a_fleets_other_vms() {
+    let world = World::new(manual(1));
+    world.create("r1", raw_request()).unwrap();
+    world.create("r2", json!({"policy": "demo-vm", "ports": [3389], "duration": "PT1H", "source": "203.0.113.7", "justification": "x"})).unwrap();
+    strip_vms(&world, "r1");
+    strip_vms(&world, "r2");
+    // On the same one-VM policy, it opens to that VM, as it always did.
+    world.at(at(1), |env| decisions::approve(env, &bob(), "r1", b"")).unwrap();
+    assert_eq!(world.state("r1"), "active");
+    assert_eq!(world.allow_rules()[0].destinations, ["10.0.0.4".parse::<std::net::IpAddr>().unwrap()]);
+
+    // Once the policy protects two VMs, it names neither: refused, nothing opened.
+    let mut fleet = manual(1);
+    let vm2 = crate::testing::VM.replace("demo-vm", "other-vm");
+    for field in ["vm", "nsg", "private_ip"] {
+        fleet.as_object_mut().unwrap().remove(field);
+    }
+    fleet["vms"] = json!([
+        {"vm": crate::testing::VM, "nsg": crate::testing::NSG, "private_ip": "10.0.0.4"},
+        {"vm": vm2, "nsg": crate::testing::NSG, "private_ip": "10.0.0.9"},
+    ]);
+    world.at(at(2), |env| policies::put(env, &admin(), "demo-vm", fleet.to_string().as_bytes(), false)).unwrap();
+    let error = world.at(at(3), |env| decisions::approve(env, &bob(), "r2", b"")).unwrap_err();
+    assert_eq!((error.status, error.code), (409, "policy_changed"), "{}", error.message);
+    assert_eq!(world.allow_rules().len(), 1, "only r1's rule");
+    // The deny rule covers both VMs now.
+    let deny = world.arm.rules.borrow().iter().find(|r| r.access == Access::Deny).cloned().unwrap();
+    assert_eq!(deny.destinations.len(), 2);
+}
+
+#[test]
+fn an_open_that_fails_part_way_takes_the_confirmed_rules_off_until_every_nsg_takes_its_own() {
+    let mut fleet = policy_json();
+    let other_nsg = crate::testing::NSG.replace("demo-nsg", "other-nsg");
+    for field in ["vm", "nsg", "private_ip"] {
+        fleet.as_object_mut().unwrap().remove(field);
+    }
+    let vm2 = crate::testing::VM.replace("demo-vm", "other-vm");
+    fleet["vms"] = json!([
+        {"vm": crate::testing::VM, "nsg": crate::testing::NSG, "private_ip": "10.0.0.4"},
+        {"vm": vm2, "nsg": other_nsg, "private_ip": "10.0.1.4"},
+    ]);
+    let world = World::new(fleet);
+    // The first NSG's PUT succeeds, the second's fails for now.
+    world.arm.outcomes.borrow_mut().extend([Ok(()), Err(ArmError::Transient("503".into()))]);
+    let mut body = raw_request();
+    body["vms"] = json!([crate::testing::VM, vm2]);
+    let reply = world.create("r1", body).unwrap();
+    assert_eq!(reply.body["state"], "approved", "{}", reply.body);
+    assert!(world.allow_rules().is_empty(), "no rule is open without an end: {:?}", world.allow_rules());
+    world.at(at(2), sweep::sweep).unwrap();
+    assert_eq!(world.state("r1"), "active");
+    // The fake keeps rules by name alone: both NSGs' `jit-r1` are one entry here (the
+    // end-to-end tests count them per NSG).
+    assert_eq!(world.allow_rules().len(), 1);
+}

@@ -338,7 +338,11 @@ async fn a_close_that_fails_on_one_nsg_keeps_the_grant_closing_until_every_rule_
     let closing = world.get_request(&id(&grant)).await;
     assert_eq!(closing["state"], "revoking", "{closing}");
     let left = allow_rules_on(&world, &nsgs);
-    assert!(!left.is_empty() && left.len() < 3, "the first went, the second stayed: {left:?}");
+    assert_eq!(left.len(), 1, "every other NSG's rule went: {left:?}");
+    assert_eq!(
+        rules_named(&world, &nsgs[1], "jit-").iter().filter(|r| r["properties"]["access"] == "Allow").count(),
+        1
+    );
     world.local.emulator.clear_faults();
     world.advance_minutes(1);
     world.tick().await;
@@ -438,4 +442,53 @@ async fn the_sweep_refreshes_a_tag_so_joiners_get_the_deny_rule_and_leavers_lose
     // The joiner may be asked for now.
     let (status, joined) = world.request(ALICE, &ask(&joiner)).await;
     assert_eq!((status, joined["state"].as_str()), (201, Some("active")), "{joined}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_that_fails_on_one_nsg_for_now_leaves_no_rule_open_until_every_nsg_takes_its_own() {
+    let world = World::start().await;
+    let (nsgs, vms) = one_vm_per_nsg(&world).await;
+    // The third NSG answers 503 to every PUT for now (the client's own retries included).
+    trouble_on(&world, &nsgs[2], "PUT", FaultKind::Error { status: 503, code: "ServiceUnavailable" }, 100);
+    let ask = json!({"policy": "listed", "vms": vms, "ports": [22], "duration": "PT1H", "justification": "x"});
+    let (status, pending) = world.request(ALICE, &ask).await;
+    assert_eq!((status, pending["state"].as_str()), (201, Some("approved")), "{pending}");
+    assert!(
+        allow_rules_on(&world, &nsgs).is_empty(),
+        "no rule stays open without an end: {:?}",
+        allow_rules_on(&world, &nsgs)
+    );
+    let reasons = world.audit("action=rule.deleted").await;
+    assert!(reasons.iter().any(|e| e["details"]["reason"] == "the open failed part-way"), "{reasons:#?}");
+    // ARM recovers: the sweep opens all three, and only then is the grant active.
+    world.local.emulator.clear_faults();
+    world.advance_minutes(2);
+    world.tick().await;
+    let active = world.get_request(&id(&pending)).await;
+    assert_eq!(active["state"], "active", "{active}");
+    assert_eq!(allow_rules_on(&world, &nsgs).len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_request_opens_at_most_ten_nsgs() {
+    let world = World::start().await;
+    let emulator = &world.local.emulator;
+    let mut vms = Vec::new();
+    for n in 0..11 {
+        let nsg = nsg_id(&format!("own-{n}"));
+        emulator.add_nsg(&nsg);
+        vms.push(emulator.add_vm_in(
+            GROUP,
+            &format!("own-vm{n}"),
+            &format!("10.8.{n}.4"),
+            NsgPlacement::Nic(&nsg),
+            &[],
+        ));
+    }
+    assert_eq!(world.put_policy("spread", &fleet_policy(json!({"vms": vms}))).await.0, 201);
+    let ask = |vms: &[String]| json!({"policy": "spread", "vms": vms, "ports": [22], "duration": "PT1H", "justification": "x"});
+    let (status, body) = world.request(ALICE, &ask(&vms)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("too_many_nsgs")), "{body}");
+    let (status, body) = world.request(ALICE, &ask(&vms[..10])).await;
+    assert_eq!((status, body["rules"].as_array().map(Vec::len)), (201, Some(10)), "{body}");
 }
