@@ -285,6 +285,10 @@ pub struct Policy {
     /// What becomes of grants on a VM that leaves the selector.
     #[serde(default)]
     pub leavers: Leavers,
+    /// The Azure Firewall the VMs are reached through, if any: grants also get a DNAT rule
+    /// (a public port of the firewall mapped to the VM's) and a network rule there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<FirewallId>,
     /// Protected ports; port numbers are distinct.
     pub ports: Vec<PortRule>,
     /// How requests are approved.
@@ -351,6 +355,8 @@ pub struct RawPolicy {
     resource_group: Option<String>,
     #[serde(default)]
     leavers: Leavers,
+    #[serde(default)]
+    firewall: Option<String>,
     #[serde(default)]
     ports: Option<Vec<RawPortRule>>,
     approval: RawApproval,
@@ -481,6 +487,7 @@ impl Policy {
     ) -> Result<Self, E> {
         let err = |m: String| PolicyError(m);
         let (placed, wanted) = read_vms(raw.vm, raw.nsg, raw.private_ip, raw.vms, raw.resource_group)?;
+        let firewall = raw.firewall.as_deref().map(FirewallId::parse).transpose()?;
         let raw_ports = raw.ports.unwrap_or_else(|| {
             DEFAULT_PORTS
                 .iter()
@@ -613,6 +620,7 @@ impl Policy {
             resolved_at: fleet.resolved_at,
             baselines: Vec::new(),
             leavers: raw.leavers,
+            firewall,
             ports,
             approval,
             requesters,

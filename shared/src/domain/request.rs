@@ -136,6 +136,33 @@ pub struct RuleRef {
     pub destinations: Vec<IpAddr>,
 }
 
+/// A grant's way through its policy's Azure Firewall: the names of its rules there (a DNAT
+/// and a network rule each, per VM and port), fixed at approval, and the ports the DNAT
+/// rules map once they are in place (Azure's `mappedPort`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirewallRules {
+    /// The firewall.
+    pub firewall: super::FirewallId,
+    /// Its rules' names.
+    pub names: Vec<String>,
+    /// Where to connect, once opened.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mapped: Vec<MappedPort>,
+}
+
+/// One port of one VM reached through a firewall.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappedPort {
+    /// The VM's private address.
+    pub private_ip: IpAddr,
+    /// The VM's port.
+    pub port: u16,
+    /// The firewall's public address to connect to.
+    pub public_ip: IpAddr,
+    /// The firewall's port to connect to.
+    pub mapped_port: u16,
+}
+
 /// Reads `rules`, or the single `rule` of records from before fleets.
 fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<RuleRef>, D::Error> {
     #[derive(Deserialize)]
@@ -222,6 +249,9 @@ pub struct AccessRequest {
     /// call to ARM, so every close knows what to delete whatever became of the PUTs.
     #[serde(default, alias = "rule", deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RuleRef>,
+    /// Its rules on the policy's Azure Firewall, named at approval like `rules`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<FirewallRules>,
     /// PUT leases, one per opener: until each runs out, a PUT of the rule may be in flight.
     /// A close deletes the rule at once but is not final while one is held, so a rule that
     /// lands after a racing close is deleted too. Each holder releases only its own, and only
@@ -491,6 +521,7 @@ impl AccessRequest {
             closed_at: None,
             vms,
             rules: Vec::new(),
+            firewall: None,
             put_leases: Vec::new(),
             arm_attempts: 0,
             last_error: None,
@@ -509,6 +540,18 @@ impl AccessRequest {
     /// fleets, whose VM is not named).
     pub fn vms_within(&self, other: &AccessRequest) -> bool {
         !self.vms.is_empty() && self.vms.iter().all(|a| other.vms.iter().any(|b| same_id(a.as_str(), b.as_str())))
+    }
+
+    /// Each VM address and port it opens through a firewall, with the name its rules there
+    /// take (`jit-<id>-<n>-<port>`, `n` counting the addresses of its rules in order).
+    pub fn firewall_targets(&self) -> Vec<(String, IpAddr, u16)> {
+        let addresses = self.rules.iter().flat_map(|rule| rule.destinations.iter().copied());
+        addresses
+            .enumerate()
+            .flat_map(|(n, address)| {
+                self.ports.iter().map(move |port| (format!("jit-{}-{n}-{port}", self.id), address, port.get()))
+            })
+            .collect()
     }
 
     /// The NSG rule name for this request: `jit-<id>`, within ARM's 80 characters.

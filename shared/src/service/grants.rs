@@ -19,11 +19,12 @@ use serde_json::json;
 
 use super::{Env, subject_of, subject_of_policy};
 use crate::api::ApiError;
+use crate::arm::firewall::FirewallWant;
 use crate::arm::{Access, ArmError, ArmReceipt, SecurityRule};
 use crate::audit::{Outcome, Subject};
 use crate::config::PriorityBand;
 use crate::domain::policy::same_id;
-use crate::domain::request::{Ending, RuleRef};
+use crate::domain::request::{Ending, FirewallRules, MappedPort, RuleRef};
 use crate::domain::{AccessRequest, Event, NsgId, Policy, PolicyName, PortSet, State};
 use crate::keys;
 use crate::store::{self, Versioned};
@@ -115,6 +116,12 @@ pub fn prepare_open(env: &Env, request: &mut AccessRequest, policy: &Policy) -> 
     store::add_to_list(env.kv, keys::ARM_WORK, request.id.as_str(), usize::MAX)?;
     if request.rules.is_empty() {
         request.rules = rule_refs(env, request, policy);
+    }
+    if request.firewall.is_none()
+        && let Some(firewall) = &policy.firewall
+    {
+        let names = request.firewall_targets().into_iter().map(|(name, _, _)| name).collect();
+        request.firewall = Some(FirewallRules { firewall: firewall.clone(), names, mapped: Vec::new() });
     }
     let now = env.fresh_now();
     Ok(request.take_put_lease(now, now + PUT_LEASE))
@@ -242,9 +249,19 @@ fn open_unflushed(
             break;
         }
     }
+    // Then the firewall's rules, all in one write of the firewall.
+    let mut mapped = Vec::new();
+    if outcome.is_ok()
+        && let Some(firewall) = request.value.firewall.clone()
+    {
+        outcome = put_firewall_rules(env, &request.value, &firewall).map(|ports| {
+            mapped = ports;
+            ArmReceipt::default()
+        });
+    }
     match outcome {
         Ok(_) => {
-            retrying(env, request, |request| settle_opened(env, request, &priorities, mine))?;
+            retrying(env, request, |request| settle_opened(env, request, &priorities, &mapped, mine))?;
             if request.value.state == State::Active {
                 supersede_older_grants(env, request, policy)?;
             }
@@ -296,6 +313,50 @@ fn roll_back(env: &Env, request: &AccessRequest, count: usize) -> Result<(), Api
     Ok(())
 }
 
+/// Puts a grant's DNAT and network rules on its firewall (one write of the whole firewall,
+/// recorded), and answers where each VM port is reached.
+fn put_firewall_rules(
+    env: &Env,
+    request: &AccessRequest,
+    firewall: &FirewallRules,
+) -> Result<Vec<MappedPort>, ArmError> {
+    let wanted: Vec<FirewallWant> = request
+        .firewall_targets()
+        .into_iter()
+        .map(|(name, private_ip, port)| FirewallWant {
+            name,
+            protocol: request.protocol,
+            source: request.source.to_string(),
+            private_ip,
+            port,
+        })
+        .collect();
+    let outcome = env.arm.put_firewall_rules(&firewall.firewall, &wanted);
+    let written = outcome.as_ref().map(|(receipt, _)| receipt.clone()).map_err(Clone::clone);
+    let details = json!({
+        "firewall": firewall.firewall.as_str(),
+        "rules": firewall.names,
+        "source": request.source.to_string(),
+    });
+    // Confirmed, it goes into the trail with the activation; a failure at once (and should
+    // that record fail, the open is retried and recorded then).
+    if written.is_ok() {
+        defer_arm_write(env, "firewall.rules_put", subject_of(request), details, &written);
+    } else if let Err(error) = record_arm_write(env, "firewall.rules_put", subject_of(request), details, &written) {
+        eprintln!("recording a failed firewall write of {}: {}", request.id, error.message);
+    }
+    let (_, granted) = outcome?;
+    Ok(granted
+        .into_iter()
+        .map(|g| MappedPort {
+            private_ip: g.private_ip,
+            port: g.port,
+            public_ip: g.public_ip,
+            mapped_port: g.mapped_port,
+        })
+        .collect())
+}
+
 /// Deletes every rule of a request, recording each: all are sent even when one fails (a rule
 /// that cannot be deleted must not keep the others open), and the first failure is answered.
 /// Confirmed deletes go into the trail with the save that follows (see [`Env::defer`]).
@@ -305,6 +366,23 @@ pub(crate) fn delete_rules(
     reason: Option<&str>,
 ) -> Result<Result<(), ArmError>, ApiError> {
     let mut first_failure = Ok(());
+    if let Some(firewall) = &request.firewall {
+        let outcome = match env.arm.delete_firewall_rules(&firewall.firewall, &firewall.names) {
+            // A firewall that is gone, or whose rules moved into a Firewall Policy, holds no
+            // classic rule of ours to remove.
+            Err(ArmError::Refused { status: 404, .. }) => Ok(ArmReceipt::default()),
+            Err(ArmError::Refused { code, .. }) if code == "FirewallPolicyManaged" => Ok(ArmReceipt::default()),
+            other => other,
+        };
+        let details = json!({"firewall": firewall.firewall.as_str(), "rules": firewall.names, "reason": reason});
+        match &outcome {
+            Ok(_) => defer_arm_write(env, "firewall.rules_deleted", subject_of(request), details, &outcome),
+            Err(error) => {
+                record_arm_write(env, "firewall.rules_deleted", subject_of(request), details, &outcome)?;
+                first_failure = Err(error.clone());
+            }
+        }
+    }
     for rule in &request.rules {
         let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
         let mut details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
@@ -331,6 +409,7 @@ fn settle_opened(
     env: &Env,
     request: &mut Versioned<AccessRequest>,
     priorities: &[u16],
+    mapped: &[MappedPort],
     mine: Option<Lease>,
 ) -> Result<(), ApiError> {
     if request.value.state != State::Approved {
@@ -351,6 +430,9 @@ fn settle_opened(
     release(env, &mut request.value, mine);
     for (rule, &priority) in request.value.rules.iter_mut().zip(priorities) {
         rule.priority = priority;
+    }
+    if let Some(firewall) = &mut request.value.firewall {
+        firewall.mapped = mapped.to_vec();
     }
     let rule = request.value.rules.first().map(|r| r.name.clone());
     let nsgs: Vec<&str> = request.value.rules.iter().map(|r| r.nsg.as_str()).collect();

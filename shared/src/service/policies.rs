@@ -14,7 +14,7 @@ use crate::audit::Outcome;
 use crate::auth::{Caller, Role};
 use crate::domain::policy::{Fleet, MAX_POLICY_VMS, PolicyError, ProtectedVm, RawPolicy, Unprotected, Wanted};
 use crate::domain::request::Ending;
-use crate::domain::{AccessRequest, Event, Policy, PolicyName, RequestId, State, VmId};
+use crate::domain::{AccessRequest, Event, FirewallId, Policy, PolicyName, RequestId, State, VmId};
 use crate::keys;
 use crate::store;
 
@@ -91,6 +91,22 @@ fn resolve(env: &Env, wanted: Wanted) -> Result<Fleet, ApiError> {
     Ok(fleet)
 }
 
+/// Whether grants can open a way through `firewall`: it exists, is readable, and keeps classic
+/// rule collections (one managed by a Firewall Policy is refused, as Azure's JIT refuses it).
+/// Asked of ARM by reading the firewall; nothing is written.
+fn check_firewall(env: &Env, firewall: &FirewallId) -> Result<(), ApiError> {
+    env.arm.delete_firewall_rules(firewall, &[]).map(drop).map_err(|error| match error {
+        ArmError::Refused { status: 404, .. } => ApiError::unprocessable(
+            "firewall_not_found",
+            format!("ARM has no Azure Firewall {firewall}: check the id and the identity's read access"),
+        ),
+        ArmError::Refused { status: 400..=499, message, .. } => {
+            ApiError::unprocessable("firewall_not_supported", message)
+        }
+        other => ApiError::from(other),
+    })
+}
+
 /// One VM's NIC, private IP and NSG, asked of ARM.
 pub(crate) fn resolve_one(env: &Env, vm: &VmId) -> Result<ProtectedVm, ApiError> {
     let network = env.arm.resolve_vm(vm).map_err(|error| match error {
@@ -132,6 +148,9 @@ pub fn put(env: &Env, caller: &Caller, name: &str, body: &[u8], revoke: bool) ->
     // ARM first, so a saved policy never claims a baseline that is not there; should the save
     // below lose a race, the reconciler puts the stored policy's baseline back.
     if policy.enabled {
+        if let Some(firewall) = &policy.firewall {
+            check_firewall(env, firewall)?;
+        }
         grants::ensure_baselines(env, &mut policy, &previous)?;
     }
     // A baseline left behind on an NSG the policy no longer covers (its VMs moved or left) or

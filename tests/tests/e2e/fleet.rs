@@ -492,3 +492,103 @@ async fn one_request_opens_at_most_ten_nsgs() {
     let (status, body) = world.request(ALICE, &ask(&vms[..10])).await;
     assert_eq!((status, body["rules"].as_array().map(Vec::len)), (201, Some(10)), "{body}");
 }
+
+/// Rules of portcullis's collection `kind` (`natRuleCollections`, `networkRuleCollections`) on
+/// a firewall, by name.
+fn firewall_rules(world: &World, firewall: &str, kind: &str) -> Vec<Value> {
+    let doc = world.local.emulator.firewall(firewall).expect("the firewall exists");
+    doc["properties"][kind]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"].as_str().unwrap().starts_with("portcullis-jit"))
+        .flat_map(|c| c["properties"]["rules"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_through_an_azure_firewall_gets_a_dnat_and_a_network_rule_that_end_with_it() {
+    let world = World::start().await;
+    let (nsgs, vms) = one_vm_per_nsg(&world).await;
+    let emulator = &world.local.emulator;
+    let firewall = emulator.add_firewall("hub-fw", "198.51.100.10", false);
+    let mut policy = fleet_policy(json!({"vms": vms}));
+    policy["firewall"] = json!(firewall);
+    let (status, stored) = world.put_policy("listed", &policy).await;
+    assert_eq!((status, stored["firewall"].as_str()), (200, Some(firewall.as_str())), "{stored}");
+
+    emulator.clear_calls();
+    let ask = json!({"policy": "listed", "vms": &vms[..2], "ports": [22], "duration": "PT10M", "justification": "x"});
+    let (status, grant) = world.request(ALICE, &ask).await;
+    assert_eq!((status, grant["state"].as_str()), (201, Some("active")), "{grant}");
+    let fw_writes = world.arm_calls().iter().filter(|c| c.starts_with("PUT") && c.contains("/azureFirewalls/")).count();
+    assert_eq!(fw_writes, 1, "one write of the firewall for both VMs: {:#?}", world.arm_calls());
+    // Where to connect: the firewall's public address, a mapped port per VM.
+    let mapped = grant["firewall"]["mapped"].as_array().unwrap();
+    assert_eq!(mapped.len(), 2, "{grant}");
+    let mut ports: Vec<u64> = mapped.iter().map(|m| m["mapped_port"].as_u64().unwrap()).collect();
+    ports.dedup();
+    assert_eq!(ports.len(), 2, "each VM its own mapped port");
+    assert!(mapped.iter().all(|m| m["public_ip"] == "198.51.100.10" && m["port"] == 22));
+    let nat = firewall_rules(&world, &firewall, "natRuleCollections");
+    assert_eq!(nat.len(), 2, "{nat:?}");
+    for rule in &nat {
+        assert_eq!(rule["sourceAddresses"], json!(["127.0.0.1/32"]));
+        assert_eq!(rule["translatedPort"], "22");
+        let mapping = mapped
+            .iter()
+            .find(|m| Some(m["mapped_port"].to_string().as_str()) == rule["destinationPorts"][0].as_str())
+            .unwrap();
+        assert_eq!(rule["translatedAddress"], mapping["private_ip"]);
+    }
+    assert_eq!(firewall_rules(&world, &firewall, "networkRuleCollections").len(), 2);
+    assert_eq!(allow_rules_on(&world, &nsgs).len(), 2, "and the NSG rules as ever");
+
+    // At its end, both ways close.
+    world.advance_minutes(11);
+    world.tick().await;
+    assert_eq!(world.get_request(&id(&grant)).await["state"], "expired");
+    assert!(firewall_rules(&world, &firewall, "natRuleCollections").is_empty());
+    assert!(firewall_rules(&world, &firewall, "networkRuleCollections").is_empty());
+    assert!(allow_rules_on(&world, &nsgs).is_empty());
+    let trail: Vec<String> = world
+        .audit(&format!("request={}", id(&grant)))
+        .await
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        trail.contains(&"firewall.rules_put".to_owned()) && trail.contains(&"firewall.rules_deleted".to_owned()),
+        "{trail:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_firewall_managed_by_a_firewall_policy_or_unknown_is_refused_and_a_refused_write_fails_the_request_closed() {
+    let world = World::start().await;
+    let (nsgs, vms) = one_vm_per_nsg(&world).await;
+    let emulator = &world.local.emulator;
+    let managed = emulator.add_firewall("managed-fw", "198.51.100.11", true);
+    let mut policy = fleet_policy(json!({"vms": vms}));
+    policy["firewall"] = json!(managed);
+    let (status, body) = world.put_policy("listed", &policy).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("firewall_not_supported")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("Firewall Policy"), "{body}");
+    policy["firewall"] = json!(managed.replace("managed-fw", "nowhere-fw"));
+    let (status, body) = world.put_policy("listed", &policy).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("firewall_not_found")), "{body}");
+
+    // A firewall that refuses the write: the NSG rules that opened close again.
+    let firewall = emulator.add_firewall("hub-fw", "198.51.100.10", false);
+    policy["firewall"] = json!(firewall);
+    assert_eq!(world.put_policy("listed", &policy).await.0, 200);
+    let mut refused = Fault::new("PUT", 400, "AzureFirewallRuleInvalid", 1);
+    refused.path_contains = Some("/azureFirewalls/".into());
+    world.inject(refused);
+    let ask = json!({"policy": "listed", "vms": vms, "ports": [22], "duration": "PT10M", "justification": "x"});
+    world.request(ALICE, &ask).await;
+    let (_, list) = world.call("GET", "/api/requests?mine=true", Some(ALICE), None).await;
+    assert_eq!(list["requests"][0]["state"], "failed", "{list}");
+    assert!(allow_rules_on(&world, &nsgs).is_empty(), "{:?}", allow_rules_on(&world, &nsgs));
+    assert!(firewall_rules(&world, &firewall, "natRuleCollections").is_empty());
+}
