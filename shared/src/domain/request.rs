@@ -49,6 +49,9 @@ struct RawRequestVmEntry {
     vm: String,
     #[serde(default)]
     ports: Option<Vec<u32>>,
+    /// Must be the request's policy, if given.
+    #[serde(default)]
+    policy: Option<String>,
 }
 
 /// The most VMs one request names.
@@ -290,6 +293,17 @@ fn choose_vms(
                 match entry {
                     RawRequestVm::Id(vm) => named.push(vm),
                     RawRequestVm::Entry(entry) => {
+                        if let Some(other) = entry.policy.as_deref().filter(|p| *p != policy.name.as_str()) {
+                            return Err(refused(
+                                "one_policy_per_request",
+                                format!(
+                                    "VM {} is asked under policy '{}', the request under '{}': one request is decided under one policy; ask under each separately",
+                                    entry.vm.chars().take(200).collect::<String>(),
+                                    other.chars().take(64).collect::<String>(),
+                                    policy.name
+                                ),
+                            ));
+                        }
                         let same = entry.ports.as_ref().is_none_or(|given| {
                             given.len() == ports.iter().count()
                                 && given.iter().all(|p| ports.iter().any(|q| u32::from(q.get()) == *p))

@@ -236,6 +236,7 @@ fn open_unflushed(
     // whole request closed, a transient one is retried whole: PUTs are idempotent).
     let mut priorities = Vec::with_capacity(rules.len());
     let mut outcome = Ok(ArmReceipt::default());
+    let mut failed_on = String::new();
     for (rule_ref, mut rule) in request.value.rules.clone().into_iter().zip(rules) {
         outcome = put_in_band(env, &rule_ref.nsg, &mut rule, env.config.priorities);
         // A confirmed PUT is recorded with the activation that follows (one append); any other
@@ -246,6 +247,7 @@ fn open_unflushed(
             priorities.push(rule.priority);
         } else {
             record_arm_write(env, "rule.put", subject_of(&request.value), details, &outcome)?;
+            failed_on = failure_site(policy, &request.value, &rule_ref.nsg);
             break;
         }
     }
@@ -258,6 +260,7 @@ fn open_unflushed(
             mapped = ports;
             ArmReceipt::default()
         });
+        failed_on = format!(" on firewall {}", firewall.firewall);
     }
     match outcome {
         Ok(_) => {
@@ -276,7 +279,7 @@ fn open_unflushed(
             // this invocation had such an attempt, its lease stays until it can no longer land.
             record_attempt(request, &error);
             release(env, &mut request.value, mine);
-            abandon(env, request, format!("ARM refused the rule: {error}"))
+            abandon(env, request, format!("ARM refused the rule{failed_on}: {error}"))
         }),
         Err(error @ (ArmError::Transient(_) | ArmError::PriorityConflict)) => {
             // The rules confirmed before this failure would be open with no end scheduled
@@ -299,6 +302,17 @@ fn open_unflushed(
             })
         }
     }
+}
+
+/// Where an open failed, for the request's `last_error`: the NSG and the VMs behind it.
+fn failure_site(policy: &Policy, request: &AccessRequest, nsg: &NsgId) -> String {
+    let vms: Vec<&str> = request
+        .vms
+        .iter()
+        .filter(|vm| policy.vm(vm.as_str()).is_some_and(|p| same_id(p.nsg.as_str(), nsg.as_str())))
+        .map(|vm| vm.as_str().rsplit('/').next().unwrap_or_default())
+        .collect();
+    format!(" on NSG {nsg} (VMs {})", vms.join(", "))
 }
 
 /// Deletes the first `count` rules of a request whose open failed part-way, recording each.

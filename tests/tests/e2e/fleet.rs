@@ -179,6 +179,12 @@ async fn requests_name_vms_the_policy_protects_and_a_tag_selects_only_tagged_vms
     assert_eq!(world.request(ALICE, &twice).await.1["error"]["code"], "invalid_vms");
     let mixed = json!({"policy": "tagged", "vms": [{"vm": protected[0], "ports": [3389]}], "ports": [22], "duration": "PT1H", "justification": "x"});
     assert_eq!(world.request(ALICE, &mixed).await.1["error"]["code"], "mixed_ports");
+    let elsewhere = json!({"policy": "tagged", "vms": [{"vm": protected[0], "policy": "other"}], "ports": [22], "duration": "PT1H", "justification": "x"});
+    assert_eq!(world.request(ALICE, &elsewhere).await.1["error"]["code"], "one_policy_per_request");
+    let same = json!({"policy": "tagged", "vms": [{"vm": protected[1], "policy": "tagged", "ports": [22]}], "ports": [22], "duration": "PT1H", "justification": "x"});
+    let (status, body) = world.request(CAROL, &same).await;
+    assert_eq!((status, body["state"].as_str()), (201, Some("active")), "{body}");
+    world.decide(&id(&body), "revoke", ADMIN).await;
     assert_eq!(world.rules_everywhere(&fleet), before, "refused requests change nothing");
 
     // One VM of the fleet: one rule, on its NSG, for its address only.
@@ -223,7 +229,11 @@ async fn a_rule_refused_on_one_nsg_fails_the_request_closed_on_every_nsg() {
     let requests = world.call("GET", "/api/requests", Some(ADMIN), None).await.1;
     let request = &requests["requests"][0];
     assert_eq!(request["state"], "failed", "{request}");
-    assert!(request["last_error"].as_str().unwrap().contains("refused"), "{request}");
+    let why = request["last_error"].as_str().unwrap();
+    assert!(
+        why.contains("refused") && why.contains("db-nsg") && why.contains("db-nsg-vm1"),
+        "names the NSG and VM: {request}"
+    );
     for (nsg, _) in &fleet {
         let allows: Vec<Value> =
             rules_named(&world, nsg, "jit-").into_iter().filter(|r| r["properties"]["access"] == "Allow").collect();
