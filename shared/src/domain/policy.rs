@@ -42,6 +42,7 @@ fn check_arm_id(input: &str, namespace: &str, kind: &str, example: &str) -> Resu
             !segment.is_empty()
                 && segment.len() <= 90
                 && segment.chars().all(|c| c.is_ascii_alphanumeric() || "-_.()".contains(c))
+                && segment.chars().any(|c| c != '.')
         });
     if ok {
         Ok(())

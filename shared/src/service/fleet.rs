@@ -69,6 +69,17 @@ pub(crate) fn refresh(
             return Ok(());
         }
     };
+    // A listing that finds nothing where VMs were (a tag index behind, a role assignment
+    // lost) is not taken as every VM leaving: their deny rules stay until a listing finds
+    // VMs again or an admin puts the policy.
+    if listing.vms.is_empty() && !policy.value.vms.is_empty() {
+        problem(format!(
+            "{} listed no VM where the policy protects {}: the fleet is unchanged",
+            selector.scope,
+            policy.value.vms.len()
+        ));
+        return Ok(());
+    }
     let listed = |id: &str| listing.vms.iter().any(|vm| same_id(vm.as_str(), id));
     let mut change = Change::default();
     let mut next = policy.value.clone();

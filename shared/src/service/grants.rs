@@ -256,7 +256,7 @@ fn open_unflushed(
     if outcome.is_ok()
         && let Some(firewall) = request.value.firewall.clone()
     {
-        outcome = put_firewall_rules(env, &request.value, &firewall).map(|ports| {
+        outcome = put_firewall_rules(env, &request.value, &firewall)?.map(|ports| {
             mapped = ports;
             ArmReceipt::default()
         });
@@ -283,8 +283,13 @@ fn open_unflushed(
         }),
         Err(error @ (ArmError::Transient(_) | ArmError::PriorityConflict)) => {
             // The rules confirmed before this failure would be open with no end scheduled
-            // while the open is retried: they come off again (the retry puts them back).
-            roll_back(env, &request.value, priorities.len())?;
+            // while the open is retried: they come off again (the retry puts them back), but
+            // only while the request is still opening as read now (a sweep's retry may have
+            // activated it meanwhile, with these very rules).
+            *request = env.request(request.value.id.as_str())?;
+            if request.value.state == State::Approved {
+                roll_back(env, &request.value, priorities.len())?;
+            }
             retrying(env, request, |request| {
                 if request.value.state != State::Approved {
                     // Closing meanwhile: delete now; the lease keeps the close open until this
@@ -319,21 +324,32 @@ fn failure_site(policy: &Policy, request: &AccessRequest, nsg: &NsgId) -> String
 /// A failure here is left to the close that follows or to the abandon at the end of the
 /// open's grace: the request stays listed for the sweep, and every close deletes every rule.
 fn roll_back(env: &Env, request: &AccessRequest, count: usize) -> Result<(), ApiError> {
+    const WHY: &str = "the open failed part-way";
     for rule in request.rules.iter().take(count) {
         let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
-        let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name, "reason": "the open failed part-way"});
+        let details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name, "reason": WHY});
         record_arm_write(env, "rule.deleted", subject_of(request), details, &outcome)?;
+    }
+    // Every NSG took its rule, so the firewall's write is what failed, and it may land yet:
+    // its rules are removed too (one that lands after this is removed by the retry's close
+    // or the abandon, as the PUT lease keeps the request from closing before).
+    if count == request.rules.len()
+        && let Some(firewall) = &request.firewall
+    {
+        let outcome = env.arm.delete_firewall_rules(&firewall.firewall, &firewall.names);
+        let details = json!({"firewall": firewall.firewall.as_str(), "rules": firewall.names, "reason": WHY});
+        record_arm_write(env, "firewall.rules_deleted", subject_of(request), details, &outcome)?;
     }
     Ok(())
 }
 
 /// Puts a grant's DNAT and network rules on its firewall (one write of the whole firewall,
-/// recorded), and answers where each VM port is reached.
+/// recorded), and answers where each VM port is reached, or ARM's failure.
 fn put_firewall_rules(
     env: &Env,
     request: &AccessRequest,
     firewall: &FirewallRules,
-) -> Result<Vec<MappedPort>, ArmError> {
+) -> Result<Result<Vec<MappedPort>, ArmError>, ApiError> {
     let wanted: Vec<FirewallWant> = request
         .firewall_targets()
         .into_iter()
@@ -352,15 +368,17 @@ fn put_firewall_rules(
         "rules": firewall.names,
         "source": request.source.to_string(),
     });
-    // Confirmed, it goes into the trail with the activation; a failure at once (and should
-    // that record fail, the open is retried and recorded then).
+    // Confirmed, it goes into the trail with the activation; a failure at once.
     if written.is_ok() {
         defer_arm_write(env, "firewall.rules_put", subject_of(request), details, &written);
-    } else if let Err(error) = record_arm_write(env, "firewall.rules_put", subject_of(request), details, &written) {
-        eprintln!("recording a failed firewall write of {}: {}", request.id, error.message);
+    } else {
+        record_arm_write(env, "firewall.rules_put", subject_of(request), details, &written)?;
     }
-    let (_, granted) = outcome?;
-    Ok(granted
+    let granted = match outcome {
+        Ok((_, granted)) => granted,
+        Err(error) => return Ok(Err(error)),
+    };
+    Ok(Ok(granted
         .into_iter()
         .map(|g| MappedPort {
             private_ip: g.private_ip,
@@ -368,7 +386,7 @@ fn put_firewall_rules(
             public_ip: g.public_ip,
             mapped_port: g.mapped_port,
         })
-        .collect())
+        .collect()))
 }
 
 /// Deletes every rule of a request, recording each: all are sent even when one fails (a rule
@@ -380,23 +398,9 @@ pub(crate) fn delete_rules(
     reason: Option<&str>,
 ) -> Result<Result<(), ArmError>, ApiError> {
     let mut first_failure = Ok(());
-    if let Some(firewall) = &request.firewall {
-        let outcome = match env.arm.delete_firewall_rules(&firewall.firewall, &firewall.names) {
-            // A firewall that is gone, or whose rules moved into a Firewall Policy, holds no
-            // classic rule of ours to remove.
-            Err(ArmError::Refused { status: 404, .. }) => Ok(ArmReceipt::default()),
-            Err(ArmError::Refused { code, .. }) if code == "FirewallPolicyManaged" => Ok(ArmReceipt::default()),
-            other => other,
-        };
-        let details = json!({"firewall": firewall.firewall.as_str(), "rules": firewall.names, "reason": reason});
-        match &outcome {
-            Ok(_) => defer_arm_write(env, "firewall.rules_deleted", subject_of(request), details, &outcome),
-            Err(error) => {
-                record_arm_write(env, "firewall.rules_deleted", subject_of(request), details, &outcome)?;
-                first_failure = Err(error.clone());
-            }
-        }
-    }
+    let mut unrecorded = Ok(());
+    // The NSG rules first: they are what lets traffic in, and each is one quick write, while
+    // a firewall's write waits for the whole resource.
     for rule in &request.rules {
         let outcome = env.arm.delete_rule(&rule.nsg, &rule.name);
         let mut details = json!({"nsg": rule.nsg.as_str(), "rule": rule.name});
@@ -406,13 +410,38 @@ pub(crate) fn delete_rules(
         match &outcome {
             Ok(_) => defer_arm_write(env, "rule.deleted", subject_of(request), details, &outcome),
             Err(error) => {
-                record_arm_write(env, "rule.deleted", subject_of(request), details, &outcome)?;
+                unrecorded =
+                    unrecorded.and(record_arm_write(env, "rule.deleted", subject_of(request), details, &outcome));
                 if first_failure.is_ok() {
                     first_failure = Err(error.clone());
                 }
             }
         }
     }
+    if let Some(firewall) = &request.firewall {
+        let outcome = match env.arm.delete_firewall_rules(&firewall.firewall, &firewall.names) {
+            // A firewall that is gone holds no rule of ours.
+            Err(ArmError::Refused { status: 404, .. }) => Ok(ArmReceipt::default()),
+            other => other,
+        };
+        let details = json!({"firewall": firewall.firewall.as_str(), "rules": firewall.names, "reason": reason});
+        match &outcome {
+            Ok(_) => defer_arm_write(env, "firewall.rules_deleted", subject_of(request), details, &outcome),
+            Err(error) => {
+                unrecorded = unrecorded.and(record_arm_write(
+                    env,
+                    "firewall.rules_deleted",
+                    subject_of(request),
+                    details,
+                    &outcome,
+                ));
+                if first_failure.is_ok() {
+                    first_failure = Err(error.clone());
+                }
+            }
+        }
+    }
+    unrecorded?;
     Ok(first_failure)
 }
 
@@ -711,8 +740,9 @@ fn supersede_older_grants(env: &Env, request: &mut Versioned<AccessRequest>, pol
         }
         let ending = Ending { by: "system".into(), at: env.now, reason: Some(format!("{SUPERSEDED}: {newer}")) };
         match PortSet::new(remaining) {
-            Err(_) => close(env, &mut older, Event::Revoke, Some(ending))?,
-            Ok(ports) => narrow(env, &mut older, policy, ports)?,
+            // Its firewall rules are per port and are not rewritten: it ends whole.
+            Ok(ports) if older.value.firewall.is_none() => narrow(env, &mut older, policy, ports)?,
+            _ => close(env, &mut older, Event::Revoke, Some(ending))?,
         }
     }
     Ok(())

@@ -537,6 +537,7 @@ async fn a_grant_through_an_azure_firewall_gets_a_dnat_and_a_network_rule_that_e
     let mapped = grant["firewall"]["mapped"].as_array().unwrap();
     assert_eq!(mapped.len(), 2, "{grant}");
     let mut ports: Vec<u64> = mapped.iter().map(|m| m["mapped_port"].as_u64().unwrap()).collect();
+    ports.sort();
     ports.dedup();
     assert_eq!(ports.len(), 2, "each VM its own mapped port");
     assert!(mapped.iter().all(|m| m["public_ip"] == "198.51.100.10" && m["port"] == 22));
@@ -601,4 +602,31 @@ async fn a_firewall_managed_by_a_firewall_policy_or_unknown_is_refused_and_a_ref
     assert_eq!(list["requests"][0]["state"], "failed", "{list}");
     assert!(allow_rules_on(&world, &nsgs).is_empty(), "{:?}", allow_rules_on(&world, &nsgs));
     assert!(firewall_rules(&world, &firewall, "natRuleCollections").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_firewall_write_failing_for_now_leaves_no_rule_open_until_the_sweep_opens_both_ways() {
+    let world = World::start().await;
+    let (nsgs, vms) = one_vm_per_nsg(&world).await;
+    let emulator = &world.local.emulator;
+    let firewall = emulator.add_firewall("hub-fw", "198.51.100.10", false);
+    let mut policy = fleet_policy(json!({"vms": vms}));
+    policy["firewall"] = json!(firewall);
+    assert_eq!(world.put_policy("listed", &policy).await.0, 200);
+    let mut busy = Fault::new("PUT", 503, "ServiceUnavailable", 100);
+    busy.path_contains = Some("/azureFirewalls/".into());
+    world.inject(busy);
+    let ask = json!({"policy": "listed", "vms": &vms[..1], "ports": [22], "duration": "PT1H", "justification": "x"});
+    let (status, pending) = world.request(ALICE, &ask).await;
+    assert_eq!((status, pending["state"].as_str()), (201, Some("approved")), "{pending}");
+    assert!(allow_rules_on(&world, &nsgs).is_empty(), "the NSG rule came off again");
+    assert!(firewall_rules(&world, &firewall, "natRuleCollections").is_empty());
+    emulator.clear_faults();
+    world.advance_minutes(2);
+    world.tick().await;
+    let active = world.get_request(&id(&pending)).await;
+    assert_eq!(active["state"], "active", "{active}");
+    assert_eq!(active["firewall"]["mapped"].as_array().unwrap().len(), 1, "{active}");
+    assert_eq!(allow_rules_on(&world, &nsgs).len(), 1);
+    assert_eq!(firewall_rules(&world, &firewall, "natRuleCollections").len(), 1);
 }
