@@ -172,6 +172,10 @@ impl Arm for FakeArm {
         Ok((self.receipt(), Vec::new()))
     }
 
+    fn list_firewall_rules(&self, _firewall: &crate::domain::FirewallId) -> Result<Vec<String>, ArmError> {
+        Ok(Vec::new())
+    }
+
     fn delete_firewall_rules(
         &self,
         _firewall: &crate::domain::FirewallId,

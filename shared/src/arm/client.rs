@@ -464,6 +464,10 @@ impl Arm for ArmClient<'_> {
         Ok((receipt, granted))
     }
 
+    fn list_firewall_rules(&self, id: &FirewallId) -> Result<Vec<String>, ArmError> {
+        Ok(firewall::rule_names(&self.get_json(&self.resource_url(id.as_str(), NETWORK_API_VERSION))?))
+    }
+
     fn delete_firewall_rules(&self, id: &FirewallId, names: &[String]) -> Result<ArmReceipt, ArmError> {
         self.edit_firewall(id, &mut |doc| Ok(firewall::remove_rules(doc, names)))
     }

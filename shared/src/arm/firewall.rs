@@ -193,6 +193,30 @@ pub fn remove_rules(firewall: &mut Value, names: &[String]) -> bool {
     changed
 }
 
+/// The names of the rules in portcullis's collections (each once).
+pub fn rule_names(firewall: &Value) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for (kind, collection) in [("natRuleCollections", NAT_COLLECTION), ("networkRuleCollections", NETWORK_COLLECTION)] {
+        let rules = collections(firewall, kind)
+            .filter(|c| c["name"] == collection)
+            .flat_map(|c| c["properties"]["rules"].as_array().cloned().unwrap_or_default());
+        for rule in rules {
+            if let Some(name) = rule["name"].as_str().filter(|n| !names.iter().any(|known| known == n)) {
+                names.push(name.to_owned());
+            }
+        }
+    }
+    names
+}
+
+/// The request id in a firewall rule's name (`jit-<id>-<n>-<port>`).
+pub fn request_of(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix("jit-")?;
+    let (rest, port) = rest.rsplit_once('-')?;
+    let (id, n) = rest.rsplit_once('-')?;
+    (port.parse::<u16>().is_ok() && n.parse::<u16>().is_ok() && !id.is_empty()).then_some(id)
+}
+
 /// Whether the firewall holds portcullis's rule `name` (in either collection).
 pub fn has_rule(firewall: &Value, name: &str) -> bool {
     [("natRuleCollections", NAT_COLLECTION), ("networkRuleCollections", NETWORK_COLLECTION)].iter().any(
@@ -219,6 +243,15 @@ pub fn for_put(firewall: &Value) -> Value {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_rules_name_gives_its_request_and_only_a_rules_name_does() {
+        assert_eq!(super::request_of("jit-abc-0-22"), Some("abc"));
+        assert_eq!(super::request_of("jit-a-b.c-12-3389"), Some("a-b.c"));
+        for other in ["jit-abc", "jit-abc-22", "web-0-22", "jit--0-22", "jit-abc-x-22"] {
+            assert_eq!(super::request_of(other), None, "{other}");
+        }
+    }
+
     use super::*;
 
     fn firewall() -> Value {

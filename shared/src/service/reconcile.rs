@@ -22,13 +22,13 @@ use serde_json::json;
 use super::sweep::{Budgeted, Overdue};
 use super::{Env, grants, subject_of, subject_of_policy};
 use crate::api::{ApiError, Reply};
-use crate::arm::ExistingRule;
+use crate::arm::{ExistingRule, firewall};
 use crate::audit::{Outcome, Subject};
 use crate::auth::{Caller, Role};
 use crate::config::MissingRule;
 use crate::domain::policy::same_id;
 use crate::domain::request::Ending;
-use crate::domain::{AccessRequest, Event, NsgId, Policy, PolicyName, RequestId, State};
+use crate::domain::{AccessRequest, Event, FirewallId, NsgId, Policy, PolicyName, RequestId, State};
 use crate::keys;
 use crate::store::{self, Versioned};
 
@@ -186,6 +186,7 @@ fn reconcile_policy(
             }),
         }
     }
+    remove_ownerless_firewall_rules(env, &policy, &grants, work, previous.as_ref(), &mut scan)?;
     let bytes = serde_json::to_vec(&json!({"version": 0, "doc": scan})).map_err(ApiError::internal)?;
     env.kv.set(&keys::drift(&name), &bytes)?;
     Ok(())
@@ -274,6 +275,106 @@ fn record(env: &Env, action: &'static str, subject: Subject, details: serde_json
     env.record(action, subject, Outcome::Ok, details).map(drop)
 }
 
+/// Whether the rule `name` of request `id` has no owner any more: its request is over (a
+/// minute ago), or has no record at two scans in a row (a request being created right now
+/// has none yet). `None` when the record cannot be read now: decided at a later scan, never
+/// on a guess. An owner still opening or closing is put back on the sweep's list, whatever
+/// became of its entry there, and the sweep finishes (or abandons) it.
+fn judge_owner(
+    env: &Env,
+    id: &str,
+    name: &str,
+    work: &[String],
+    previous: Option<&DriftScan>,
+    scan: &mut DriftScan,
+) -> Result<Option<(Option<AccessRequest>, bool)>, ApiError> {
+    let owner = match RequestId::parse(id) {
+        Ok(id) => match store::load_fresh::<AccessRequest>(env.kv, &keys::request(&id)) {
+            Ok(owner) => owner.map(|o| o.value),
+            Err(_) => return Ok(None),
+        },
+        Err(_) => None,
+    };
+    if let Some(request) = &owner
+        && matches!(request.state, State::Approved | State::Revoking { .. })
+        && !request.put_in_flight(env.fresh_now())
+        && !work.iter().any(|w| w == id)
+    {
+        store::add_to_list(env.kv, keys::ARM_WORK, id, usize::MAX)?;
+    }
+    let ownerless = match &owner {
+        Some(request) => {
+            request.state.is_final()
+                && request
+                    .closed_at
+                    .or(request.ended.as_ref().map(|e| e.at))
+                    .is_none_or(|at| at + ENDED_GRACE <= env.now)
+        }
+        None if previous.is_some_and(|p| p.suspects.iter().any(|s| s == name)) => true,
+        None => {
+            scan.suspects.push(name.to_owned());
+            false
+        }
+    };
+    Ok(Some((owner, ownerless)))
+}
+
+/// Removes the rules of portcullis's collections on the policy's firewall (and on those its
+/// grants went through) that no open request owns, in one write per firewall.
+fn remove_ownerless_firewall_rules(
+    env: &Env,
+    policy: &Policy,
+    grants: &[Versioned<AccessRequest>],
+    work: &[String],
+    previous: Option<&DriftScan>,
+    scan: &mut DriftScan,
+) -> Result<(), ApiError> {
+    let mut firewalls: Vec<&FirewallId> = policy.firewall.iter().collect();
+    for firewall in grants.iter().filter_map(|g| g.value.firewall.as_ref().map(|f| &f.firewall)) {
+        if !firewalls.iter().any(|known| same_id(known.as_str(), firewall.as_str())) {
+            firewalls.push(firewall);
+        }
+    }
+    for firewall in firewalls {
+        let finding = |kind: &str, rule: &str, detail: String| Finding {
+            kind: kind.into(),
+            nsg: firewall.as_str().to_owned(),
+            rule: rule.to_owned(),
+            detail,
+        };
+        let names = match env.arm.list_firewall_rules(firewall) {
+            Ok(names) => names,
+            Err(error) => {
+                scan.findings.push(finding("nsg_unreadable", "", format!("the firewall could not be read: {error}")));
+                continue;
+            }
+        };
+        let mut ownerless: Vec<(String, Option<String>)> = Vec::new();
+        for name in names {
+            let Some(id) = firewall::request_of(&name) else { continue };
+            if let Some((owner, true)) = judge_owner(env, id, &name, work, previous, scan)? {
+                ownerless.push((name.clone(), owner.map(|o| o.state.name().to_owned())));
+            }
+        }
+        if ownerless.is_empty() {
+            continue;
+        }
+        let names: Vec<String> = ownerless.iter().map(|(name, _)| name.clone()).collect();
+        let outcome = env.arm.delete_firewall_rules(firewall, &names);
+        let details = json!({
+            "firewall": firewall.as_str(), "rules": names, "reason": "no open request owns them",
+            "owner_states": ownerless.iter().map(|(_, state)| state.clone()).collect::<Vec<_>>(),
+        });
+        grants::record_arm_write(env, "drift.rule_removed", subject_of_policy(&policy.name), details, &outcome)?;
+        let detail = match outcome {
+            Ok(_) => "firewall rules no open request owns were removed".to_owned(),
+            Err(error) => format!("firewall rules no open request owns could not be removed yet: {error}"),
+        };
+        scan.findings.push(finding("rule_removed", &names.join(","), detail));
+    }
+    Ok(())
+}
+
 /// Removes grant rules whose request is over (or never existed).
 fn remove_ownerless_rules(
     env: &Env,
@@ -285,40 +386,7 @@ fn remove_ownerless_rules(
 ) -> Result<(), ApiError> {
     for rule in rules {
         let Some(id) = grant_rule_id(rule) else { continue };
-        let owner = match RequestId::parse(id) {
-            Ok(id) => match store::load_fresh::<AccessRequest>(env.kv, &keys::request(&id)) {
-                Ok(owner) => owner.map(|o| o.value),
-                // Unreadable now: decide at a later scan, never on a guess.
-                Err(_) => continue,
-            },
-            Err(_) => None,
-        };
-        // An owner still opening or closing must be on the sweep's list, whatever became of
-        // its entry there: put it back, and the sweep finishes (or abandons) it.
-        if let Some(request) = &owner
-            && matches!(request.state, State::Approved | State::Revoking { .. })
-            && !request.put_in_flight(env.fresh_now())
-            && !work.iter().any(|w| w == id)
-        {
-            store::add_to_list(env.kv, keys::ARM_WORK, id, usize::MAX)?;
-        }
-        let ownerless = match &owner {
-            Some(request) => {
-                request.state.is_final()
-                    && request
-                        .closed_at
-                        .or(request.ended.as_ref().map(|e| e.at))
-                        .is_none_or(|at| at + ENDED_GRACE <= env.now)
-            }
-            None if previous.is_some_and(|p| p.suspects.contains(&rule.name)) => true,
-            None => {
-                scan.suspects.push(rule.name.clone());
-                false
-            }
-        };
-        if !ownerless {
-            continue;
-        }
+        let Some((owner, true)) = judge_owner(env, id, &rule.name, work, previous, scan)? else { continue };
         let outcome = env.arm.delete_rule(on.nsg, &rule.name);
         let subject = Subject { request: Some(id.to_owned()), policy: Some(on.policy.name.to_string()) };
         let details = json!({

@@ -113,6 +113,11 @@ impl Emulator {
         self.state.lock().unwrap().firewall(id)
     }
 
+    /// Changes a firewall's document directly, as someone in the portal would.
+    pub fn change_firewall(&self, id: &str, change: impl FnOnce(&mut serde_json::Value)) {
+        self.state.lock().unwrap().change_firewall(id, change);
+    }
+
     /// Entries per page of the VM lists (ARM's are larger; small pages exercise `nextLink`).
     pub fn set_page_size(&self, entries: usize) {
         self.state.lock().unwrap().page_size = entries;

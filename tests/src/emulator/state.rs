@@ -467,6 +467,13 @@ impl EmulatorState {
         self.firewalls.get(&id.to_lowercase()).map(|f| f.doc.clone())
     }
 
+    /// Changes a firewall's document directly (a new etag), as the portal would.
+    pub(super) fn change_firewall(&mut self, id: &str, change: impl FnOnce(&mut Value)) {
+        let firewall = self.firewalls.get_mut(&id.to_lowercase()).expect("a known firewall");
+        change(&mut firewall.doc);
+        firewall.etag += 1;
+    }
+
     fn get_firewall(&self, id: &str) -> Answer {
         let firewall = &self.firewalls[id];
         let etag = format!("W/\"{}\"", firewall.etag);

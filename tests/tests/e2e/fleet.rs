@@ -630,3 +630,40 @@ async fn a_firewall_write_failing_for_now_leaves_no_rule_open_until_the_sweep_op
     assert_eq!(allow_rules_on(&world, &nsgs).len(), 1);
     assert_eq!(firewall_rules(&world, &firewall, "natRuleCollections").len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reconciler_removes_firewall_rules_no_open_request_owns_and_keeps_the_rest() {
+    let world = World::start().await;
+    let (_, vms) = one_vm_per_nsg(&world).await;
+    let emulator = &world.local.emulator;
+    let firewall = emulator.add_firewall("hub-fw", "198.51.100.10", false);
+    let mut policy = fleet_policy(json!({"vms": vms}));
+    policy["firewall"] = json!(firewall);
+    assert_eq!(world.put_policy("listed", &policy).await.0, 200);
+    let ask = json!({"policy": "listed", "vm": vms[0], "ports": [22], "duration": "PT3H", "justification": "x"});
+    let (_, grant) = world.request(ALICE, &ask).await;
+    assert_eq!(grant["state"], "active", "{grant}");
+    // A rule left in portcullis's collection by no request at all (a crash before any record,
+    // or a hand-made copy), next to the live grant's.
+    emulator.change_firewall(&firewall, |doc| {
+        let rules = doc["properties"]["natRuleCollections"][0]["properties"]["rules"].as_array_mut().unwrap();
+        let mut stray = rules[0].clone();
+        stray["name"] = json!("jit-0000000000000000000000ff-0-22");
+        stray["sourceAddresses"] = json!(["*"]);
+        rules.push(stray);
+    });
+    assert_eq!(firewall_rules(&world, &firewall, "natRuleCollections").len(), 2);
+    // A suspect at the first scan, removed at the next; the live grant's rule stays.
+    for _ in 0..2 {
+        world.advance_minutes(16);
+        world.tick().await;
+    }
+    let left: Vec<String> = firewall_rules(&world, &firewall, "natRuleCollections")
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(left, [format!("jit-{}-0-22", id(&grant))]);
+    let removed = world.audit("action=drift.rule_removed").await;
+    assert_eq!(removed.len(), 1, "{removed:#?}");
+    assert_eq!(removed[0]["details"]["firewall"], firewall.as_str());
+}
