@@ -3,10 +3,12 @@
 //! that leaves loses it, without the admin putting the policy again.
 //!
 //! A refresh is bounded in ARM reads: at most [`REFRESH_PAGES`] pages of the listing and
-//! [`REFRESH_RESOLVES`] new VMs resolved (two or three reads each), and at most one policy is
-//! refreshed per sweep. A listing cut short changes nothing (a VM missing from a partial list
-//! has not left); VMs left unresolved join at the next scan. VMs already in the fleet keep
-//! the placement they were resolved with (putting the policy again resolves every VM anew).
+//! [`REFRESH_RESOLVES`] VMs resolved (two or three reads each; half of them, at most, VMs
+//! already in the fleet), and at most one policy is refreshed per sweep. A listing cut short changes nothing (a VM missing from a partial list
+//! has not left); VMs left unresolved join at the next scan. VMs already in the fleet are
+//! resolved again a slice at a time (10 an hour): one re-created with another address or
+//! moved behind another NSG takes its new placement, and its grants end (its old address may
+//! be another VM's now).
 
 use chrono::TimeDelta;
 use serde_json::json;
@@ -33,6 +35,8 @@ const REFRESH_RESOLVES: usize = 20;
 struct Change {
     joined: Vec<String>,
     left: Vec<VmId>,
+    /// VMs whose address or NSG changed since they were resolved (re-created, moved).
+    moved: Vec<VmId>,
     unprotected: Vec<Unprotected>,
     pending: usize,
 }
@@ -91,8 +95,8 @@ pub(crate) fn refresh(
         stays
     });
     let known = |id: &str| policy.value.vm(id).is_some();
-    let mut resolves = 0;
     next.unprotected.clear();
+    let mut resolves = recheck_placements(env, &mut next, &mut change, &mut problem);
     for vm in &listing.vms {
         if known(vm.as_str()) {
             continue;
@@ -121,11 +125,15 @@ pub(crate) fn refresh(
     if change.pending == 0 {
         next.resolved_at = Some(env.now);
     }
-    let changed = !change.joined.is_empty() || !change.left.is_empty() || next.unprotected != policy.value.unprotected;
+    let changed = !change.joined.is_empty()
+        || !change.left.is_empty()
+        || !change.moved.is_empty()
+        || next.unprotected != policy.value.unprotected;
     let key = keys::policy(&policy.value.name);
     let details = json!({
         "joined": change.joined,
         "left": change.left,
+        "moved": change.moved,
         "unprotected": change.unprotected.len(),
         "pending": change.pending,
     });
@@ -142,10 +150,59 @@ pub(crate) fn refresh(
         Err(error) if error.is_concurrent_update() => return Ok(()),
         Err(error) => return Err(error),
     }
-    if policy.value.leavers == Leavers::End && !change.left.is_empty() {
-        end_grants_on(env, grants, &change.left)?;
+    // A VM whose address changed may have handed its old one to another VM: the grants
+    // that let in to the old address end, whatever `leavers` says.
+    let mut ending = change.moved.clone();
+    if policy.value.leavers == Leavers::End {
+        ending.extend(change.left.iter().cloned());
+    }
+    if !ending.is_empty() {
+        end_grants_on(env, grants, &ending)?;
     }
     Ok(())
+}
+
+/// Resolves again a slice of the VMs already in the fleet (a different slice each hour, so
+/// every VM is looked at again in turn), within the refresh's read budget: a VM re-created
+/// with another address, or moved behind another NSG, takes its new placement, and one that
+/// cannot be protected any more leaves. Answers how many resolves it spent.
+fn recheck_placements(env: &Env, next: &mut Policy, change: &mut Change, problem: &mut impl FnMut(String)) -> usize {
+    let count = next.vms.len();
+    let slice = (REFRESH_RESOLVES / 2).min(count);
+    if slice == 0 {
+        return 0;
+    }
+    let hour = usize::try_from(env.now.timestamp() / REFRESH_EVERY.num_seconds()).unwrap_or(0);
+    let start = hour.wrapping_mul(slice) % count;
+    let mut gone = Vec::new();
+    for offset in 0..slice {
+        let index = (start + offset) % count;
+        let known = next.vms[index].clone();
+        match policies::resolve_one(env, &known.vm) {
+            Ok(now)
+                if now.nsg.as_str().eq_ignore_ascii_case(known.nsg.as_str()) && now.private_ip == known.private_ip => {}
+            Ok(now) => {
+                change.moved.push(known.vm.clone());
+                next.vms[index] = now;
+            }
+            Err(error) if error.status == 422 => {
+                change.moved.push(known.vm.clone());
+                change.left.push(known.vm.clone());
+                gone.push(index);
+                next.unprotected.push(Unprotected { vm: known.vm.to_string(), reason: error.message });
+            }
+            Err(error) => {
+                problem(format!("resolving VM {} again failed: {}", known.vm, error.message));
+                return offset + 1;
+            }
+        }
+    }
+    let mut index = 0;
+    next.vms.retain(|_| {
+        index += 1;
+        !gone.contains(&(index - 1))
+    });
+    slice
 }
 
 /// Ends the grants that name a VM that left the fleet.
@@ -158,7 +215,11 @@ fn end_grants_on(env: &Env, grants: &mut Vec<Versioned<AccessRequest>>, left: &[
             continue;
         };
         let mut grant = grants.remove(index);
-        let ending = Ending { by: "system".into(), at: env.now, reason: Some(format!("VM {vm} left the policy")) };
+        let ending = Ending {
+            by: "system".into(),
+            at: env.now,
+            reason: Some(format!("VM {vm} left the policy or changed its address or NSG")),
+        };
         if let Err(error) = grants::close(env, &mut grant, Event::Revoke, Some(ending)) {
             eprintln!("fleet: ending {} on a VM that left: {}", grant.value.id, error.message);
         }

@@ -667,3 +667,32 @@ async fn the_reconciler_removes_firewall_rules_no_open_request_owns_and_keeps_th
     assert_eq!(removed.len(), 1, "{removed:#?}");
     assert_eq!(removed[0]["details"]["firewall"], firewall.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_recreated_with_another_address_takes_it_at_the_refresh_and_its_grants_end() {
+    let world = World::start().await;
+    let emulator = &world.local.emulator;
+    let nsg = nsg_id("move-nsg");
+    emulator.add_nsg(&nsg);
+    let a = emulator.add_vm_in("move-rg", "vm-a", "10.7.0.4", NsgPlacement::Subnet(&nsg), &[]);
+    emulator.add_vm_in("move-rg", "vm-b", "10.7.0.5", NsgPlacement::Subnet(&nsg), &[]);
+    let group = format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/move-rg");
+    assert_eq!(world.put_policy("moving", &fleet_policy(json!({"resource_group": group}))).await.0, 201);
+    let ask = json!({"policy": "moving", "vm": a, "ports": [22], "duration": "PT3H", "justification": "x"});
+    let (_, grant) = world.request(ALICE, &ask).await;
+    assert_eq!(grant["state"], "active", "{grant}");
+    // vm-a is deleted and created again under its name, with another address.
+    emulator.add_vm_in("move-rg", "vm-a", "10.7.0.9", NsgPlacement::Subnet(&nsg), &[]);
+    world.advance_minutes(61);
+    world.tick().await;
+    let (_, policy) = world.call("GET", "/api/policies/moving", Some(ADMIN), None).await;
+    let placed = policy["vms"].as_array().unwrap().iter().find(|v| v["vm"] == a.as_str()).unwrap().clone();
+    assert_eq!(placed["private_ip"], "10.7.0.9", "{policy}");
+    assert_eq!(destinations(&rules_named(&world, &nsg, "jit-deny-")[0]), ["10.7.0.5", "10.7.0.9"]);
+    // The grant let in to 10.7.0.4, which may be another VM's now: it ended, with its rule.
+    let ended = world.get_request(&id(&grant)).await;
+    assert_eq!(ended["state"], "revoked", "{ended}");
+    assert!(rules_named(&world, &nsg, "jit-").iter().all(|r| r["properties"]["access"] == "Deny"));
+    let refreshed = world.audit("action=policy.refreshed").await;
+    assert_eq!(refreshed[0]["details"]["moved"], json!([a]), "{refreshed:#?}");
+}
