@@ -465,7 +465,16 @@ impl Arm for ArmClient<'_> {
     }
 
     fn list_firewall_rules(&self, id: &FirewallId) -> Result<Vec<String>, ArmError> {
-        Ok(firewall::rule_names(&self.get_json(&self.resource_url(id.as_str(), NETWORK_API_VERSION))?))
+        let doc = self.get_json(&self.resource_url(id.as_str(), NETWORK_API_VERSION))?;
+        if let Some(why) = firewall::refusal(&doc) {
+            return Err(ArmError::Refused {
+                status: 422,
+                code: "FirewallPolicyManaged".into(),
+                message: why,
+                request_id: None,
+            });
+        }
+        Ok(firewall::rule_names(&doc))
     }
 
     fn delete_firewall_rules(&self, id: &FirewallId, names: &[String]) -> Result<ArmReceipt, ArmError> {

@@ -184,7 +184,8 @@ pub trait Arm {
         firewall: &crate::domain::FirewallId,
         wanted: &[firewall::FirewallWant],
     ) -> Result<(ArmReceipt, Vec<firewall::FirewallGrant>), ArmError>;
-    /// The names of the rules in portcullis's collections on an Azure Firewall.
+    /// The names of the rules in portcullis's collections on an Azure Firewall (one read; a
+    /// firewall managed by a Firewall Policy is refused, as writes to it are).
     fn list_firewall_rules(&self, firewall: &crate::domain::FirewallId) -> Result<Vec<String>, ArmError>;
     /// Removes rules from an Azure Firewall by name; absent ones are success.
     fn delete_firewall_rules(

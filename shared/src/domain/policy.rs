@@ -664,6 +664,23 @@ impl Policy {
         self.vms.iter().any(|vm| same_id(vm.nsg.as_str(), nsg.as_str()))
     }
 
+    /// Whether `address` behind `nsg` is, for this policy, exactly one VM's and that VM is one
+    /// of `vms`; else why not. A rule fixed at approval lets in to addresses; this is what
+    /// keeps it from letting in to a VM that took over an address (a VM re-created, moved).
+    pub fn address_of_one_of(&self, nsg: &NsgId, address: IpAddr, vms: &[VmId]) -> Result<(), String> {
+        let holders: Vec<&ProtectedVm> =
+            self.vms.iter().filter(|vm| vm.private_ip == address && same_id(vm.nsg.as_str(), nsg.as_str())).collect();
+        match holders.as_slice() {
+            [one] if vms.iter().any(|vm| same_id(vm.as_str(), one.vm.as_str())) => Ok(()),
+            [one] => Err(format!("address {address} behind NSG {nsg} is VM {}'s now", one.vm)),
+            [] => Err(format!("address {address} is no longer a protected VM's behind NSG {nsg}")),
+            _ => Err(format!(
+                "address {address} behind NSG {nsg} is claimed by {} VMs of the policy (one was re-created or moved)",
+                holders.len()
+            )),
+        }
+    }
+
     /// The baseline deny rule on `nsg`, if it has one.
     pub fn baseline_on(&self, nsg: &NsgId) -> Option<&RuleRef> {
         self.baselines.iter().find(|b| same_id(b.nsg.as_str(), nsg.as_str()))
@@ -973,6 +990,35 @@ mod tests {
             let err = parse(json).expect_err(case);
             assert!(err.contains(expected), "{case}: {err}");
         }
+    }
+
+    #[test]
+    fn an_address_lets_in_only_to_the_one_vm_that_holds_it() {
+        let mut json = policy_json();
+        for field in ["vm", "nsg", "private_ip"] {
+            json.as_object_mut().unwrap().remove(field);
+        }
+        json["vms"] = serde_json::json!([
+            {"vm": vm("a"), "nsg": nsg_id("web"), "private_ip": "10.0.0.4"},
+            {"vm": vm("b"), "nsg": nsg_id("web"), "private_ip": "10.0.0.5"},
+            {"vm": vm("c"), "nsg": nsg_id("db"), "private_ip": "10.0.0.4"},
+        ]);
+        let mut policy = parse(json).unwrap();
+        let web = NsgId::parse(&nsg_id("web")).unwrap();
+        let (a, b) = (VmId::parse(&vm("a")).unwrap(), VmId::parse(&vm("b")).unwrap());
+        let address = "10.0.0.4".parse().unwrap();
+        assert_eq!(policy.address_of_one_of(&web, address, std::slice::from_ref(&a)), Ok(()));
+        assert!(policy.address_of_one_of(&web, address, std::slice::from_ref(&b)).unwrap_err().contains("'s now"));
+        assert!(
+            policy
+                .address_of_one_of(&web, "10.0.0.9".parse().unwrap(), &[a.clone()])
+                .unwrap_err()
+                .contains("no longer")
+        );
+        // b re-created with a's address (a not looked at again yet): neither may be let in to.
+        policy.vms[1].private_ip = address;
+        let both = [a, b];
+        assert!(policy.address_of_one_of(&web, address, &both).unwrap_err().contains("claimed by 2 VMs"));
     }
 
     #[test]

@@ -151,21 +151,21 @@ pub(crate) fn refresh(
         Err(error) => return Err(error),
     }
     // A VM whose address changed may have handed its old one to another VM: the grants
-    // that let in to the old address end, whatever `leavers` says.
+    // that let in to an address that is not one of their own VMs' alone any more end,
+    // whatever `leavers` says.
     let mut ending = change.moved.clone();
     if policy.value.leavers == Leavers::End {
         ending.extend(change.left.iter().cloned());
     }
-    if !ending.is_empty() {
-        end_grants_on(env, grants, &ending)?;
-    }
+    end_grants(env, grants, &policy.value, &ending)?;
     Ok(())
 }
 
 /// Resolves again a slice of the VMs already in the fleet (a different slice each hour, so
 /// every VM is looked at again in turn), within the refresh's read budget: a VM re-created
-/// with another address, or moved behind another NSG, takes its new placement, and one that
-/// cannot be protected any more leaves. Answers how many resolves it spent.
+/// with another address, or moved behind another NSG, takes its new placement; one that
+/// cannot be resolved now keeps its own, and either way its grants end. Answers how many
+/// resolves it spent.
 fn recheck_placements(env: &Env, next: &mut Policy, change: &mut Change, problem: &mut impl FnMut(String)) -> usize {
     let count = next.vms.len();
     let slice = (REFRESH_RESOLVES / 2).min(count);
@@ -174,7 +174,6 @@ fn recheck_placements(env: &Env, next: &mut Policy, change: &mut Change, problem
     }
     let hour = usize::try_from(env.now.timestamp() / REFRESH_EVERY.num_seconds()).unwrap_or(0);
     let start = hour.wrapping_mul(slice) % count;
-    let mut gone = Vec::new();
     for offset in 0..slice {
         let index = (start + offset) % count;
         let known = next.vms[index].clone();
@@ -185,43 +184,45 @@ fn recheck_placements(env: &Env, next: &mut Policy, change: &mut Change, problem
                 change.moved.push(known.vm.clone());
                 next.vms[index] = now;
             }
+            // Not protectable now (perhaps mid re-creation): its grants end, but it keeps its
+            // placement and deny rule until a listing drops it or a later check places it.
             Err(error) if error.status == 422 => {
+                problem(format!("VM {} cannot be resolved again: {}", known.vm, error.message));
                 change.moved.push(known.vm.clone());
-                change.left.push(known.vm.clone());
-                gone.push(index);
-                next.unprotected.push(Unprotected { vm: known.vm.to_string(), reason: error.message });
             }
             Err(error) => {
                 problem(format!("resolving VM {} again failed: {}", known.vm, error.message));
+                change.pending += 1;
                 return offset + 1;
             }
         }
     }
-    let mut index = 0;
-    next.vms.retain(|_| {
-        index += 1;
-        !gone.contains(&(index - 1))
-    });
     slice
 }
 
-/// Ends the grants that name a VM that left the fleet.
-fn end_grants_on(env: &Env, grants: &mut Vec<Versioned<AccessRequest>>, left: &[VmId]) -> Result<(), ApiError> {
+/// Ends the grants that name one of `vms`, or let in to an address that is no longer one of
+/// their own VMs' alone under `policy`.
+fn end_grants(
+    env: &Env,
+    grants: &mut Vec<Versioned<AccessRequest>>,
+    policy: &Policy,
+    vms: &[VmId],
+) -> Result<(), ApiError> {
     let mut index = 0;
     while index < grants.len() {
-        let on_leaver = grants[index].value.vms.iter().find(|vm| left.iter().any(|l| same_id(l.as_str(), vm.as_str())));
-        let Some(vm) = on_leaver.cloned() else {
+        let grant = &grants[index].value;
+        let why = match grant.vms.iter().find(|vm| vms.iter().any(|l| same_id(l.as_str(), vm.as_str()))) {
+            Some(vm) => Some(format!("VM {vm} left the policy or changed its address or NSG")),
+            None => grants::addresses_still_held(grant, policy).err(),
+        };
+        let Some(why) = why else {
             index += 1;
             continue;
         };
         let mut grant = grants.remove(index);
-        let ending = Ending {
-            by: "system".into(),
-            at: env.now,
-            reason: Some(format!("VM {vm} left the policy or changed its address or NSG")),
-        };
+        let ending = Ending { by: "system".into(), at: env.now, reason: Some(why) };
         if let Err(error) = grants::close(env, &mut grant, Event::Revoke, Some(ending)) {
-            eprintln!("fleet: ending {} on a VM that left: {}", grant.value.id, error.message);
+            eprintln!("fleet: ending {} ({}): {}", grant.value.id, "a VM left or moved", error.message);
         }
     }
     Ok(())

@@ -526,14 +526,7 @@ pub fn still_allowed(request: &AccessRequest, policy: &Policy) -> Result<(), Str
     if request.vms.is_empty() && policy.vms.len() != 1 {
         return Err("it was made before the policy protected several VMs: ask again, naming the VM".into());
     }
-    // Addresses are fixed at approval: one that is no longer a protected VM's behind that NSG
-    // (the VM moved, or its address went to another VM) must not be opened.
-    for rule in &request.rules {
-        let current = policy.destinations_on(&rule.nsg);
-        if let Some(gone) = rule.destinations.iter().find(|d| !current.contains(d)) {
-            return Err(format!("address {gone} is no longer a protected VM's behind NSG {}", rule.nsg));
-        }
-    }
+    addresses_still_held(request, policy)?;
     if request.break_glass {
         return match &policy.break_glass {
             Some(glass) if request.duration <= glass.max_duration => Ok(()),
@@ -551,6 +544,21 @@ pub fn still_allowed(request: &AccessRequest, policy: &Policy) -> Result<(), Str
         }
         if !rule.allowed_sources.iter().any(|allowed| allowed.admits(&request.source)) {
             return Err(format!("source {} is no longer allowed for port {port}", request.source));
+        }
+    }
+    Ok(())
+}
+
+/// Whether every address a request's rules let in to (fixed at approval) is still one of its
+/// own VMs' and no other VM's: a VM re-created or moved leaves its old address behind, and
+/// another VM may take it.
+pub fn addresses_still_held(request: &AccessRequest, policy: &Policy) -> Result<(), String> {
+    if request.vms.is_empty() {
+        return Ok(());
+    }
+    for rule in &request.rules {
+        for &address in &rule.destinations {
+            policy.address_of_one_of(&rule.nsg, address, &request.vms)?;
         }
     }
     Ok(())

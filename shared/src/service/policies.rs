@@ -95,7 +95,7 @@ fn resolve(env: &Env, wanted: Wanted) -> Result<Fleet, ApiError> {
 /// rule collections (one managed by a Firewall Policy is refused, as Azure's JIT refuses it).
 /// Asked of ARM by reading the firewall; nothing is written.
 fn check_firewall(env: &Env, firewall: &FirewallId) -> Result<(), ApiError> {
-    env.arm.delete_firewall_rules(firewall, &[]).map(drop).map_err(|error| match error {
+    env.arm.list_firewall_rules(firewall).map(drop).map_err(|error| match error {
         ArmError::Refused { status: 404, .. } => ApiError::unprocessable(
             "firewall_not_found",
             format!("ARM has no Azure Firewall {firewall}: check the id and the identity's read access"),

@@ -654,10 +654,11 @@ async fn the_reconciler_removes_firewall_rules_no_open_request_owns_and_keeps_th
     });
     assert_eq!(firewall_rules(&world, &firewall, "natRuleCollections").len(), 2);
     // A suspect at the first scan, removed at the next; the live grant's rule stays.
-    for _ in 0..2 {
-        world.advance_minutes(16);
-        world.tick().await;
-    }
+    world.advance_minutes(16);
+    world.tick().await;
+    assert_eq!(firewall_rules(&world, &firewall, "natRuleCollections").len(), 2, "only a suspect yet");
+    world.advance_minutes(16);
+    world.tick().await;
     let left: Vec<String> = firewall_rules(&world, &firewall, "natRuleCollections")
         .iter()
         .map(|r| r["name"].as_str().unwrap().to_owned())
@@ -675,24 +676,40 @@ async fn a_vm_recreated_with_another_address_takes_it_at_the_refresh_and_its_gra
     let nsg = nsg_id("move-nsg");
     emulator.add_nsg(&nsg);
     let a = emulator.add_vm_in("move-rg", "vm-a", "10.7.0.4", NsgPlacement::Subnet(&nsg), &[]);
-    emulator.add_vm_in("move-rg", "vm-b", "10.7.0.5", NsgPlacement::Subnet(&nsg), &[]);
+    let b = emulator.add_vm_in("move-rg", "vm-b", "10.7.0.5", NsgPlacement::Subnet(&nsg), &[]);
     let group = format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/move-rg");
     assert_eq!(world.put_policy("moving", &fleet_policy(json!({"resource_group": group}))).await.0, 201);
     let ask = json!({"policy": "moving", "vm": a, "ports": [22], "duration": "PT3H", "justification": "x"});
     let (_, grant) = world.request(ALICE, &ask).await;
     assert_eq!(grant["state"], "active", "{grant}");
-    // vm-a is deleted and created again under its name, with another address.
+    let on_b = json!({"policy": "moving", "vm": b, "ports": [22], "duration": "PT3H", "justification": "x"});
+    let (_, other) = world.request(CAROL, &on_b).await;
+    assert_eq!(other["state"], "active", "{other}");
+    // vm-a is deleted and created again under its name, with another address, and a new VM
+    // gets its old one.
     emulator.add_vm_in("move-rg", "vm-a", "10.7.0.9", NsgPlacement::Subnet(&nsg), &[]);
+    let c = emulator.add_vm_in("move-rg", "vm-c", "10.7.0.4", NsgPlacement::Subnet(&nsg), &[]);
     world.advance_minutes(61);
     world.tick().await;
     let (_, policy) = world.call("GET", "/api/policies/moving", Some(ADMIN), None).await;
     let placed = policy["vms"].as_array().unwrap().iter().find(|v| v["vm"] == a.as_str()).unwrap().clone();
     assert_eq!(placed["private_ip"], "10.7.0.9", "{policy}");
-    assert_eq!(destinations(&rules_named(&world, &nsg, "jit-deny-")[0]), ["10.7.0.5", "10.7.0.9"]);
-    // The grant let in to 10.7.0.4, which may be another VM's now: it ended, with its rule.
+    assert_eq!(destinations(&rules_named(&world, &nsg, "jit-deny-")[0]), ["10.7.0.4", "10.7.0.5", "10.7.0.9"]);
+    // The grant let in to 10.7.0.4, which is vm-c's now: it ended, with its rule; the grant
+    // on vm-b runs on.
     let ended = world.get_request(&id(&grant)).await;
     assert_eq!(ended["state"], "revoked", "{ended}");
-    assert!(rules_named(&world, &nsg, "jit-").iter().all(|r| r["properties"]["access"] == "Deny"));
+    assert_eq!(world.get_request(&id(&other)).await["state"], "active");
+    let allows: Vec<Vec<String>> = rules_named(&world, &nsg, "jit-")
+        .iter()
+        .filter(|r| r["properties"]["access"] == "Allow")
+        .map(destinations)
+        .collect();
+    assert_eq!(allows, [vec!["10.7.0.5".to_owned()]], "nothing lets in to vm-c");
+    let (status, _) = world
+        .request(ALICE, &json!({"policy": "moving", "vm": c, "ports": [22], "duration": "PT1H", "justification": "x"}))
+        .await;
+    assert_eq!(status, 201, "vm-c may be asked for in its own right");
     let refreshed = world.audit("action=policy.refreshed").await;
     assert_eq!(refreshed[0]["details"]["moved"], json!([a]), "{refreshed:#?}");
 }
