@@ -1011,7 +1011,7 @@ mod tests {
         assert!(policy.address_of_one_of(&web, address, std::slice::from_ref(&b)).unwrap_err().contains("'s now"));
         assert!(
             policy
-                .address_of_one_of(&web, "10.0.0.9".parse().unwrap(), &[a.clone()])
+                .address_of_one_of(&web, "10.0.0.9".parse().unwrap(), std::slice::from_ref(&a))
                 .unwrap_err()
                 .contains("no longer")
         );

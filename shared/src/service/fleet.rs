@@ -222,7 +222,7 @@ fn end_grants(
         let mut grant = grants.remove(index);
         let ending = Ending { by: "system".into(), at: env.now, reason: Some(why) };
         if let Err(error) = grants::close(env, &mut grant, Event::Revoke, Some(ending)) {
-            eprintln!("fleet: ending {} ({}): {}", grant.value.id, "a VM left or moved", error.message);
+            eprintln!("fleet: ending {} (a VM left or moved): {}", grant.value.id, error.message);
         }
     }
     Ok(())
