@@ -139,14 +139,7 @@ impl<'a> ArmClient<'a> {
             let response = self.call(Method::Get, &url, None)?;
             let mut doc: serde_json::Value = serde_json::from_slice(&response.body)
                 .map_err(|e| ArmError::Transient(format!("unreadable firewall {id}: {e}")))?;
-            if let Some(why) = firewall::refusal(&doc) {
-                return Err(ArmError::Refused {
-                    status: 422,
-                    code: "FirewallPolicyManaged".into(),
-                    message: why,
-                    request_id: None,
-                });
-            }
+            refuse_managed(&doc)?;
             // One writer per firewall: an update already running is waited out.
             if doc["properties"]["provisioningState"] == "Updating" {
                 if !self.wait(retry_after(&response).unwrap_or(self.backoff(attempt)).max(DEFAULT_POLL)) {
@@ -466,14 +459,7 @@ impl Arm for ArmClient<'_> {
 
     fn list_firewall_rules(&self, id: &FirewallId) -> Result<Vec<String>, ArmError> {
         let doc = self.get_json(&self.resource_url(id.as_str(), NETWORK_API_VERSION))?;
-        if let Some(why) = firewall::refusal(&doc) {
-            return Err(ArmError::Refused {
-                status: 422,
-                code: "FirewallPolicyManaged".into(),
-                message: why,
-                request_id: None,
-            });
-        }
+        refuse_managed(&doc)?;
         Ok(firewall::rule_names(&doc))
     }
 
@@ -524,6 +510,17 @@ impl Arm for ArmClient<'_> {
         }
         let nsg = nsg.map(|id| NsgId::parse(&id).map_err(|e| not_protectable(e.to_string()))).transpose()?;
         Ok(VmNetwork { nic: nic_id, private_ip, nsg })
+    }
+}
+
+/// Refuses a firewall whose rules live in a Firewall Policy: portcullis writes only classic
+/// rule collections, as Defender's JIT does.
+fn refuse_managed(firewall: &serde_json::Value) -> Result<(), ArmError> {
+    match firewall::refusal(firewall) {
+        Some(why) => {
+            Err(ArmError::Refused { status: 422, code: "FirewallPolicyManaged".into(), message: why, request_id: None })
+        }
+        None => Ok(()),
     }
 }
 

@@ -503,6 +503,18 @@ async fn one_request_opens_at_most_ten_nsgs() {
     assert_eq!((status, body["rules"].as_array().map(Vec::len)), (201, Some(10)), "{body}");
 }
 
+/// As [`one_vm_per_nsg`], the policy reaching its VMs through firewall `hub-fw`; answers the
+/// firewall's id too.
+async fn one_vm_per_nsg_behind_a_firewall(world: &World) -> (Vec<String>, Vec<Value>, String) {
+    let (nsgs, vms) = one_vm_per_nsg(world).await;
+    let firewall = world.local.emulator.add_firewall("hub-fw", "198.51.100.10", false);
+    let mut policy = fleet_policy(json!({"vms": vms}));
+    policy["firewall"] = json!(firewall);
+    let (status, stored) = world.put_policy("listed", &policy).await;
+    assert_eq!((status, stored["firewall"].as_str()), (200, Some(firewall.as_str())), "{stored}");
+    (nsgs, vms, firewall)
+}
+
 /// Rules of portcullis's collection `kind` (`natRuleCollections`, `networkRuleCollections`) on
 /// a firewall, by name.
 fn firewall_rules(world: &World, firewall: &str, kind: &str) -> Vec<Value> {
@@ -519,13 +531,10 @@ fn firewall_rules(world: &World, firewall: &str, kind: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_grant_through_an_azure_firewall_gets_a_dnat_and_a_network_rule_that_end_with_it() {
     let world = World::start().await;
-    let (nsgs, vms) = one_vm_per_nsg(&world).await;
+    let (nsgs, vms, firewall) = one_vm_per_nsg_behind_a_firewall(&world).await;
     let emulator = &world.local.emulator;
-    let firewall = emulator.add_firewall("hub-fw", "198.51.100.10", false);
-    let mut policy = fleet_policy(json!({"vms": vms}));
-    policy["firewall"] = json!(firewall);
-    let (status, stored) = world.put_policy("listed", &policy).await;
-    assert_eq!((status, stored["firewall"].as_str()), (200, Some(firewall.as_str())), "{stored}");
+    let (_, stored) = world.call("GET", "/api/policies/listed", Some(ADMIN), None).await;
+    assert_eq!(stored["firewall"].as_str(), Some(firewall.as_str()), "{stored}");
 
     emulator.clear_calls();
     let ask = json!({"policy": "listed", "vms": &vms[..2], "ports": [22], "duration": "PT10M", "justification": "x"});
@@ -607,12 +616,8 @@ async fn a_firewall_managed_by_a_firewall_policy_or_unknown_is_refused_and_a_ref
 #[tokio::test(flavor = "multi_thread")]
 async fn a_firewall_write_failing_for_now_leaves_no_rule_open_until_the_sweep_opens_both_ways() {
     let world = World::start().await;
-    let (nsgs, vms) = one_vm_per_nsg(&world).await;
+    let (nsgs, vms, firewall) = one_vm_per_nsg_behind_a_firewall(&world).await;
     let emulator = &world.local.emulator;
-    let firewall = emulator.add_firewall("hub-fw", "198.51.100.10", false);
-    let mut policy = fleet_policy(json!({"vms": vms}));
-    policy["firewall"] = json!(firewall);
-    assert_eq!(world.put_policy("listed", &policy).await.0, 200);
     let mut busy = Fault::new("PUT", 503, "ServiceUnavailable", 100);
     busy.path_contains = Some("/azureFirewalls/".into());
     world.inject(busy);
@@ -634,12 +639,8 @@ async fn a_firewall_write_failing_for_now_leaves_no_rule_open_until_the_sweep_op
 #[tokio::test(flavor = "multi_thread")]
 async fn the_reconciler_removes_firewall_rules_no_open_request_owns_and_keeps_the_rest() {
     let world = World::start().await;
-    let (_, vms) = one_vm_per_nsg(&world).await;
+    let (_, vms, firewall) = one_vm_per_nsg_behind_a_firewall(&world).await;
     let emulator = &world.local.emulator;
-    let firewall = emulator.add_firewall("hub-fw", "198.51.100.10", false);
-    let mut policy = fleet_policy(json!({"vms": vms}));
-    policy["firewall"] = json!(firewall);
-    assert_eq!(world.put_policy("listed", &policy).await.0, 200);
     let ask = json!({"policy": "listed", "vm": vms[0], "ports": [22], "duration": "PT3H", "justification": "x"});
     let (_, grant) = world.request(ALICE, &ask).await;
     assert_eq!(grant["state"], "active", "{grant}");
