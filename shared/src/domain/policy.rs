@@ -785,6 +785,28 @@ mod tests {
     use super::*;
     use crate::testing::{limits, policy_json};
 
+    type Mutation = fn(&mut serde_json::Value);
+
+    /// Each case, applied to `base`, is refused with a message containing its expected text.
+    fn assert_refused(base: &serde_json::Value, cases: Vec<(&str, Mutation, &str)>) {
+        for (case, mutate, expected) in cases {
+            let mut json = base.clone();
+            mutate(&mut json);
+            let err = parse(json).expect_err(case);
+            assert!(err.contains(expected), "{case}: {err}");
+        }
+    }
+
+    /// The test policy over the VMs `vms` lists instead of its one VM.
+    fn fleet_json(vms: serde_json::Value) -> serde_json::Value {
+        let mut json = policy_json();
+        for field in ["vm", "nsg", "private_ip"] {
+            json.as_object_mut().unwrap().remove(field);
+        }
+        json["vms"] = vms;
+        json
+    }
+
     fn parse(json: serde_json::Value) -> Result<Policy, String> {
         let raw: RawPolicy = serde_json::from_value(json).map_err(|e| e.to_string())?;
         Policy::from_raw(PolicyName::parse("p").unwrap(), raw, limits(), |_| Err(PolicyError("no resolver".into())))
@@ -803,7 +825,6 @@ mod tests {
 
     #[test]
     fn mistakes_are_refused_with_a_message_naming_them() {
-        type Mutation = fn(&mut serde_json::Value);
         let cases: Vec<(&str, Mutation, &str)> = vec![
             ("bad vm id", |j| j["vm"] = "vm-1".into(), "not an ARM virtualMachines id"),
             ("nsg id of the wrong type", |j| j["nsg"] = j["vm"].clone(), "networkSecurityGroups"),
@@ -849,12 +870,7 @@ mod tests {
                 "unknown variant `maybe`",
             ),
         ];
-        for (case, mutate, expected) in cases {
-            let mut json = policy_json();
-            mutate(&mut json);
-            let err = parse(json).expect_err(case);
-            assert!(err.contains(expected), "{case}: {err}");
-        }
+        assert_refused(&policy_json(), cases);
     }
 
     #[test]
@@ -904,15 +920,11 @@ mod tests {
 
     #[test]
     fn a_fleet_is_named_by_a_list_a_resource_group_or_a_tag_and_only_one_way() {
-        let mut json = policy_json();
-        for field in ["vm", "nsg", "private_ip"] {
-            json.as_object_mut().unwrap().remove(field);
-        }
-        json["vms"] = serde_json::json!([
+        let json = fleet_json(serde_json::json!([
             {"vm": vm("a"), "nsg": nsg_id("web"), "private_ip": "10.0.0.4"},
             {"vm": vm("b"), "nsg": nsg_id("web"), "private_ip": "10.0.0.5"},
             {"vm": vm("c"), "nsg": nsg_id("db"), "private_ip": "10.0.1.4"},
-        ]);
+        ]));
         let policy = parse(json.clone()).unwrap();
         assert_eq!(policy.vms.len(), 3);
         let nsgs: Vec<&str> = policy.nsgs().iter().map(|n| n.as_str()).collect();
@@ -952,7 +964,6 @@ mod tests {
             assert_eq!(policy.selector, Some(selector));
         }
 
-        type Mutation = fn(&mut serde_json::Value);
         let cases: Vec<(&str, Mutation, &str)> = vec![
             ("two ways", |j| j["vm"] = vm("a").into(), "only one of"),
             ("listed twice", |j| j["vms"][1]["vm"] = vm("A").into(), "listed twice"),
@@ -984,25 +995,16 @@ mod tests {
                 "name the VMs",
             ),
         ];
-        for (case, mutate, expected) in cases {
-            let mut json = json.clone();
-            mutate(&mut json);
-            let err = parse(json).expect_err(case);
-            assert!(err.contains(expected), "{case}: {err}");
-        }
+        assert_refused(&json, cases);
     }
 
     #[test]
     fn an_address_lets_in_only_to_the_one_vm_that_holds_it() {
-        let mut json = policy_json();
-        for field in ["vm", "nsg", "private_ip"] {
-            json.as_object_mut().unwrap().remove(field);
-        }
-        json["vms"] = serde_json::json!([
+        let json = fleet_json(serde_json::json!([
             {"vm": vm("a"), "nsg": nsg_id("web"), "private_ip": "10.0.0.4"},
             {"vm": vm("b"), "nsg": nsg_id("web"), "private_ip": "10.0.0.5"},
             {"vm": vm("c"), "nsg": nsg_id("db"), "private_ip": "10.0.0.4"},
-        ]);
+        ]));
         let mut policy = parse(json).unwrap();
         let web = NsgId::parse(&nsg_id("web")).unwrap();
         let (a, b) = (VmId::parse(&vm("a")).unwrap(), VmId::parse(&vm("b")).unwrap());
